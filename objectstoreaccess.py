@@ -1,0 +1,1460 @@
+"""Load FASTA files from an OCI Object Storage bucket into a findNeighbour4 server.
+
+The loader lists the bucket, works out which samples the findNeighbour4 (fn4) server lacks,
+loads them oldest first and records every batch and every load attempt in a SQL catalogue
+(tables ``fn4batchload`` and ``fn4loadattempt``) that dashboards read. When nothing is new it
+waits ``--poll-interval`` seconds and looks again; it is meant to run for months unattended.
+
+Usage::
+
+    python3 objectstoreaccess.py "http://localhost:5025" "lxxxx" "FN4-queue" "unittest_oracle"
+
+README.md is the manual: options, environment, databases, failure handling and monitoring SQL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import base64
+import json
+import logging
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import quote, urlsplit
+
+import click
+import requests
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, oracle
+
+# ---- Constants -------------------------------------------------------------------------------
+
+#: Endings that make an object a FASTA file; each may be followed by ``.gz``.
+FASTA_SUFFIXES = (".fasta", ".fa", ".fas", ".fna", ".mfasta")
+#: What fn4 accepts after upper-casing: bases, N, gap, and the IUPAC two- and three-base codes.
+FN4_ALPHABET = b"ACGTN-RYSWKMBDHV"
+#: Guids are put into URL paths by fn4, so only these characters are allowed; fn4 refuses 60+.
+GUID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,59}")
+#: The gzip magic bytes; compression is detected from content, never from the name.
+GZIP_MAGIC = b"\x1f\x8b"
+
+DEFAULT_POLL_INTERVAL = 180              # seconds to wait when a cycle found nothing new
+DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures before giving a file up
+DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
+DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
+EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
+PREFETCH_DEPTH = 2                       # samples downloaded and parsed ahead of the one being inserted
+MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
+BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
+BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
+SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
+FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
+FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
+OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
+DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
+DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
+DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
+OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
+DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
+
+# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
+# REQUEUED finishes the file (completed = 1), so it is not tried again.
+INSERTED = "inserted"                    # fn4 answered 200
+ALREADY_PRESENT = "already_present"      # fn4 answered 201
+IN_SERVER = "in_server"                  # fn4 had the guid before we tried; nothing sent
+FAILED = "failed"                        # permanent: bad file, bad guid, too large, 4xx
+DUPLICATE = "duplicate"                  # another, older object has the same guid
+VANISHED = "vanished"                    # deleted or replaced between listing and download
+GAVE_UP = "gave_up"                      # failed --max-attempts times with transient-looking errors
+RETRY = "retry"                          # transient failure of this file; tried again later
+SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; not counted against the file
+REQUEUED = "requeued"                    # an operator asked for the file to be tried again
+UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
+LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
+REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+
+log = logging.getLogger("fn4loader")
+
+# ---- Exceptions ------------------------------------------------------------------------------
+
+
+class LoaderError(Exception):
+    """Base of every error this module raises on purpose."""
+
+
+class ConfigError(LoaderError):
+    """Bad configuration found at start-up; the message says what to fix."""
+
+
+class SampleError(LoaderError):
+    """A permanent problem with one file: it is recorded as failed and never retried."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class TransientError(LoaderError):
+    """A problem that may pass: the file is retried in a later cycle."""
+
+
+class ObjectChanged(LoaderError):
+    """The object was deleted or replaced after it was listed."""
+
+
+class OutageError(LoaderError):
+    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry."""
+
+
+# ---- Records ---------------------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime (the default injected clock)."""
+    return datetime.now(timezone.utc)
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """Return a UTC datetime without tzinfo, as the catalogue stores it."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as listed in the bucket."""
+
+    name: str
+    size: int
+    etag: str
+    md5: str | None
+    time_created: datetime
+
+    @property
+    def guid(self) -> str:
+        return guid_from_name(self.name)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.etag)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A downloaded, parsed and validated sample, ready to insert."""
+
+    obj: StoredObject
+    seqid: str
+    seq: bytes
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the prefetcher hands to the inserter: a sample, or why there is none."""
+
+    obj: StoredObject
+    sample: Sample | None
+    error: LoaderError | None
+    read_start: datetime
+    read_end: datetime
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """fn4's answer to one insert; ``status_code`` is None when no answer came."""
+
+    status_code: int | None
+    outcome: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CycleSummary:
+    """What one cycle did; ``found`` counts the files it tried to load."""
+
+    listed: int
+    found: int
+    loaded: int
+    failed: int
+    retried: int
+    paused: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The loader's knobs, built once by the command line."""
+
+    fn4_url: str
+    namespace: str
+    bucket: str
+    prefix: str | None = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    expected_length: int | None = None
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+
+
+def _column(sqltype: Any, comment: str) -> Any:
+    """Declare a catalogue column on a row record: its SQL type and its comment."""
+    return field(default=None, metadata={"type": sqltype, "comment": comment})
+
+
+TIMESTAMP = (sa.DateTime()
+             .with_variant(oracle.TIMESTAMP(), "oracle")
+             .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"))
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One fn4batchload row: written at the start of every cycle, the loader's heartbeat."""
+
+    host_name: str = _column(sa.String(255), "Host the loader ran on")
+    findneighbour_server_url: str = _column(sa.String(512), "fn4 server the batch loads into")
+    oci_namespace: str = _column(sa.String(128), "Object Storage namespace listed")
+    bucket_name: str = _column(sa.String(256), "Bucket listed")
+    check_time: datetime = _column(TIMESTAMP, "UTC time the cycle began")
+    objects_listed: int = _column(sa.Integer(), "FASTA objects in the bucket under the prefix")
+    batch_size: int = _column(sa.Integer(), "Files this cycle will try to load")
+    number_in_server: int = _column(
+        sa.Integer(), "Guids in fn4: counted at full reconciliation, plus inserts since")
+    reconciled: int = _column(sa.Integer(), "1 if fn4's full guid list was fetched this cycle")
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One fn4loadattempt row: what happened to one file in one cycle."""
+
+    host_name: str = _column(sa.String(255), "Host the loader ran on")
+    findneighbour_server_url: str = _column(sa.String(512), "fn4 server loaded into")
+    oci_namespace: str = _column(sa.String(128), "Object Storage namespace of the file")
+    bucket_name: str = _column(sa.String(256), "Bucket of the file")
+    file_name: str = _column(sa.String(1024), "Object name in the bucket")
+    object_etag: str = _column(sa.String(128), "Object etag; a new etag is a new file")
+    object_size: int = _column(sa.BigInteger(), "Object size in bytes, as listed")
+    object_time_created: datetime = _column(TIMESTAMP, "UTC time the object was created")
+    parse_status: str = _column(sa.String(64), "ok, or why the file could not be used")
+    batch_start_time: datetime = _column(TIMESTAMP, "UTC start of the cycle that made this row")
+    batch_sample_number: int = _column(sa.Integer(), "Position of the file in its batch, from 1")
+    batch_size: int = _column(sa.Integer(), "Files in the batch")
+    seqid: str = _column(sa.String(256), "First word of the FASTA header")
+    len_seq: int = _column(sa.Integer(), "Sequence length in bases")
+    first_128_chars: str = _column(sa.String(128), "First 128 characters of the sequence")
+    bucket_read_start_time: datetime = _column(TIMESTAMP, "UTC time the download began")
+    bucket_read_end_time: datetime = _column(TIMESTAMP, "UTC time download and parse ended")
+    fn4id: str = _column(sa.String(256), "Guid: the object's base name without FASTA endings")
+    insert_start_time: datetime = _column(TIMESTAMP, "UTC time the insert request was sent")
+    insert_end_time: datetime = _column(TIMESTAMP, "UTC time fn4 answered or the request failed")
+    insert_status_code: int = _column(sa.Integer(), "HTTP status fn4 answered; empty if none")
+    completed: int = _column(sa.Integer(), "1 if the file is finished (loaded or failed for good)")
+    outcome: str = _column(sa.String(32), "inserted, already_present, in_server, failed, duplicate, "
+                                          "vanished, gave_up, retry, server_unavailable or requeued")
+    failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
+    error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
+
+
+# ---- Pure helpers ----------------------------------------------------------------------------
+
+
+def fasta_suffix(name: str) -> str | None:
+    """Return the FASTA ending of an object name (e.g. ``.mfasta.gz``), or None if it has none."""
+    lower = name.lower()
+    base = lower[:-3] if lower.endswith(".gz") else lower
+    for suffix in FASTA_SUFFIXES:
+        if base.endswith(suffix):
+            return name[len(base) - len(suffix):]
+    return None
+
+
+def guid_from_name(name: str) -> str:
+    """Return the guid of an object: its base name without the FASTA endings."""
+    base = name.rsplit("/", 1)[-1]
+    suffix = fasta_suffix(base)
+    return base[: -len(suffix)] if suffix else base
+
+
+def guid_problem(guid: str) -> str | None:
+    """Return why fn4 cannot take this guid, or None if it can."""
+    if len(guid) >= 60:
+        return f"guid is {len(guid)} characters long; fn4 refuses 60 or more"
+    if not GUID_PATTERN.fullmatch(guid):
+        return ("guid holds characters unsafe in a URL path; allowed are letters, digits, "
+                f"'.', '_' and '-': {guid!r}")
+    return None
+
+
+def inflate(chunks: Iterable[bytes], max_bytes: int) -> bytes:
+    """Join chunks into the file's content, gunzipping if it starts with the gzip magic.
+
+    Raises SampleError for an empty object, corrupt gzip, or content above ``max_bytes``.
+    """
+    parts: list[bytes] = []
+    total = 0
+    gunzip: _Gunzip | None = None
+    head = b""
+    for chunk in chunks:
+        if len(head) < 2 and not parts:  # decide on compression from the first two bytes
+            head += chunk
+            if len(head) < 2:
+                continue
+            chunk = head
+            gunzip = _Gunzip() if head.startswith(GZIP_MAGIC) else None
+        out = gunzip.feed(chunk, max_bytes - total) if gunzip else chunk
+        total += len(out)
+        if total > max_bytes:
+            raise SampleError("too_large", f"content exceeds the limit of {max_bytes} bytes")
+        parts.append(out)
+    if not parts:
+        parts.append(head)
+    if gunzip and not gunzip.complete:
+        raise SampleError("corrupt_gzip", "gzip data is truncated: the stream does not end")
+    data = b"".join(parts)
+    if not data:
+        raise SampleError("empty", "the file is empty (0 bytes once decompressed)")
+    return data
+
+
+class _Gunzip:
+    """Bounded gzip decompression fed chunk by chunk, concatenated members included."""
+
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj(31)
+
+    @property
+    def complete(self) -> bool:
+        return self._inflater.eof
+
+    def feed(self, chunk: bytes, room: int) -> bytes:
+        """Return the bytes this chunk decompresses to; SampleError beyond ``room`` or if corrupt."""
+        out = []
+        while chunk:
+            try:
+                piece = self._inflater.decompress(chunk, max(room, 0) + 1)
+            except zlib.error as exc:
+                raise SampleError("corrupt_gzip", f"gzip data is corrupt: {exc}") from None
+            if self._inflater.unconsumed_tail or len(piece) > room:
+                raise SampleError("too_large", "decompressed content exceeds the size limit")
+            out.append(piece)
+            room -= len(piece)
+            chunk = b""
+            if self._inflater.eof and self._inflater.unused_data:  # another gzip member follows
+                chunk = self._inflater.unused_data
+                self._inflater = zlib.decompressobj(31)
+        return b"".join(out)
+
+
+def parse_fasta(data: bytes) -> tuple[str, bytes]:
+    """Return (seqid, upper-cased sequence) of a one-record FASTA file.
+
+    Raises SampleError, with a short status and a reason for people, for anything fn4 would
+    refuse or that is not exactly one record.
+    """
+    if not data.strip():
+        raise SampleError("empty", "the file holds only white space")
+    if not data.startswith(b">"):
+        raise SampleError("no_header", "the file does not start with a '>' header line")
+    end = data.find(b"\n")
+    header, body = (data[1:], b"") if end < 0 else (data[1:end], data[end + 1:])
+    if body.startswith(b">") or b"\n>" in body:
+        records = 1 + body.startswith(b">") + body.count(b"\n>")
+        raise SampleError("multiple_records", f"the file holds {records} records; exactly one is expected")
+    seq = body.translate(None, b"\r\n").upper()
+    if not seq:
+        raise SampleError("no_sequence", "the file has a header but no sequence")
+    bad = seq.translate(None, FN4_ALPHABET)
+    if bad:
+        shown = ", ".join(repr(chr(c)) for c in sorted(set(bad))[:5])
+        first = min(seq.find(bytes([c])) for c in set(bad))
+        raise SampleError("bad_characters", f"the sequence holds characters fn4 refuses: {shown} "
+                                            f"(first at base {first + 1})")
+    words = header.split(maxsplit=1)
+    seqid = words[0].decode("utf-8", "replace") if words else ""
+    return seqid, seq
+
+
+def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+            rng: Callable[[], float] = random.random) -> float:
+    """Return seconds to wait after ``failures`` consecutive failures: capped, with equal jitter."""
+    ceiling = min(cap, base * 2 ** max(failures - 1, 0))
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Return text with every secret replaced by ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+# ---- Object store ----------------------------------------------------------------------------
+
+
+def _import_oci() -> Any:
+    """Import the OCI SDK's object storage client only, which keeps start-up fast."""
+    os.environ.setdefault("OCI_PYTHON_SDK_NO_SERVICE_IMPORTS", "1")
+    import oci
+    import oci.object_storage  # noqa: F401  (the one service we need)
+    return oci
+
+
+def oci_retry_strategy(oci: Any, base_sleep: int = 1, max_wait: int = 30) -> Any:
+    """Return the SDK retry strategy: 429 throttling and 5xx answers, capped, with jitter."""
+    return oci.retry.RetryStrategyBuilder(
+        max_attempts_check=True, max_attempts=OCI_RETRY_ATTEMPTS,
+        total_elapsed_time_check=True, total_elapsed_time_seconds=300,
+        service_error_check=True, service_error_retry_on_any_5xx=True,
+        service_error_retry_config={429: [], 409: ["ConcurrentObjectUpdate"]},
+        retry_base_sleep_time_seconds=base_sleep, retry_max_wait_between_calls_seconds=max_wait,
+        backoff_type=oci.retry.BACKOFF_FULL_JITTER_EQUAL_ON_THROTTLE_VALUE,
+    ).get_retry_strategy()
+
+
+class ObjectStoreClient:
+    """List and read FASTA objects in one bucket through the OCI SDK."""
+
+    def __init__(self, client: Any, namespace: str, bucket: str) -> None:
+        self._oci = _import_oci()
+        self._client = client
+        self.namespace = namespace
+        self.bucket = bucket
+
+    @classmethod
+    def from_config(cls, namespace: str, bucket: str, auth: str = "api_key",
+                    config_file: str | None = None, profile: str | None = None,
+                    endpoint: str | None = None, retry_strategy: Any = None) -> ObjectStoreClient:
+        """Build a client with one of the OCI CLI's auth methods. Raises ConfigError."""
+        oci = _import_oci()
+        kwargs: dict[str, Any] = {"timeout": OCI_TIMEOUT,
+                                  "retry_strategy": retry_strategy or oci_retry_strategy(oci),
+                                  # the SDK's process-wide breaker would fail every call for 30 s after
+                                  # ten errors; the loop's own backoff handles outages instead
+                                  "circuit_breaker_strategy": oci.circuit_breaker.NoCircuitBreakerStrategy()}
+        if endpoint:
+            kwargs["service_endpoint"] = endpoint
+        try:
+            if auth in ("api_key", "security_token"):
+                config = oci.config.from_file(
+                    os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
+                if auth == "security_token":
+                    token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
+                    key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
+                    kwargs["signer"] = oci.auth.signers.SecurityTokenSigner(token, key)
+                else:
+                    oci.config.validate_config(config)
+            elif auth == "instance_principal":
+                kwargs["signer"] = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+                config = {"region": kwargs["signer"].region}
+            elif auth == "resource_principal":
+                kwargs["signer"] = oci.auth.signers.get_resource_principals_signer()
+                config = {"region": kwargs["signer"].region}
+            else:
+                raise ConfigError(f"unknown --auth {auth!r}: use api_key, instance_principal, "
+                                  "resource_principal or security_token")
+            client = oci.object_storage.ObjectStorageClient(config, **kwargs)
+        except (oci.exceptions.ClientError, KeyError, OSError, ValueError) as exc:
+            raise ConfigError(f"OCI {auth} authentication is not usable: {_oci_config_reason(exc)}; "
+                              "check --config-file, --profile and --auth") from None
+        return cls(client, namespace, bucket)
+
+    def check_access(self) -> None:
+        """Read one listing entry. Raises ConfigError for a missing bucket or refused credentials."""
+        try:
+            self._client.list_objects(self.namespace, self.bucket, limit=1)
+        except self._oci.exceptions.ServiceError as exc:
+            if exc.status in (401, 403, 404):
+                raise ConfigError(
+                    f"Object Storage answered {exc.status} {exc.code} for bucket {self.bucket!r} in "
+                    f"namespace {self.namespace!r}: check the names and the credentials' policies") from None
+            log.warning("Object Storage check at start failed (%s %s); will retry in the loop",
+                        exc.status, exc.code)
+        except Exception as exc:  # connection faults at start are outages, not configuration
+            if not _is_network_error(exc):
+                raise
+            log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
+
+    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
+        start = None
+        while True:
+            try:
+                page = self._client.list_objects(
+                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
+                    fields="name,size,etag,md5,timeCreated").data
+            except Exception as exc:
+                if isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc):
+                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_short(exc)}") from None
+                raise
+            for item in page.objects:
+                if fasta_suffix(item.name):
+                    yield StoredObject(item.name, int(item.size or 0), item.etag or "", item.md5,
+                                       item.time_created or datetime.fromtimestamp(0, timezone.utc))
+            start = page.next_start_with
+            if not start:
+                return
+
+    def read_object(self, obj: StoredObject, max_bytes: int) -> bytes:
+        """Download an object whole and return its decompressed content.
+
+        Raises SampleError (too large, corrupt, empty), ObjectChanged (deleted or replaced since
+        listing) or TransientError (cut off or failed ``DOWNLOAD_TRIES`` times).
+        """
+        if obj.size > max_bytes:
+            raise SampleError("too_large", f"object is {obj.size} bytes; the limit is {max_bytes}")
+        reason = ""
+        for _ in range(DOWNLOAD_TRIES):
+            try:
+                return self._read_once(obj, max_bytes)
+            except TransientError as exc:
+                reason = str(exc)
+                log.info("download of %s failed (%s); reading it again", obj.name, reason)
+        raise TransientError(f"download failed {DOWNLOAD_TRIES} times: {reason}")
+
+    def _read_once(self, obj: StoredObject, max_bytes: int) -> bytes:
+        oci = self._oci
+        try:
+            response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status in (404, 412):
+                raise ObjectChanged(f"object was deleted or replaced after listing ({exc.status})") from None
+            raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
+        except Exception as exc:
+            if _is_network_error(exc):
+                raise TransientError(f"Object Storage unreachable: {_short(exc)}") from None
+            raise
+        expected = int(response.headers.get("content-length", -1))
+        digest = hashlib.md5(usedforsecurity=False)
+        received = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal received
+            for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
+                digest.update(chunk)
+                yield chunk
+
+        try:
+            data = inflate(counted(), max_bytes)
+        except SampleError:
+            if 0 <= expected != received:
+                raise TransientError(f"download cut off after {received} of {expected} bytes") from None
+            raise
+        except Exception as exc:
+            if _is_network_error(exc):
+                raise TransientError(f"download cut off after {received} bytes: {_short(exc)}") from None
+            raise
+        finally:
+            response.data.close()
+        if 0 <= expected != received:
+            raise TransientError(f"download cut off after {received} of {expected} bytes")
+        md5 = response.headers.get("content-md5") or obj.md5
+        if md5 and "-" not in md5 and base64.b64encode(digest.digest()).decode() != md5:
+            raise TransientError("downloaded bytes do not match the object's md5")
+        return data
+
+    # The operator commands use these three.
+    def put_object(self, name: str, data: bytes) -> None:
+        """Upload an object, never overwriting one that exists. Raises ServiceError (409/412) if it does."""
+        self._client.put_object(self.namespace, self.bucket, name, data, if_none_match="*")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Return True for connection, timeout and protocol errors from any HTTP stack we use."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, (OSError, requests.RequestException)) or bool(names & {
+        "RequestException", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout",
+        "ProtocolError", "HTTPError", "ChunkedEncodingError", "IncompleteRead", "ReadTimeoutError"})
+
+
+def _short(exc: BaseException) -> str:
+    """Return an exception as one short line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def _oci_config_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"the profile lacks {exc.args[0]!r}"
+    return _short(exc)
+
+
+# ---- fn4 client ------------------------------------------------------------------------------
+
+
+class FN4Client:
+    """Talk to one findNeighbour4 server over one keep-alive session."""
+
+    def __init__(self, base_url: str, session: requests.Session | None = None,
+                 verify: bool | str = True) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"fn4 server URL {base_url!r} is not an http:// or https:// URL")
+        self.base_url = base_url.rstrip("/")
+        self._session = session or requests.Session()
+        self._session.verify = verify
+
+    def guids(self) -> set[str]:
+        """Return every guid fn4 holds. Raises OutageError."""
+        return set(self._get_json("/api/v2/guids", FN4_TIMEOUT))
+
+    def exists(self, guid: str) -> bool:
+        """Return True if fn4 holds the guid. Raises OutageError."""
+        return self._get_json(f"/api/v2/{quote(guid, safe='')}/exists", FN4_PROBE_TIMEOUT) is True
+
+    def is_up(self) -> bool:
+        """Return True if fn4 answers its server_time route."""
+        try:
+            self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
+            return True
+        except OutageError:
+            return False
+
+    def insert(self, guid: str, seq: bytes) -> InsertResult:
+        """Insert one sample. Never raises for HTTP answers or network faults: see the outcome."""
+        body = b"guid=" + quote(guid, safe="").encode() + b"&seq=" + seq
+        try:
+            response = self._session.post(
+                self.base_url + "/api/v2/insert", data=body, timeout=FN4_TIMEOUT,
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        except requests.ConnectionError as exc:
+            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc)}")
+        except requests.Timeout:
+            return InsertResult(None, RETRY, f"fn4 did not answer within {FN4_TIMEOUT[1]:.0f} s")
+        return InsertResult(response.status_code, _insert_outcome(response.status_code),
+                            _answer_text(response))
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
+        try:
+            response = self._session.get(self.base_url + path, timeout=timeout)
+        except requests.RequestException as exc:
+            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+        if response.status_code != 200:
+            raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise OutageError(f"fn4 GET {path} answered something that is not JSON: "
+                              f"{_answer_text(response)}") from None
+
+
+def _insert_outcome(status: int) -> str:
+    """Classify fn4's answer to an insert (see README, Failure handling)."""
+    if status == 200:
+        return INSERTED
+    if status == 201:
+        return ALREADY_PRESENT
+    if status in (409, 503):
+        return SERVER_UNAVAILABLE
+    if status >= 500:
+        return RETRY
+    return FAILED
+
+
+def _answer_text(response: requests.Response) -> str:
+    """Return fn4's answer as a short line: the JSON string, or HTML stripped of its tags."""
+    try:
+        value = response.json()
+        text = value if isinstance(value, str) else json.dumps(value)
+    except ValueError:
+        text = re.sub(r"<[^>]*>", " ", response.text)
+    return " ".join(text.split())[:300]
+
+
+# ---- Database --------------------------------------------------------------------------------
+
+
+def build_tables(schema: str | None = None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
+    """Return the catalogue's metadata and its two tables, columns taken from the row records."""
+    metadata = sa.MetaData(schema=schema)
+
+    def table(name: str, key: str, record: type, comment: str) -> sa.Table:
+        columns = [sa.Column(f.name, f.metadata["type"], comment=f.metadata["comment"])
+                   for f in dataclasses.fields(record)]
+        return sa.Table(name, metadata,
+                        sa.Column(key, sa.Integer(), sa.Identity(), primary_key=True,
+                                  comment="Row identity"),
+                        *columns, comment=comment)
+
+    batches = table("fn4batchload", "bl_int_id", BatchRow, "One row per loader cycle: the heartbeat")
+    attempts = table("fn4loadattempt", "gp_int_id", AttemptRow, "One row per file per load attempt")
+    sa.Index("ix_fn4loadattempt_bucket", attempts.c.oci_namespace, attempts.c.bucket_name)
+    return metadata, batches, attempts
+
+
+def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
+    """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
+
+    Accepts a key into the JSON file named by DB_CONNECTION_CONFIG_FILE, a SQLAlchemy URL,
+    or nothing (a SQLite file that persists). For Oracle keys, TNS_ADMIN is set from the entry.
+    """
+    environ = os.environ if environ is None else environ
+    if not database:
+        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}")
+    if "://" in database:
+        text = database
+    else:
+        text = _database_from_config_file(database, environ)
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError:
+        raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
+                          "e.g. postgresql+psycopg2://user@host/db") from None
+    if url.drivername in ("oracle", "oracle+cx_oracle"):
+        url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
+    if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
+        raise ConfigError("an in-memory SQLite catalogue would be lost at restart: give a file, "
+                          "e.g. sqlite:///fn4loader.sqlite")
+    return url
+
+
+def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
+    path = environ.get("DB_CONNECTION_CONFIG_FILE")
+    if not path:
+        raise ConfigError(f"database {key!r} is neither a URL nor usable as a key: set "
+                          "DB_CONNECTION_CONFIG_FILE to the JSON file that holds it")
+    try:
+        entries = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read DB_CONNECTION_CONFIG_FILE {path!r}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"DB_CONNECTION_CONFIG_FILE {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(entries, dict) or key not in entries:
+        known = ", ".join(sorted(entries)) if isinstance(entries, dict) else "none"
+        raise ConfigError(f"database key {key!r} is not in {path!r} (keys there: {known})")
+    entry = entries[key]
+    if not isinstance(entry, dict) or not entry.get("ENGINE_NAME"):
+        raise ConfigError(f"entry {key!r} in {path!r} has no ENGINE_NAME")
+    if str(entry.get("DBTYPE", "")).lower() == "oracle" or entry.get("TNS_ADMIN"):
+        if not entry.get("TNS_ADMIN"):
+            raise ConfigError(f"Oracle entry {key!r} in {path!r} has no TNS_ADMIN (the wallet folder)")
+        os.environ["TNS_ADMIN"] = environ["TNS_ADMIN"] = str(entry["TNS_ADMIN"])
+    return str(entry["ENGINE_NAME"])
+
+
+def _hide_password(text: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+
+
+def _connect_args(url: sa.URL) -> dict[str, Any]:
+    """Return driver options that put a timeout on connecting (and, where possible, on queries)."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return {"timeout": DB_CONNECT_TIMEOUT}
+    if backend == "postgresql":
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "options": "-c statement_timeout=60000"}
+    if backend in ("mysql", "mariadb"):
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": 60, "write_timeout": 60}
+    if backend == "oracle":
+        tns_admin = os.environ.get("TNS_ADMIN")
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT}
+        if tns_admin:
+            args.update(config_dir=tns_admin, wallet_location=tns_admin)
+            if os.environ.get("WALLET_PASSWORD"):
+                args["wallet_password"] = os.environ["WALLET_PASSWORD"]
+        return args
+    return {}
+
+
+class LoadLogger:
+    """The catalogue: write batch and attempt rows, and read back which files are finished.
+
+    Rows are queued and written by a background thread, in order, so an insert never waits for
+    the database. When the database is down, rows stay queued and are retried with a capped
+    backoff; ``unwritten`` tells the loader how many wait.
+    """
+
+    def __init__(self, engine: sa.Engine, schema: str | None = None) -> None:
+        self.engine = engine
+        self.metadata, self.batches, self.attempts = build_tables(schema)
+        self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
+        self._changed = threading.Condition()
+        self._closing = False
+        self._outage_since: float | None = None
+        self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
+
+    @classmethod
+    def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
+        """Connect, create missing tables and start the writer. Raises ConfigError if unreachable."""
+        url = resolve_database(database)
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600,
+                                  connect_args=_connect_args(url))
+        catalogue = cls(engine, schema)
+        try:
+            catalogue.create_tables()
+        except sa.exc.SQLAlchemyError as exc:
+            engine.dispose()
+            raise ConfigError(f"cannot use the catalogue database {url.render_as_string(hide_password=True)}: "
+                              f"{_short(exc.orig or exc) if hasattr(exc, 'orig') else _short(exc)}") from None
+        log.info("catalogue: %s", url.render_as_string(hide_password=True))
+        return catalogue.start()
+
+    def start(self) -> LoadLogger:
+        self._writer.start()
+        return self
+
+    def create_tables(self) -> None:
+        """Create the two tables (and the schema's indexes) where they do not exist."""
+        self.metadata.create_all(self.engine, checkfirst=True)
+
+    @property
+    def unwritten(self) -> int:
+        """Rows queued but not yet in the database."""
+        return len(self._pending)
+
+    def record_batch(self, row: BatchRow) -> None:
+        self._enqueue(self.batches, row)
+
+    def record_attempt(self, row: AttemptRow) -> None:
+        self._enqueue(self.attempts, row)
+
+    def _enqueue(self, table: sa.Table, row: Any) -> None:
+        values = {k: _naive_utc(v) if isinstance(v, datetime) else v
+                  for k, v in dataclasses.asdict(row).items()}
+        with self._changed:
+            self._pending.append((table, values))
+            self._changed.notify_all()
+
+    def wait_until_below(self, limit: int, stop: threading.Event) -> None:
+        """Block while more than ``limit`` rows are unwritten, unless stop is set."""
+        with self._changed:
+            while len(self._pending) > limit and not stop.is_set():
+                self._changed.wait(0.5)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._pending and time.monotonic() < deadline:
+                self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
+            return not self._pending
+
+    def close(self, timeout: float = 3.0) -> list[dict[str, Any]]:
+        """Flush, stop the writer and return the rows that could not be written."""
+        self.flush(timeout)
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+            left = [values for _, values in self._pending]
+        self.engine.dispose()
+        return left
+
+    def _write_forever(self) -> None:
+        failures = 0
+        while True:
+            with self._changed:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if self._closing:
+                    return
+                table = self._pending[0][0]
+                batch = []
+                for queued_table, values in self._pending:
+                    if queued_table is not table or len(batch) >= 200:
+                        break
+                    batch.append(values)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(table.insert(), batch)
+            except sa.exc.SQLAlchemyError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
+                                len(self._pending), _short(getattr(exc, "orig", None) or exc))
+                with self._changed:
+                    self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, 30.0))
+                continue
+            if failures:
+                log.warning("catalogue database is back after %d failed writes", failures)
+                failures = 0
+            with self._changed:
+                for _ in batch:
+                    self._pending.popleft()
+                self._changed.notify_all()
+
+    def file_states(self, server_url: str, namespace: str, bucket: str,
+                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
+        """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
+        a = self.attempts.c
+        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts)
+                 .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
+                        a.bucket_name == bucket, a.gp_int_id > after_id)
+                 .order_by(a.gp_int_id))
+        with self.engine.connect() as conn:
+            yield from conn.execution_options(yield_per=5000).execute(query)
+
+
+# ---- Loader ----------------------------------------------------------------------------------
+
+
+_END = object()  # marks the end of the prefetch queue
+
+
+class Loader:
+    """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
+
+    Everything it talks to is passed in; ``clock`` gives aware UTC datetimes and ``stop`` ends
+    ``run`` at once, so tests need neither sleeps nor patching.
+    """
+
+    def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
+                 settings: Settings, clock: Callable[[], datetime] = utcnow,
+                 stop: threading.Event | None = None, host_name: str | None = None) -> None:
+        self.store = store
+        self.fn4 = fn4
+        self.catalogue = catalogue
+        self.settings = settings
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.host_name = host_name or socket.gethostname()
+        # (file name, etag) -> (completed, outcome, failed attempts), folded from the catalogue.
+        self._files: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._last_row_id = 0
+        self._next_reconcile: datetime | None = None
+        self._server_count = 0
+        self.cycles = 0
+
+    # -- the loop --
+
+    def run(self, once: bool = False) -> int:
+        """Run cycles until stop is set (or one cycle if ``once``); return the number completed.
+
+        After a cycle that found files, the next starts at once; after an idle cycle it waits the
+        poll interval; after an outage or a cycle of only failures it backs off, capped.
+        """
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                summary = self.run_cycle()
+            except OutageError as exc:
+                failures += 1
+                wait = backoff(failures)
+                log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
+                if once:
+                    raise
+                self.stop.wait(wait)
+                continue
+            self.cycles += 1
+            if once:
+                break
+            if summary.paused or (summary.found and summary.loaded == 0):
+                failures += 1
+                wait = backoff(failures)
+            else:
+                failures = 0
+                wait = 0.0 if summary.found else self.settings.poll_interval
+            self.stop.wait(wait)
+        return self.cycles
+
+    def run_cycle(self) -> CycleSummary:
+        """List, diff, record the batch row, then load what is new. Raises OutageError."""
+        started = self.clock()
+        self._refresh_from_catalogue()
+        objects = sorted(self.store.list_objects(self.settings.prefix),
+                         key=lambda o: (o.time_created, o.name))
+        reconcile = self._next_reconcile is None or started >= self._next_reconcile
+        server_guids = self.fn4.guids() if reconcile else None
+        if server_guids is not None:
+            self._server_count = len(server_guids)
+            self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        todo, settled = self._plan(objects, server_guids)
+        self.catalogue.record_batch(BatchRow(
+            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
+            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
+            objects_listed=len(objects), batch_size=len(todo), number_in_server=self._server_count,
+            reconciled=int(reconcile)))
+        for obj, outcome, reason in settled:
+            self._record(obj, outcome, started, error_text=reason,
+                         parse_status="ok" if outcome == IN_SERVER else outcome)
+        loaded, failed, retried, paused = self._load(todo, started)
+        summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
+        log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
+                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
+                 len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
+                 self.catalogue.unwritten)
+        return summary
+
+    # -- working out what to load --
+
+    def _refresh_from_catalogue(self) -> None:
+        """Fold rows written since the last look (by us or by a requeue) into the file states."""
+        if self.catalogue.unwritten:
+            return  # our own rows are not all in yet; the in-memory state is newer
+        try:
+            for row_id, name, etag, completed, outcome, attempts in self.catalogue.file_states(
+                    self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
+                self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
+                self._last_row_id = row_id
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the catalogue (%s); using what is known", _short(exc))
+
+    def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
+              ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
+        """Split listed objects into those to load and those settled without loading.
+
+        Settled ones are returned with their outcome (in_server, duplicate, failed) and reason.
+        """
+        owners: dict[str, StoredObject] = {}
+        candidates, settled = [], []
+        for obj in objects:  # oldest first, so the oldest object owns its guid
+            completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
+            owner = owners.get(obj.guid)
+            if outcome not in (FAILED, GAVE_UP, VANISHED, DUPLICATE):
+                owners.setdefault(obj.guid, obj)
+            if completed:
+                if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
+                    log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
+                    candidates.append(obj)
+                continue
+            if owner is not None and owner.name != obj.name:
+                settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
+            elif (problem := guid_problem(obj.guid)) is not None:
+                settled.append((obj, FAILED, problem))
+            else:
+                candidates.append(obj)
+        if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
+            server_guids = self.fn4.guids()
+            self._server_count = len(server_guids)
+        todo = []
+        for obj in candidates:
+            present = obj.guid in server_guids if server_guids is not None else self.fn4.exists(obj.guid)
+            if present:
+                settled.append((obj, IN_SERVER, None))
+            else:
+                todo.append(obj)
+        return todo, settled
+
+    # -- loading --
+
+    def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
+        """Insert each prepared sample while the next ones download; return counts and paused."""
+        loaded = failed = retried = 0
+        if not todo:
+            return loaded, failed, retried, False
+        prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
+        abandon = threading.Event()
+        producer = threading.Thread(target=self._prefetch, args=(todo, prepared, abandon),
+                                    name="prefetch", daemon=True)
+        producer.start()
+        number = 0
+        paused = False
+        while (item := prepared.get()) is not _END:
+            number += 1
+            self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
+            if self.stop.is_set():
+                break  # the sample was never sent: nothing to record, it stays pending
+            outcome = self._insert_and_record(item, number, len(todo), started)
+            if outcome in LOADED:
+                loaded += 1
+            elif outcome == SERVER_UNAVAILABLE:
+                paused = True
+                break
+            elif outcome == RETRY:
+                retried += 1
+            else:
+                failed += 1
+        abandon.set()
+        while item is not _END and not self.stop.is_set():
+            item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
+        return loaded, failed, retried, paused
+
+    def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
+                  abandon: threading.Event) -> None:
+        """Download and parse samples ahead of the inserter, at most PREFETCH_DEPTH waiting."""
+        try:
+            for obj in todo:
+                if abandon.is_set() or self.stop.is_set():
+                    break
+                prepared.put(self._prepare(obj))
+        finally:
+            prepared.put(_END)
+
+    def _prepare(self, obj: StoredObject) -> Prepared:
+        """Download, parse and validate one object; failures become part of the result."""
+        read_start = self.clock()
+        sample: Sample | None = None
+        error: LoaderError | None = None
+        try:
+            data = self.store.read_object(obj, self.settings.max_object_bytes)
+            seqid, seq = parse_fasta(data)
+            expected = self.settings.expected_length
+            if expected and len(seq) != expected:
+                raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
+                                                  f"(--expected-length) is {expected}")
+            sample = Sample(obj, seqid, seq)
+        except LoaderError as exc:
+            error = exc
+        except Exception as exc:  # one file's unforeseen fault must not stop the queue
+            log.exception("unexpected error reading %s", obj.name)
+            error = TransientError(f"unexpected error: {_short(exc)}")
+        return Prepared(obj, sample, error, read_start, self.clock())
+
+    def _insert_and_record(self, item: Prepared, number: int, size: int, started: datetime) -> str:
+        """Insert one prepared sample (or record why not) and write its row; return the outcome."""
+        obj, sample, error = item.obj, item.sample, item.error
+        batch = {"batch_start_time": started, "batch_sample_number": number, "batch_size": size,
+                 "bucket_read_start_time": item.read_start, "bucket_read_end_time": item.read_end}
+        if sample is None:
+            if isinstance(error, SampleError):
+                return self._record(obj, FAILED, parse_status=error.status, error_text=error.reason, **batch)
+            if isinstance(error, ObjectChanged):
+                return self._record(obj, VANISHED, parse_status="vanished", error_text=str(error), **batch)
+            return self._record_retry(obj, str(error), None, "download_failed", batch)
+        facts = {"seqid": sample.seqid[:256], "len_seq": len(sample.seq),
+                 "first_128_chars": sample.seq[:128].decode("ascii"), "parse_status": "ok"}
+        insert_start = self.clock()
+        result = self.fn4.insert(obj.guid, sample.seq)
+        facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
+                     insert_status_code=result.status_code)
+        if result.outcome == INSERTED:
+            self._server_count += 1
+        if result.outcome == RETRY and not self.fn4.is_up():
+            result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
+        if result.outcome == RETRY:
+            return self._record_retry(obj, f"fn4 answered: {result.message}", result.status_code, "ok",
+                                      {**batch, **facts})
+        text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
+        if result.outcome == SERVER_UNAVAILABLE:
+            text = (f"fn4 unavailable ({result.status_code or 'no answer'}): {result.message}; "
+                    "the batch pauses and the file is retried")
+        return self._record(obj, result.outcome, error_text=text, **batch, **facts)
+
+    def _record_retry(self, obj: StoredObject, reason: str, status: int | None, parse_status: str,
+                      columns: dict[str, Any]) -> str:
+        """Record a file-specific transient failure, giving the file up after --max-attempts."""
+        attempts = self._files.get(obj.key, (0, "", 0))[2] + 1
+        if attempts >= self.settings.max_attempts:
+            return self._record(obj, GAVE_UP, failed_attempts=attempts, **{**columns, "parse_status": parse_status},
+                                error_text=f"gave up after {attempts} failed attempts; last: {reason}")
+        return self._record(obj, RETRY, failed_attempts=attempts, **{**columns, "parse_status": parse_status},
+                            error_text=f"attempt {attempts} of {self.settings.max_attempts} failed: {reason}")
+
+    def _record(self, obj: StoredObject, outcome: str, batch_start_time: datetime | None = None,
+                **columns: Any) -> str:
+        """Queue the attempt row for one file, update its known state, log it; return the outcome."""
+        completed = int(outcome not in UNFINISHED)
+        attempts = columns.pop("failed_attempts", self._files.get(obj.key, (0, "", 0))[2])
+        if columns.get("error_text"):
+            columns["error_text"] = columns["error_text"][:2000]
+        row = AttemptRow(**{
+            "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
+            "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
+            "object_etag": obj.etag, "object_size": obj.size, "object_time_created": obj.time_created,
+            "batch_start_time": batch_start_time, "fn4id": obj.guid[:256], "completed": completed,
+            "outcome": outcome, "failed_attempts": attempts, **columns})
+        self.catalogue.record_attempt(row)
+        self._files[obj.key] = (completed, outcome, attempts)
+        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, REQUEUED} else logging.WARNING
+        log.log(level, "%s %s: %s bytes, read %s, insert %s, status %s%s", outcome, obj.guid, obj.size,
+                _ms(row.bucket_read_start_time, row.bucket_read_end_time),
+                _ms(row.insert_start_time, row.insert_end_time), row.insert_status_code,
+                f" ({row.error_text})" if row.error_text else "")
+        return outcome
+
+    def requeue(self, names: Iterable[str] = ()) -> list[str]:
+        """Mark failed files as pending again (all, or those named); return the names requeued."""
+        self._refresh_from_catalogue()
+        wanted = set(names)
+        now = self.clock()
+        requeued = []
+        for (name, etag), (completed, outcome, _) in sorted(self._files.items()):
+            if completed and outcome in REQUEUEABLE and (not wanted or name in wanted):
+                obj = StoredObject(name, 0, etag, None, now)
+                self._record(obj, REQUEUED, failed_attempts=0, object_size=None, object_time_created=None,
+                             error_text=f"requeued by an operator after {outcome}")
+                requeued.append(name)
+        return requeued
+
+
+def _ms(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    return f"{(end - start).total_seconds() * 1000:.0f} ms"
+
+
+# ---- Command line ----------------------------------------------------------------------------
+
+
+class _RedactingFilter(logging.Filter):
+    """Replace secrets in every log record's final message."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message, self.secrets)
+        if cleaned != message or record.exc_info:
+            if record.exc_info:
+                cleaned += "\n" + redact(logging.Formatter().formatException(record.exc_info), self.secrets)
+                record.exc_info = None
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def _secrets(database_url: sa.URL | None) -> list[str]:
+    """Collect the values that must never be shown: passwords, pass phrases, the Sentry DSN."""
+    found = [os.environ.get(name, "") for name in
+             ("FN_SENTRY_URL", "OCI_CLI_PASSPHRASE", "WALLET_PASSWORD", "DB_PASSWORD")]
+    if database_url is not None and database_url.password:
+        found.append(str(database_url.password))
+    return [s for s in found if s]
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Write to whatever sys.stderr is at the time, so a replaced stderr (tests) is honoured."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _configure_logging(level: str, secrets: list[str]) -> None:
+    """Log to stderr through one handler of ours that redacts secrets; other handlers stay."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(_RedactingFilter(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [handler]
+    root.setLevel(level.upper())
+    for noisy in ("oci", "urllib3", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+def _init_sentry(dsn: str, secrets: list[str]) -> None:
+    """Send errors to Sentry, without default PII and with secrets redacted from events."""
+    import sentry_sdk
+
+    def scrub(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(redact(json.dumps(event, default=str), secrets))
+
+    sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=scrub, max_breadcrumbs=20)
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """First SIGTERM/SIGINT: finish the current sample and exit; second: exit at once.
+
+    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later.
+    Returns a function that disarms it and puts the previous handlers back.
+    """
+    deadline = threading.Timer(SHUTDOWN_GRACE, os._exit, args=(0,))
+    deadline.daemon = True
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
+        stop.set()
+        deadline.start()
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        deadline.cancel()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``run`` when the first word is not a subcommand, and shows its help."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args.insert(0, "run")
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        run = self.commands["run"]
+        with click.Context(run, info_name=ctx.info_name, parent=None) as run_ctx:
+            run.format_help(run_ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+
+def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
+             auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
+             ca_bundle: str | None) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
+    fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+    store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
+    store.check_access()
+    catalogue = LoadLogger.from_database_arg(database, db_schema)
+    return store, fn4, catalogue
+
+
+def common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a command with the arguments and options every command shares."""
+    decorators = [
+        click.argument("fn4_url", envvar="FN4_URL"),
+        click.argument("namespace", envvar="OCI_NAMESPACE"),
+        click.argument("bucket", envvar="OCI_BUCKET"),
+        click.argument("database", required=False, envvar="FN4_DATABASE"),
+        click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
+                     help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none."),
+        click.option("--auth", envvar="OCI_CLI_AUTH", show_envvar=True, default="api_key", show_default=True,
+                     type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]),
+                     help="How to authenticate to OCI, as the OCI CLI names it."),
+        click.option("--config-file", envvar="OCI_CLI_CONFIG_FILE", show_envvar=True,
+                     help="OCI config file for api_key and security_token. Default: ~/.oci/config."),
+        click.option("--profile", envvar="OCI_CLI_PROFILE", show_envvar=True,
+                     help="Profile in the OCI config file. Default: DEFAULT."),
+        click.option("--endpoint", envvar="OCI_OBJECT_STORAGE_ENDPOINT", show_envvar=True,
+                     help="Object Storage endpoint URL instead of the region's, e.g. a private endpoint."),
+        click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
+                     help="CA bundle to verify an https fn4 server. Default: the system's."),
+        click.option("--log-level", envvar="FN4_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                     help="Logging threshold."),
+    ]
+    for decorate in reversed(decorators):
+        func = decorate(func)
+    return func
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first."""
+
+
+@main.command()
+@common
+@click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
+              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
+@click.option("--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
+              envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
+@click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True, help="List only objects under this prefix.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
+              envvar="FN4_MAX_ATTEMPTS", show_envvar=True,
+              help="File-specific transient failures before a file is given up.")
+@click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
+              help="Reference genome length; files of any other length fail. Default: no check.")
+@click.option("--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES,
+              show_default=True, envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
+              help="Largest object, compressed or decompressed, that is loaded.")
+@click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
+              show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
+              help="Seconds between full comparisons of the catalogue with fn4's guid list.")
+def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
+        auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
+        ca_bundle: str | None, log_level: str, once: bool, poll_interval: float, prefix: str | None,
+        max_attempts: int, expected_length: int | None, max_object_bytes: int,
+        reconcile_interval: float) -> None:
+    """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
+
+    FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
+    catalogue: a key in the DB_CONNECTION_CONFIG_FILE JSON file, a SQLAlchemy URL, or omitted
+    for a SQLite file. Every option can also be set in the environment or in a .env file.
+    """
+    stop = threading.Event()
+    with _startup(log_level, database) as secrets:
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, auth,
+                                         config_file, profile, endpoint, ca_bundle)
+    settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                        max_object_bytes, reconcile_interval)
+    loader = Loader(store, fn4, catalogue, settings, stop=stop)
+    restore_signals = _install_signal_handlers(stop)
+    log.info("loading %s/%s into %s%s", namespace, bucket, fn4.base_url, " once" if once else "")
+    failed = False
+    try:
+        loader.run(once=once)
+    except OutageError as exc:
+        failed = True
+        click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
+    finally:
+        left = catalogue.close(timeout=3.0 if stop.is_set() else 30.0)
+        for row in left:
+            log.error("catalogue row not written: %s", json.dumps(row, default=str))
+        fn4.close()
+        restore_signals()
+    sys.exit(1 if failed or left else 0)
+
+
+@main.command("retry-failed")
+@common
+@click.option("--name", "names", multiple=True,
+              help="Object name to re-queue; repeat for several. Default: every failed file.")
+def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
+                 auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
+                 ca_bundle: str | None, log_level: str, names: tuple[str, ...]) -> None:
+    """Re-queue failed, given-up and duplicate files so the loader tries them again."""
+    with _startup(log_level, database):
+        fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+        catalogue = LoadLogger.from_database_arg(database, db_schema)
+    store = _NamedBucket(namespace, bucket)
+    requeued = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket)).requeue(names)  # type: ignore
+    left = catalogue.close(timeout=30.0)
+    click.echo(f"re-queued {len(requeued)} file(s)" + "".join(f"\n  {n}" for n in requeued))
+    if left:
+        raise click.ClickException(f"{len(left)} re-queue rows could not be written; try again")
+
+
+@dataclass(frozen=True)
+class _NamedBucket:
+    """Stands for the bucket where only its names are needed (re-queueing reads no objects)."""
+
+    namespace: str
+    bucket: str
+
+
+class _startup:
+    """Load .env, set up logging and Sentry, and turn ConfigError into one clear line and exit 2."""
+
+    def __init__(self, log_level: str, database: str | None) -> None:
+        self.log_level = log_level
+        self.database = database
+
+    def __enter__(self) -> list[str]:
+        url = None
+        if self.database and "://" in self.database:
+            try:
+                url = sa.make_url(self.database)
+            except sa.exc.ArgumentError:
+                url = None
+        self.secrets = _secrets(url)
+        _configure_logging(self.log_level, self.secrets)
+        if os.environ.get("FN_SENTRY_URL"):
+            _init_sentry(os.environ["FN_SENTRY_URL"], self.secrets)
+        return self.secrets
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: Any) -> bool:
+        if isinstance(exc, ConfigError):
+            click.echo(f"Error: {redact(str(exc), self.secrets)}", err=True)
+            sys.exit(2)
+        return False
+
+
+def cli() -> None:
+    """Entry point: load .env (without overriding the environment), then run the command line."""
+    from dotenv import find_dotenv, load_dotenv
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
