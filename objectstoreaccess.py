@@ -601,18 +601,19 @@ def _oci_config_reason(exc: BaseException) -> str:
 class FN4Client:
     """Talk to one findNeighbour4 server over one keep-alive session."""
 
-    def __init__(self, base_url: str, session: requests.Session | None = None,
-                 verify: bool | str = True) -> None:
+    def __init__(self, base_url: str, session: requests.Session | None = None, verify: bool | str = True,
+                 timeout: tuple[float, float] = FN4_TIMEOUT) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"fn4 server URL {base_url!r} is not an http:// or https:// URL")
         self.base_url = base_url.rstrip("/")
         self._session = session or requests.Session()
         self._session.verify = verify
+        self.timeout = timeout
 
     def guids(self) -> set[str]:
         """Return every guid fn4 holds. Raises OutageError."""
-        return set(self._get_json("/api/v2/guids", FN4_TIMEOUT))
+        return set(self._get_json("/api/v2/guids", self.timeout))
 
     def exists(self, guid: str) -> bool:
         """Return True if fn4 holds the guid. Raises OutageError."""
@@ -631,12 +632,12 @@ class FN4Client:
         body = b"guid=" + quote(guid, safe="").encode() + b"&seq=" + seq
         try:
             response = self._session.post(
-                self.base_url + "/api/v2/insert", data=body, timeout=FN4_TIMEOUT,
+                self.base_url + "/api/v2/insert", data=body, timeout=self.timeout,
                 headers={"Content-Type": "application/x-www-form-urlencoded"})
         except requests.ConnectionError as exc:
             return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc)}")
         except requests.Timeout:
-            return InsertResult(None, RETRY, f"fn4 did not answer within {FN4_TIMEOUT[1]:.0f} s")
+            return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
         return InsertResult(response.status_code, _insert_outcome(response.status_code),
                             _answer_text(response))
 
@@ -784,8 +785,9 @@ class LoadLogger:
     backoff; ``unwritten`` tells the loader how many wait.
     """
 
-    def __init__(self, engine: sa.Engine, schema: str | None = None) -> None:
+    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0) -> None:
         self.engine = engine
+        self.retry_cap = retry_cap
         self.metadata, self.batches, self.attempts = build_tables(schema)
         self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
         self._changed = threading.Condition()
@@ -797,16 +799,20 @@ class LoadLogger:
     def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
         """Connect, create missing tables and start the writer. Raises ConfigError if unreachable."""
         url = resolve_database(database)
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600,
-                                  connect_args=_connect_args(url))
+        shown = url.render_as_string(hide_password=True)
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
+        except (sa.exc.NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(f"no database driver for {shown}: {_short(exc)}; check the URL's "
+                              "dialect+driver and that the driver is installed") from None
         catalogue = cls(engine, schema)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
-            raise ConfigError(f"cannot use the catalogue database {url.render_as_string(hide_password=True)}: "
-                              f"{_short(exc.orig or exc) if hasattr(exc, 'orig') else _short(exc)}") from None
-        log.info("catalogue: %s", url.render_as_string(hide_password=True))
+            raise ConfigError(f"cannot use the catalogue database {shown}: "
+                              f"{_short(getattr(exc, 'orig', None) or exc)}") from None
+        log.info("catalogue: %s", shown)
         return catalogue.start()
 
     def start(self) -> LoadLogger:
@@ -882,7 +888,7 @@ class LoadLogger:
                     log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
                                 len(self._pending), _short(getattr(exc, "orig", None) or exc))
                 with self._changed:
-                    self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, 30.0))
+                    self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
                 continue
             if failures:
                 log.warning("catalogue database is back after %d failed writes", failures)
@@ -1215,8 +1221,7 @@ class _RedactingFilter(logging.Filter):
 
 def _secrets(database_url: sa.URL | None) -> list[str]:
     """Collect the values that must never be shown: passwords, pass phrases, the Sentry DSN."""
-    found = [os.environ.get(name, "") for name in
-             ("FN_SENTRY_URL", "OCI_CLI_PASSPHRASE", "WALLET_PASSWORD", "DB_PASSWORD")]
+    found = [os.environ.get(name, "") for name in ("FN_SENTRY_URL", "WALLET_PASSWORD")]
     if database_url is not None and database_url.password:
         found.append(str(database_url.password))
     return [s for s in found if s]

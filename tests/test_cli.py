@@ -1,0 +1,167 @@
+"""The command line: help kept in step with README, configuration errors, the seed command, .env."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+import objectstoreaccess as osa
+from conftest import BUCKET, NAMESPACE, T0, fasta
+from fn4_standin import FN4StandIn
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = ["http://localhost:5025", "lxxxx", "FN4-queue", "unittest_oracle"]
+
+
+def help_text(*args):
+    result = CliRunner().invoke(osa.main, [*args, "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    return result.output
+
+
+def test_readme_shows_the_current_help():
+    readme = (ROOT / "README.md").read_text()
+    for args in ([], ["retry-failed"]):
+        shown = "\n".join(line.rstrip() for line in help_text(*args).splitlines())
+        assert shown in readme, f"README.md is out of step with `{' '.join(args)} --help`; paste:\n{shown}"
+
+
+def test_help_lists_every_option_with_help_and_env_var():
+    for command in osa.main.commands.values():
+        for param in command.params:
+            if param.name in ("help", "names"):  # retry-failed --name is per invocation
+                continue
+            assert param.envvar, f"{command.name} {param.name} reads no environment variable"
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} --{param.name} has no help"
+
+
+def test_env_example_lists_every_variable_the_program_reads():
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    declared = {p.envvar for c in osa.main.commands.values() for p in c.params if p.envvar}
+    read = set(re.findall(r"environ(?:\.get)?\(\s*\"([A-Z][A-Z0-9_]+)\"", (ROOT / "objectstoreaccess.py").read_text()))
+    read |= set(re.findall(r"environ\[\"([A-Z][A-Z0-9_]+)\"\]", (ROOT / "objectstoreaccess.py").read_text()))
+    read.discard("OCI_PYTHON_SDK_NO_SERVICE_IMPORTS")  # set for the SDK, not read from the user
+    assert declared | read <= listed, f"missing from .env.example: {sorted((declared | read) - listed)}"
+
+
+def one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def base_args(emulator, oci_config, fn4):
+    return [fn4.url, NAMESPACE, BUCKET]
+
+
+def invoke(args, env=None, oci_config=None, emulator=None):
+    extra = ["--once"]
+    if oci_config is not None:
+        extra += ["--config-file", str(oci_config), "--endpoint", emulator.endpoint]
+    return CliRunner().invoke(osa.main, [*args, *extra], env=env or {})
+
+
+def test_unknown_database_key_names_the_file_and_keys(tmp_path, base_args, oci_config, emulator):
+    config = tmp_path / "db.json"
+    config.write_text(json.dumps({"prod": {"DBTYPE": "sqlite", "ENGINE_NAME": "sqlite:///x.db"}}))
+    result = invoke([*base_args, "nosuchkey"], {"DB_CONNECTION_CONFIG_FILE": str(config)}, oci_config, emulator)
+    one_line_error(result, "'nosuchkey'", "prod")
+
+
+def test_missing_database_config_file(tmp_path, base_args, oci_config, emulator):
+    env = {"DB_CONNECTION_CONFIG_FILE": str(tmp_path / "absent.json")}
+    one_line_error(invoke([*base_args, "key"], env, oci_config, emulator), "absent.json")
+    one_line_error(invoke([*base_args, "key"], {"DB_CONNECTION_CONFIG_FILE": ""}, oci_config, emulator),
+                   "DB_CONNECTION_CONFIG_FILE")
+
+
+def test_bad_database_url(base_args, oci_config, emulator):
+    one_line_error(invoke([*base_args, "nosuchdriver://u:pw@h/db"], None, oci_config, emulator), "database")
+
+
+def test_unreachable_database_hides_its_password(base_args, oci_config, emulator):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed as soon as the block ends: nothing listens there
+    url = f"postgresql+psycopg2://loader:s3cretpw@127.0.0.1:{port}/fn4"
+    line = one_line_error(invoke([*base_args, url], None, oci_config, emulator), "catalogue database")
+    assert "s3cretpw" not in line and "***" in line
+
+
+def test_in_memory_sqlite_is_refused(base_args, oci_config, emulator):
+    one_line_error(invoke([*base_args, "sqlite://"], None, oci_config, emulator), "in-memory")
+
+
+def test_bad_fn4_url(emulator, oci_config):
+    one_line_error(invoke(["localhost:5025", NAMESPACE, BUCKET, "sqlite:///x.db"], None, oci_config, emulator),
+                   "http://")
+
+
+def test_missing_oci_config(tmp_path, fn4):
+    result = CliRunner().invoke(osa.main, [fn4.url, NAMESPACE, BUCKET, f"sqlite:///{tmp_path / 'c.db'}", "--once",
+                                           "--config-file", str(tmp_path / "nope")])
+    one_line_error(result, "--config-file")
+
+
+def test_unknown_bucket(base_args, oci_config, emulator, tmp_path):
+    args = [base_args[0], NAMESPACE, "no-such-bucket", f"sqlite:///{tmp_path / 'c.db'}"]
+    one_line_error(invoke(args, None, oci_config, emulator), "404", "no-such-bucket")
+
+
+def test_oracle_key_sets_tns_admin_and_uses_python_oracledb(tmp_path, monkeypatch):
+    config = tmp_path / "db.json"
+    config.write_text(json.dumps({"unittest_oracle": {
+        "DBTYPE": "oracle", "ENGINE_NAME": "oracle+cx_oracle://fn4:pw@fn4db_high", "TNS_ADMIN": str(tmp_path)}}))
+    monkeypatch.delenv("TNS_ADMIN", raising=False)
+    url = osa.resolve_database("unittest_oracle", {"DB_CONNECTION_CONFIG_FILE": str(config)})
+    assert url.drivername == "oracle+oracledb" and url.host == "fn4db_high"
+    assert os.environ["TNS_ADMIN"] == str(tmp_path)
+    args = osa._connect_args(url)
+    assert args["config_dir"] == str(tmp_path) and args["wallet_location"] == str(tmp_path)
+    engine = sa.create_engine(url)  # the driver is importable and the dialect accepts it
+    assert engine.dialect.driver == "oracledb"
+
+
+def _port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_seed_command_runs_as_written_with_a_dot_env(tmp_path, emulator, oci_config):
+    """The documented command, word for word, configured only by a .env file in the working folder."""
+    if not _port_free(5025):
+        pytest.skip("port 5025 is taken, so the fn4 stand-in cannot listen where the seed command points")
+    db_config = tmp_path / "db.json"
+    db_config.write_text(json.dumps({"unittest_oracle": {
+        "DBTYPE": "sqlite", "ENGINE_NAME": f"sqlite:///{tmp_path / 'catalogue.sqlite'}"}}))
+    settings = {"DB_CONNECTION_CONFIG_FILE": str(db_config), "OCI_CLI_CONFIG_FILE": str(oci_config),
+                "OCI_OBJECT_STORAGE_ENDPOINT": emulator.endpoint, "FN4_ONCE": "1"}
+    example = (ROOT / ".env.example").read_text()
+    dot_env = "\n".join(line for line in example.splitlines() if line.split("=")[0] not in settings)
+    (tmp_path / ".env").write_text(dot_env + "\n" + "\n".join(f"{k}={v}" for k, v in settings.items()) + "\n")
+    emulator.put(BUCKET, "seed/abc.fasta", fasta("abc"), time_created=T0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "DB_CONNECTION"))}
+    with FN4StandIn(port=5025) as fn4:
+        done = subprocess.run([sys.executable, str(ROOT / "objectstoreaccess.py"), *SEED], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [i.guid for i in fn4.inserts] == ["abc"]
+    assert "inserted abc" in done.stderr
