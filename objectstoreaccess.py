@@ -1267,7 +1267,13 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later.
     Returns a function that disarms it and puts the previous handlers back.
     """
-    deadline = threading.Timer(SHUTDOWN_GRACE, os._exit, args=(0,))
+    def give_up_waiting() -> None:
+        log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
+                    "at the next start", SHUTDOWN_GRACE)
+        logging.shutdown()
+        os._exit(0)
+
+    deadline = threading.Timer(SHUTDOWN_GRACE, give_up_waiting)
     deadline.daemon = True
 
     def handle(signum: int, _frame: Any) -> None:

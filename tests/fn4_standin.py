@@ -105,6 +105,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address, handler, standin):
         self.standin = standin
         self.open_sockets: set = set()
+        self.accepted = 0                # connections accepted since start
         self.sockets_lock = threading.Lock()
         super().__init__(address, handler)
 
@@ -113,6 +114,7 @@ class _Server(ThreadingHTTPServer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.sockets_lock:
             self.open_sockets.add(sock)
+            self.accepted += 1
         return sock, addr
 
     def verify_request(self, request, client_address):
@@ -287,6 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
                 set(form)))
         with st._insert_lock:
             started = time.perf_counter()
+            st.inserts_begun += 1
             delay = st.insert_delay
             if delay > 0:
                 st._stopping.wait(delay)
@@ -305,6 +308,7 @@ class FN4StandIn:
         self.port = port
         self.reference_length = reference_length
         self.insert_delay = insert_delay
+        self.inserts_begun = 0           # real inserts that have started, finished or not
         self.server_name = "standin"
         self.guids: dict[str, str | None] = {}
         self.inserts: list[InsertRecord] = []
@@ -363,6 +367,11 @@ class FN4StandIn:
     def clear_script(self) -> None:
         with self._lock:
             self._script.clear()
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted so far: one per client that keeps its connection alive."""
+        return self._server.accepted
 
     def bytes_sent(self, path_prefix: str = "") -> int:
         with self._lock:
