@@ -1319,33 +1319,42 @@ def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db
     return store, fn4, catalogue
 
 
-def common(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a command with the arguments and options every command shares."""
-    decorators = [
-        click.argument("fn4_url", envvar="FN4_URL"),
-        click.argument("namespace", envvar="OCI_NAMESPACE"),
-        click.argument("bucket", envvar="OCI_BUCKET"),
-        click.argument("database", required=False, envvar="FN4_DATABASE"),
-        click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
-                     help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none."),
-        click.option("--auth", envvar="OCI_CLI_AUTH", show_envvar=True, default="api_key", show_default=True,
-                     type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]),
-                     help="How to authenticate to OCI, as the OCI CLI names it."),
-        click.option("--config-file", envvar="OCI_CLI_CONFIG_FILE", show_envvar=True,
-                     help="OCI config file for api_key and security_token. Default: ~/.oci/config."),
-        click.option("--profile", envvar="OCI_CLI_PROFILE", show_envvar=True,
-                     help="Profile in the OCI config file. Default: DEFAULT."),
-        click.option("--endpoint", envvar="OCI_OBJECT_STORAGE_ENDPOINT", show_envvar=True,
-                     help="Object Storage endpoint URL instead of the region's, e.g. a private endpoint."),
-        click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
-                     help="CA bundle to verify an https fn4 server. Default: the system's."),
-        click.option("--log-level", envvar="FN4_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
-                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-                     help="Logging threshold."),
-    ]
-    for decorate in reversed(decorators):
-        func = decorate(func)
-    return func
+def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
+    """Return a decorator that applies ``decorators`` in the order listed (top to bottom)."""
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return decorate
+
+
+#: The arguments and options every command shares: where to load, and the catalogue.
+common = _apply([
+    click.argument("fn4_url", envvar="FN4_URL"),
+    click.argument("namespace", envvar="OCI_NAMESPACE"),
+    click.argument("bucket", envvar="OCI_BUCKET"),
+    click.argument("database", required=False, envvar="FN4_DATABASE"),
+    click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
+                 help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none."),
+    click.option("--log-level", envvar="FN4_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
+                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                 help="Logging threshold."),
+])
+
+#: The options of commands that read the bucket and talk to fn4.
+connections = _apply([
+    click.option("--auth", envvar="OCI_CLI_AUTH", show_envvar=True, default="api_key", show_default=True,
+                 type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]),
+                 help="How to authenticate to OCI, as the OCI CLI names it."),
+    click.option("--config-file", envvar="OCI_CLI_CONFIG_FILE", show_envvar=True,
+                 help="OCI config file for api_key and security_token. Default: ~/.oci/config."),
+    click.option("--profile", envvar="OCI_CLI_PROFILE", show_envvar=True,
+                 help="Profile in the OCI config file. Default: DEFAULT."),
+    click.option("--endpoint", envvar="OCI_OBJECT_STORAGE_ENDPOINT", show_envvar=True,
+                 help="Object Storage endpoint URL instead of the region's, e.g. a private endpoint."),
+    click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
+                 help="CA bundle to verify an https fn4 server. Default: the system's."),
+])
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -1355,6 +1364,7 @@ def main() -> None:
 
 @main.command()
 @common
+@connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
               help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
 @click.option("--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
@@ -1372,8 +1382,8 @@ def main() -> None:
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-        auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
-        ca_bundle: str | None, log_level: str, once: bool, poll_interval: float, prefix: str | None,
+        log_level: str, auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
+        ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int,
         reconcile_interval: float) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
@@ -1411,11 +1421,10 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
 @click.option("--name", "names", multiple=True,
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-                 auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
-                 ca_bundle: str | None, log_level: str, names: tuple[str, ...]) -> None:
+                 log_level: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up and duplicate files so the loader tries them again."""
     with _startup(log_level, database):
-        fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+        fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
     store = _NamedBucket(namespace, bucket)
     requeued = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket)).requeue(names)  # type: ignore

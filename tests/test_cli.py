@@ -21,7 +21,7 @@ SEED = ["http://localhost:5025", "lxxxx", "FN4-queue", "unittest_oracle"]
 
 
 def help_text(*args):
-    result = CliRunner().invoke(osa.main, [*args, "--help"], terminal_width=80)
+    result = CliRunner().invoke(osa.main, [*args, "--help"], terminal_width=80, prog_name="objectstoreaccess.py")
     assert result.exit_code == 0
     return result.output
 

@@ -83,6 +83,9 @@ def test_second_signal_exits_at_once(fn4, emulator, oci_config, tmp_path):
     proc = start(fn4, emulator, oci_config, db, "--poll-interval", "3600")
     wait_for(lambda: fn4.inserts_begun >= 1)
     proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:  # two signals sent at once would merge into one: wait for the first to land
+        if "finishing the current sample" in line:
+            break
     code, took, _ = stop_and_time(proc, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM
     assert took < 2
