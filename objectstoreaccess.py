@@ -638,6 +638,8 @@ class FN4Client:
             return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc)}")
         except requests.Timeout:
             return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
+        except requests.RequestException as exc:  # e.g. an answer cut off midway
+            return InsertResult(None, RETRY, f"fn4 request failed: {_short(exc)}")
         return InsertResult(response.status_code, _insert_outcome(response.status_code),
                             _answer_text(response))
 
@@ -952,10 +954,13 @@ class Loader:
         while not self.stop.is_set():
             try:
                 summary = self.run_cycle()
-            except OutageError as exc:
+            except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
                 wait = backoff(failures)
-                log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
+                if isinstance(exc, OutageError):
+                    log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
+                else:
+                    log.exception("cycle failed unexpectedly; next try in %.0f s", wait)
                 if once:
                     raise
                 self.stop.wait(wait)
