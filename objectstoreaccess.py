@@ -30,6 +30,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -56,7 +57,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
-PREFETCH_DEPTH = 2                       # samples downloaded and parsed ahead of the one being inserted
+PREFETCH_DEPTH = 1                       # samples waiting, prepared, while one more is being prepared
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
@@ -145,7 +146,7 @@ class StoredObject:
     md5: str | None
     time_created: datetime
 
-    @property
+    @cached_property
     def guid(self) -> str:
         return guid_from_name(self.name)
 
@@ -156,11 +157,13 @@ class StoredObject:
 
 @dataclass(frozen=True)
 class Sample:
-    """A downloaded, parsed and validated sample, ready to insert."""
+    """A downloaded, parsed and validated sample, its insert request body already built."""
 
     obj: StoredObject
     seqid: str
-    seq: bytes
+    length: int
+    first_128_chars: str
+    form: bytes  # the urlencoded POST body: built off the insert path, so inserts follow each other closely
 
 
 @dataclass(frozen=True)
@@ -298,35 +301,31 @@ def guid_problem(guid: str) -> str | None:
     return None
 
 
-def inflate(chunks: Iterable[bytes], max_bytes: int) -> bytes:
+def inflate(chunks: Iterable[bytes], max_bytes: int) -> bytearray:
     """Join chunks into the file's content, gunzipping if it starts with the gzip magic.
 
     Raises SampleError for an empty object, corrupt gzip, or content above ``max_bytes``.
     """
-    parts: list[bytes] = []
-    total = 0
+    content = bytearray()  # grown in place: no list of parts and no second copy to join them
     gunzip: _Gunzip | None = None
     head = b""
     for chunk in chunks:
-        if len(head) < 2 and not parts:  # decide on compression from the first two bytes
+        if head is not None:  # decide on compression from the first two bytes
             head += chunk
             if len(head) < 2:
                 continue
-            chunk = head
-            gunzip = _Gunzip() if head.startswith(GZIP_MAGIC) else None
-        out = gunzip.feed(chunk, max_bytes - total) if gunzip else chunk
-        total += len(out)
-        if total > max_bytes:
+            chunk, head = head, None
+            gunzip = _Gunzip() if chunk.startswith(GZIP_MAGIC) else None
+        content += gunzip.feed(chunk, max_bytes - len(content)) if gunzip else chunk
+        if len(content) > max_bytes:
             raise SampleError("too_large", f"content exceeds the limit of {max_bytes} bytes")
-        parts.append(out)
-    if not parts:
-        parts.append(head)
+    if head:
+        content += head
     if gunzip and not gunzip.complete:
         raise SampleError("corrupt_gzip", "gzip data is truncated: the stream does not end")
-    data = b"".join(parts)
-    if not data:
+    if not content:
         raise SampleError("empty", "the file is empty (0 bytes once decompressed)")
-    return data
+    return content
 
 
 class _Gunzip:
@@ -358,28 +357,39 @@ class _Gunzip:
         return b"".join(out)
 
 
-def parse_fasta(data: bytes) -> tuple[str, bytes]:
+#: Upper-cases fn4's alphabet and maps every other byte to NUL, so one pass both normalises and checks.
+_TO_FN4 = bytes(u if (u := c - 32 if 97 <= c <= 122 else c) in FN4_ALPHABET else 0 for c in range(256))
+
+
+def parse_fasta(data: bytes | bytearray) -> tuple[str, bytes]:
     """Return (seqid, upper-cased sequence) of a one-record FASTA file.
 
     Raises SampleError, with a short status and a reason for people, for anything fn4 would
-    refuse or that is not exactly one record.
+    refuse or that is not exactly one record. A bytearray is consumed, to save a copy.
     """
-    if not data.strip():
+    if not data or data.isspace():
         raise SampleError("empty", "the file holds only white space")
     if not data.startswith(b">"):
         raise SampleError("no_header", "the file does not start with a '>' header line")
     end = data.find(b"\n")
-    header, body = (data[1:], b"") if end < 0 else (data[1:end], data[end + 1:])
+    if end < 0:
+        header, body = data[1:], b""
+    elif isinstance(data, bytearray):
+        header = data[1:end]
+        del data[:end + 1]  # CPython drops a bytearray's head in place, without copying the rest
+        body = data
+    else:
+        header, body = data[1:end], data[end + 1:]
     if body.startswith(b">") or b"\n>" in body:
         records = 1 + body.startswith(b">") + body.count(b"\n>")
         raise SampleError("multiple_records", f"the file holds {records} records; exactly one is expected")
-    seq = body.translate(None, b"\r\n").upper()
+    seq = body.translate(_TO_FN4, b"\r\n")  # one pass: drop line ends, upper-case, mark others NUL
     if not seq:
         raise SampleError("no_sequence", "the file has a header but no sequence")
-    bad = seq.translate(None, FN4_ALPHABET)
-    if bad:
+    first = seq.find(0)
+    if first >= 0:
+        bad = body.translate(None, FN4_ALPHABET + FN4_ALPHABET.lower() + b"\r\n")
         shown = ", ".join(repr(chr(c)) for c in sorted(set(bad))[:5])
-        first = min(seq.find(bytes([c])) for c in set(bad))
         raise SampleError("bad_characters", f"the sequence holds characters fn4 refuses: {shown} "
                                             f"(first at base {first + 1})")
     words = header.split(maxsplit=1)
@@ -444,7 +454,10 @@ class ObjectStoreClient:
                                   "retry_strategy": retry_strategy or oci_retry_strategy(oci),
                                   # the SDK's process-wide breaker would fail every call for 30 s after
                                   # ten errors; the loop's own backoff handles outages instead
-                                  "circuit_breaker_strategy": oci.circuit_breaker.NoCircuitBreakerStrategy()}
+                                  "circuit_breaker_strategy": oci.circuit_breaker.NoCircuitBreakerStrategy(),
+                                  # listings come back as plain JSON: building SDK models for 100,000
+                                  # objects would cost most of an idle cycle
+                                  "skip_deserialization": True}
         if endpoint:
             kwargs["service_endpoint"] = endpoint
         try:
@@ -500,15 +513,15 @@ class ObjectStoreClient:
                 if isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc):
                     raise OutageError(f"listing bucket {self.bucket!r} failed: {_short(exc)}") from None
                 raise
-            for item in page.objects:
-                if fasta_suffix(item.name):
-                    yield StoredObject(item.name, int(item.size or 0), item.etag or "", item.md5,
-                                       item.time_created or datetime.fromtimestamp(0, timezone.utc))
-            start = page.next_start_with
+            for item in page.get("objects", ()):
+                if fasta_suffix(item["name"]):
+                    yield StoredObject(item["name"], int(item.get("size") or 0), item.get("etag") or "",
+                                       item.get("md5"), _parse_time(item.get("timeCreated")))
+            start = page.get("nextStartWith")
             if not start:
                 return
 
-    def read_object(self, obj: StoredObject, max_bytes: int) -> bytes:
+    def read_object(self, obj: StoredObject, max_bytes: int) -> bytearray:
         """Download an object whole and return its decompressed content.
 
         Raises SampleError (too large, corrupt, empty), ObjectChanged (deleted or replaced since
@@ -525,7 +538,7 @@ class ObjectStoreClient:
                 log.info("download of %s failed (%s); reading it again", obj.name, reason)
         raise TransientError(f"download failed {DOWNLOAD_TRIES} times: {reason}")
 
-    def _read_once(self, obj: StoredObject, max_bytes: int) -> bytes:
+    def _read_once(self, obj: StoredObject, max_bytes: int) -> bytearray:
         oci = self._oci
         try:
             response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
@@ -573,6 +586,18 @@ class ObjectStoreClient:
     def put_object(self, name: str, data: bytes) -> None:
         """Upload an object, never overwriting one that exists. Raises ServiceError (409/412) if it does."""
         self._client.put_object(self.namespace, self.bucket, name, data, if_none_match="*")
+
+
+def _parse_time(text: str | None) -> datetime:
+    """Parse an RFC 3339 time from Object Storage; a missing one sorts first."""
+    if not text:
+        return datetime.fromtimestamp(0, timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:  # Python 3.10 reads only isoformat()'s own shapes
+        from dateutil.parser import isoparse
+        moment = isoparse(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -627,9 +652,17 @@ class FN4Client:
         except OutageError:
             return False
 
-    def insert(self, guid: str, seq: bytes) -> InsertResult:
+    @staticmethod
+    def insert_form(guid: str, seq: bytes | bytearray) -> bytes:
+        """Return the urlencoded insert body; the fn4 alphabet needs no escaping."""
+        return b"guid=" + quote(guid, safe="").encode() + b"&seq=" + seq
+
+    def insert(self, guid: str, seq: bytes | bytearray) -> InsertResult:
         """Insert one sample. Never raises for HTTP answers or network faults: see the outcome."""
-        body = b"guid=" + quote(guid, safe="").encode() + b"&seq=" + seq
+        return self.post_insert(self.insert_form(guid, seq))
+
+    def post_insert(self, body: bytes) -> InsertResult:
+        """POST a body built by ``insert_form``; see ``insert``."""
         try:
             response = self._session.post(
                 self.base_url + "/api/v2/insert", data=body, timeout=self.timeout,
@@ -1112,7 +1145,7 @@ class Loader:
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
                                                   f"(--expected-length) is {expected}")
-            sample = Sample(obj, seqid, seq)
+            sample = Sample(obj, seqid, len(seq), seq[:128].decode("ascii"), FN4Client.insert_form(obj.guid, seq))
         except LoaderError as exc:
             error = exc
         except Exception as exc:  # one file's unforeseen fault must not stop the queue
@@ -1131,10 +1164,10 @@ class Loader:
             if isinstance(error, ObjectChanged):
                 return self._record(obj, VANISHED, parse_status="vanished", error_text=str(error), **batch)
             return self._record_retry(obj, str(error), None, "download_failed", batch)
-        facts = {"seqid": sample.seqid[:256], "len_seq": len(sample.seq),
-                 "first_128_chars": sample.seq[:128].decode("ascii"), "parse_status": "ok"}
+        facts = {"seqid": sample.seqid[:256], "len_seq": sample.length,
+                 "first_128_chars": sample.first_128_chars, "parse_status": "ok"}
         insert_start = self.clock()
-        result = self.fn4.insert(obj.guid, sample.seq)
+        result = self.fn4.post_insert(sample.form)
         facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
                      insert_status_code=result.status_code)
         if result.outcome == INSERTED:
@@ -1284,9 +1317,9 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     def handle(signum: int, _frame: Any) -> None:
         if stop.is_set():
             os._exit(128 + signum)
-        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
-        stop.set()
+        stop.set()  # first, so that a second signal arriving during this handler exits at once
         deadline.start()
+        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
 
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 

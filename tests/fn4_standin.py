@@ -79,8 +79,9 @@ class Scripted:
 @dataclass
 class InsertRecord:
     """One POST /api/v2/insert. ``status`` 0 means the connection was closed without an answer.
-    ``started``/``ended`` are time.perf_counter() values around the server's own work (the part
-    done holding the insert lock, insert_delay included; for scripted answers, around the delay)."""
+    ``started``/``ended`` are time.perf_counter() values around the server's own work: from the
+    request's arrival (or the previous insert's end, if later) to the end of the insert, receiving
+    and parsing the form and insert_delay included; for scripted answers, around the delay."""
     guid: str | None
     seq_len: int | None
     status: int
@@ -209,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         st = self.standin
+        self._arrived = time.perf_counter()  # the server is busy from the request's arrival
         body = self._read_body()
         if st.down:
             if st.down_mode == "refuse":
@@ -288,13 +290,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_abort(501, "seq and guid are not present in the POSTed data {0}".format(
                 set(form)))
         with st._insert_lock:
-            started = time.perf_counter()
+            # Busy from the request's arrival (receiving and parsing the form is server work, as on a
+            # real fn4), but never before the previous insert ended, so intervals do not overlap.
+            started = max(self._arrived, st._last_insert_end)
             st.inserts_begun += 1
             delay = st.insert_delay
             if delay > 0:
                 st._stopping.wait(delay)
             status, answer = st._do_insert(guid, seq)
-            st._record_insert(InsertRecord(guid, len(seq), status, started, time.perf_counter()))
+            ended = time.perf_counter()
+            st._last_insert_end = ended
+            st._record_insert(InsertRecord(guid, len(seq), status, started, ended))
         if status in (200, 201):
             return self._send_json(status, answer)
         return self._send_abort(status, answer)
@@ -309,6 +315,7 @@ class FN4StandIn:
         self.reference_length = reference_length
         self.insert_delay = insert_delay
         self.inserts_begun = 0           # real inserts that have started, finished or not
+        self._last_insert_end = 0.0
         self.server_name = "standin"
         self.guids: dict[str, str | None] = {}
         self.inserts: list[InsertRecord] = []

@@ -86,7 +86,7 @@ def test_second_signal_exits_at_once(fn4, emulator, oci_config, tmp_path):
     for line in proc.stderr:  # two signals sent at once would merge into one: wait for the first to land
         if "finishing the current sample" in line:
             break
-    code, took, _ = stop_and_time(proc, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
+    code, took, err = stop_and_time(proc, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert took < 2
     fn4.insert_delay = 0
