@@ -582,11 +582,6 @@ class ObjectStoreClient:
             raise TransientError("downloaded bytes do not match the object's md5")
         return data
 
-    # The operator commands use these three.
-    def put_object(self, name: str, data: bytes) -> None:
-        """Upload an object, never overwriting one that exists. Raises ServiceError (409/412) if it does."""
-        self._client.put_object(self.namespace, self.bucket, name, data, if_none_match="*")
-
 
 def _parse_time(text: str | None) -> datetime:
     """Parse an RFC 3339 time from Object Storage; a missing one sorts first."""
