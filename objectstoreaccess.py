@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import base64
 import json
 import logging
@@ -24,6 +25,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -58,14 +60,17 @@ DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
 PREFETCH_DEPTH = 1                       # samples waiting, prepared, while one more is being prepared
+GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
+FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
+_FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
 OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
@@ -629,7 +634,11 @@ class FN4Client:
         self.base_url = base_url.rstrip("/")
         self._session = session or requests.Session()
         self._session.verify = verify
+        self.verify = verify
         self.timeout = timeout
+        self._insert_path = (urlsplit(self.base_url).path or "") + "/api/v2/insert"
+        self._insert_conn: http.client.HTTPConnection | None = None
+        self._insert_conn_used = 0.0
 
     def guids(self) -> set[str]:
         """Return every guid fn4 holds. Raises OutageError."""
@@ -657,21 +666,53 @@ class FN4Client:
         return self.post_insert(self.insert_form(guid, seq))
 
     def post_insert(self, body: bytes) -> InsertResult:
-        """POST a body built by ``insert_form``; see ``insert``."""
+        """POST a body built by ``insert_form``; see ``insert``.
+
+        Inserts go over one kept-alive http.client connection: it spends about a millisecond less
+        per request than requests, which is 4% of a SARS-CoV-2 insert. A connection left idle for
+        FN4_IDLE_REOPEN seconds is reopened first, as the server may have closed it meanwhile.
+        """
         try:
-            response = self._session.post(
-                self.base_url + "/api/v2/insert", data=body, timeout=self.timeout,
-                headers={"Content-Type": "application/x-www-form-urlencoded"})
-        except requests.ConnectionError as exc:
-            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc)}")
-        except requests.Timeout:
+            conn = self._insert_connection()
+            conn.request("POST", self._insert_path, body, _FORM_HEADERS)
+            response = conn.getresponse()
+            answer = response.read()
+        except TimeoutError:
+            self._drop_insert_connection()
             return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
-        except requests.RequestException as exc:  # e.g. an answer cut off midway
-            return InsertResult(None, RETRY, f"fn4 request failed: {_short(exc)}")
-        return InsertResult(response.status_code, _insert_outcome(response.status_code),
-                            _answer_text(response))
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_insert_connection()
+            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+        self._insert_conn_used = time.monotonic()
+        if response.will_close:
+            self._drop_insert_connection()
+        return InsertResult(response.status, _insert_outcome(response.status), _answer_text(answer))
+
+    def _insert_connection(self) -> http.client.HTTPConnection:
+        if self._insert_conn is not None and time.monotonic() - self._insert_conn_used > FN4_IDLE_REOPEN:
+            self._drop_insert_connection()
+        if self._insert_conn is None:
+            parts = urlsplit(self.base_url)
+            if parts.scheme == "https":
+                cafile = self.verify if isinstance(self.verify, str) else None
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    parts.hostname or "", parts.port, timeout=self.timeout[0],
+                    context=ssl.create_default_context(cafile=cafile))
+            else:
+                conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.timeout[0])
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock.settimeout(self.timeout[1])
+            self._insert_conn = conn
+        return self._insert_conn
+
+    def _drop_insert_connection(self) -> None:
+        if self._insert_conn is not None:
+            self._insert_conn.close()
+            self._insert_conn = None
 
     def close(self) -> None:
+        self._drop_insert_connection()
         self._session.close()
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
@@ -701,13 +742,14 @@ def _insert_outcome(status: int) -> str:
     return FAILED
 
 
-def _answer_text(response: requests.Response) -> str:
+def _answer_text(answer: bytes | requests.Response) -> str:
     """Return fn4's answer as a short line: the JSON string, or HTML stripped of its tags."""
+    body = answer.content if isinstance(answer, requests.Response) else answer
     try:
-        value = response.json()
+        value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = re.sub(r"<[^>]*>", " ", response.text)
+        text = re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace"))
     return " ".join(text.split())[:300]
 
 
@@ -1092,6 +1134,10 @@ class Loader:
             return loaded, failed, retried, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
         abandon = threading.Event()
+        # While the prefetcher runs Python code, fn4's answer waits for the GIL up to the switch
+        # interval (5 ms by default): a fifth of a SARS-CoV-2 insert. Shorten it during the batch.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         producer = threading.Thread(target=self._prefetch, args=(todo, prepared, abandon),
                                     name="prefetch", daemon=True)
         producer.start()
@@ -1115,6 +1161,7 @@ class Loader:
         abandon.set()
         while item is not _END and not self.stop.is_set():
             item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
+        sys.setswitchinterval(switch_interval)
         return loaded, failed, retried, paused
 
     def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
