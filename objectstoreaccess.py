@@ -61,6 +61,8 @@ DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
 PREFETCH_DEPTH = 1                       # samples waiting, prepared, while one more is being prepared
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
+WRITE_BATCH_ROWS = 10                    # catalogue rows gathered before a write (half MAX_UNWRITTEN_ROWS)
+WRITE_BATCH_DELAY = 0.5                  # seconds the writer waits for more rows before writing what it has
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
@@ -864,6 +866,7 @@ class LoadLogger:
         self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
         self._changed = threading.Condition()
         self._closing = False
+        self._urgent = 0  # callers waiting for rows to be written: write at once
         self._outage_since: float | None = None
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
 
@@ -907,8 +910,8 @@ class LoadLogger:
         self._enqueue(self.attempts, row)
 
     def _enqueue(self, table: sa.Table, row: Any) -> None:
-        values = {k: _naive_utc(v) if isinstance(v, datetime) else v
-                  for k, v in dataclasses.asdict(row).items()}
+        values = {f.name: _naive_utc(v) if isinstance(v := getattr(row, f.name), datetime) else v
+                  for f in dataclasses.fields(row)}
         with self._changed:
             self._pending.append((table, values))
             self._changed.notify_all()
@@ -916,15 +919,21 @@ class LoadLogger:
     def wait_until_below(self, limit: int, stop: threading.Event) -> None:
         """Block while more than ``limit`` rows are unwritten, unless stop is set."""
         with self._changed:
+            self._urgent += 1
+            self._changed.notify_all()
             while len(self._pending) > limit and not stop.is_set():
                 self._changed.wait(0.5)
+            self._urgent -= 1
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
         deadline = time.monotonic() + timeout
         with self._changed:
+            self._urgent += 1
+            self._changed.notify_all()
             while self._pending and time.monotonic() < deadline:
                 self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
+            self._urgent -= 1
             return not self._pending
 
     def close(self, timeout: float = 3.0) -> list[dict[str, Any]]:
@@ -943,6 +952,10 @@ class LoadLogger:
             with self._changed:
                 while not self._pending and not self._closing:
                     self._changed.wait()
+                # Gather rows for a moment: one write per batch of rows costs the inserter far less
+                # GIL time than one per row.
+                self._changed.wait_for(lambda: self._closing or self._urgent or len(self._pending) >= WRITE_BATCH_ROWS,
+                                       timeout=WRITE_BATCH_DELAY)
                 if self._closing:
                     return
                 table = self._pending[0][0]
