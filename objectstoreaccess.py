@@ -1194,8 +1194,8 @@ class Loader:
         sample: Sample | None = None
         error: LoaderError | None = None
         try:
-            data = self.store.read_object(obj, self.settings.max_object_bytes)
-            seqid, seq = parse_fasta(data)
+            # No name holds the downloaded text: it is freed as soon as it is parsed (peak memory).
+            seqid, seq = parse_fasta(self.store.read_object(obj, self.settings.max_object_bytes))
             expected = self.settings.expected_length
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
