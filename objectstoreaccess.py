@@ -1351,7 +1351,8 @@ def _init_sentry(dsn: str, secrets: list[str]) -> None:
     def scrub(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
         return json.loads(redact(json.dumps(event, default=str), secrets))
 
-    sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=scrub, max_breadcrumbs=20)
+    # Default PII stays off: sentry-sdk sends none unless told to (and deprecates the old switch).
+    sentry_sdk.init(dsn=dsn, before_send=scrub, max_breadcrumbs=20)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
