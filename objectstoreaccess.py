@@ -281,14 +281,13 @@ class AttemptRow:
 # ---- Pure helpers ----------------------------------------------------------------------------
 
 
+_FASTA_ENDING = re.compile("(?:" + "|".join(re.escape(s) for s in FASTA_SUFFIXES) + r")(?:\.gz)?\Z", re.I)
+
+
 def fasta_suffix(name: str) -> str | None:
     """Return the FASTA ending of an object name (e.g. ``.mfasta.gz``), or None if it has none."""
-    lower = name.lower()
-    base = lower[:-3] if lower.endswith(".gz") else lower
-    for suffix in FASTA_SUFFIXES:
-        if base.endswith(suffix):
-            return name[len(base) - len(suffix):]
-    return None
+    match = _FASTA_ENDING.search(name)
+    return match.group() if match else None
 
 
 def guid_from_name(name: str) -> str:
@@ -387,9 +386,10 @@ def parse_fasta(data: bytes | bytearray) -> tuple[str, bytes]:
         body = data
     else:
         header, body = data[1:end], data[end + 1:]
-    if body.startswith(b">") or b"\n>" in body:
+    if b">" in body:  # one byte to look for is much faster than two; a '>' mid-line is a bad character
         records = 1 + body.startswith(b">") + body.count(b"\n>")
-        raise SampleError("multiple_records", f"the file holds {records} records; exactly one is expected")
+        if records > 1:
+            raise SampleError("multiple_records", f"the file holds {records} records; exactly one is expected")
     seq = body.translate(_TO_FN4, b"\r\n")  # one pass: drop line ends, upper-case, mark others NUL
     if not seq:
         raise SampleError("no_sequence", "the file has a header but no sequence")
@@ -1077,7 +1077,9 @@ class Loader:
             oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
             objects_listed=len(objects), batch_size=len(todo), number_in_server=self._server_count,
             reconciled=int(reconcile)))
-        for obj, outcome, reason in settled:
+        for number, (obj, outcome, reason) in enumerate(settled):
+            if number % 1000 == 999:  # a first look at a big bucket settles many: keep the queue bounded
+                self.catalogue.wait_until_below(1000, self.stop)
             self._record(obj, outcome, started, error_text=reason,
                          parse_status="ok" if outcome == IN_SERVER else outcome)
         loaded, failed, retried, paused = self._load(todo, started)

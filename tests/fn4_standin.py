@@ -140,6 +140,11 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.standin: FN4StandIn = self.server.standin
 
+    def parse_request(self):
+        # The request line has just been read: the server is busy with this request from here on.
+        self._arrived = time.perf_counter()
+        return super().parse_request()
+
     def log_message(self, format, *args):
         pass
 
@@ -210,7 +215,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         st = self.standin
-        self._arrived = time.perf_counter()  # the server is busy from the request's arrival
         body = self._read_body()
         if st.down:
             if st.down_mode == "refuse":

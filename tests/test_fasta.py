@@ -110,3 +110,9 @@ def test_backoff_is_capped_exponential_with_jitter():
 
 def test_redact_replaces_every_secret():
     assert osa.redact("user:hunter22@db and hunter22", ["hunter22", ""]) == "user:***@db and ***"
+
+
+def test_a_greater_than_sign_mid_line_is_a_bad_character():
+    with pytest.raises(osa.SampleError) as caught:
+        osa.parse_fasta(b">x\nAC>GT\n")
+    assert caught.value.status == "bad_characters" and "'>'" in caught.value.reason
