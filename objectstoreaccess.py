@@ -59,7 +59,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
-PREFETCH_DEPTH = 1                       # samples waiting, prepared, while one more is being prepared
+PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 WRITE_BATCH_ROWS = 10                    # catalogue rows gathered before a write (half MAX_UNWRITTEN_ROWS)
 WRITE_BATCH_DELAY = 0.5                  # seconds the writer waits for more rows before writing what it has
@@ -1159,6 +1159,7 @@ class Loader:
         number = 0
         paused = False
         while (item := prepared.get()) is not _END:
+            prepared.task_done()  # the prefetcher may start on the next sample while this one is inserted
             number += 1
             self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
             if self.stop.is_set():
@@ -1176,17 +1177,23 @@ class Loader:
         abandon.set()
         while item is not _END and not self.stop.is_set():
             item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
+            prepared.task_done()
         sys.setswitchinterval(switch_interval)
         return loaded, failed, retried, paused
 
     def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
                   abandon: threading.Event) -> None:
-        """Download and parse samples ahead of the inserter, at most PREFETCH_DEPTH waiting."""
+        """Download and parse samples ahead of the inserter, at most PREFETCH_DEPTH of them.
+
+        The next sample is prepared only once the inserter has taken the last one, so memory holds
+        at most the sample being inserted and PREFETCH_DEPTH more; with D <= L it is ready in time.
+        """
         try:
             for obj in todo:
                 if abandon.is_set() or self.stop.is_set():
                     break
                 prepared.put(self._prepare(obj))
+                prepared.join()
         finally:
             prepared.put(_END)
 
