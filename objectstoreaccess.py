@@ -919,6 +919,8 @@ class LoadLogger:
     def wait_until_below(self, limit: int, stop: threading.Event) -> None:
         """Block while more than ``limit`` rows are unwritten, unless stop is set."""
         with self._changed:
+            if len(self._pending) <= limit:
+                return  # the common case: do not hurry the writer, which gathers rows
             self._urgent += 1
             self._changed.notify_all()
             while len(self._pending) > limit and not stop.is_set():
