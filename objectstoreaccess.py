@@ -411,6 +411,15 @@ def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
     return ceiling / 2 + rng() * ceiling / 2
 
 
+#: Values never to show (passwords, the Sentry DSN), added as they are learnt; logs and Sentry read it.
+_SECRETS: list[str] = []
+
+
+def _remember_secret(value: str | None) -> None:
+    if value and value not in _SECRETS:
+        _SECRETS.append(value)
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
     """Return text with every secret replaced by ***."""
     for secret in secrets:
@@ -795,6 +804,7 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     except sa.exc.ArgumentError:
         raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
                           "e.g. postgresql+psycopg2://user@host/db") from None
+    _remember_secret(url.password and str(url.password))
     if url.drivername in ("oracle", "oracle+cx_oracle"):
         url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
@@ -1323,14 +1333,6 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-def _secrets(database_url: sa.URL | None) -> list[str]:
-    """Collect the values that must never be shown: passwords, pass phrases, the Sentry DSN."""
-    found = [os.environ.get(name, "") for name in ("FN_SENTRY_URL", "WALLET_PASSWORD")]
-    if database_url is not None and database_url.password:
-        found.append(str(database_url.password))
-    return [s for s in found if s]
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Write to whatever sys.stderr is at the time, so a replaced stderr (tests) is honoured."""
 
@@ -1498,7 +1500,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    with _startup(log_level, database) as secrets:
+    with _Startup(log_level, database) as secrets:
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, auth,
                                          config_file, profile, endpoint, ca_bundle)
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
@@ -1528,7 +1530,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up and duplicate files so the loader tries them again."""
-    with _startup(log_level, database):
+    with _Startup(log_level, database):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
     store = _NamedBucket(namespace, bucket)
@@ -1547,21 +1549,17 @@ class _NamedBucket:
     bucket: str
 
 
-class _startup:
-    """Load .env, set up logging and Sentry, and turn ConfigError into one clear line and exit 2."""
+class _Startup:
+    """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2."""
 
     def __init__(self, log_level: str, database: str | None) -> None:
         self.log_level = log_level
         self.database = database
 
     def __enter__(self) -> list[str]:
-        url = None
-        if self.database and "://" in self.database:
-            try:
-                url = sa.make_url(self.database)
-            except sa.exc.ArgumentError:
-                url = None
-        self.secrets = _secrets(url)
+        for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
+            _remember_secret(os.environ.get(name))
+        self.secrets = _SECRETS  # the same list grows as passwords are learnt (resolve_database)
         _configure_logging(self.log_level, self.secrets)
         if os.environ.get("FN_SENTRY_URL"):
             _init_sentry(os.environ["FN_SENTRY_URL"], self.secrets)

@@ -192,3 +192,17 @@ def test_secrets_never_reach_logs_or_tables(emulator, oci_config, fn4):
         with engine.begin() as conn:
             conn.execute(sa.text("DROP SCHEMA secrets_test CASCADE"))
         engine.dispose()
+
+
+def test_password_from_the_config_file_is_redacted_from_logs(tmp_path, base_args, oci_config, emulator, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "db.json"
+    config.write_text(json.dumps({"prod": {"DBTYPE": "postgresql",
+                                           "ENGINE_NAME": f"postgresql+psycopg2://u:topsecret99@127.0.0.1:{port}/x"}}))
+    result = invoke([*base_args, "prod"], {"DB_CONNECTION_CONFIG_FILE": str(config)}, oci_config, emulator)
+    line = one_line_error(result, "catalogue database")
+    assert "topsecret99" not in line
+    osa.log.error("a driver message that quotes the password topsecret99")  # through the CLI's log handler
+    assert "topsecret99" not in capsys.readouterr().err
