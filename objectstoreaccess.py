@@ -644,7 +644,6 @@ class FN4Client:
             raise ConfigError(f"fn4 server URL {base_url!r} is not an http:// or https:// URL")
         self.base_url = base_url.rstrip("/")
         self._session = session or requests.Session()
-        self._session.verify = verify
         self.verify = verify
         self.timeout = timeout
         self._insert_path = (urlsplit(self.base_url).path or "") + "/api/v2/insert"
@@ -728,7 +727,8 @@ class FN4Client:
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
         try:
-            response = self._session.get(self.base_url + path, timeout=timeout)
+            # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
+            response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
         except requests.RequestException as exc:
             raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
         if response.status_code != 200:

@@ -22,6 +22,7 @@ import html
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -314,8 +315,10 @@ class FN4StandIn:
     """A threaded HTTP/1.1 keep-alive server mimicking findNeighbour4. All public state is guarded
     by an internal lock; reading ``inserts``/``requests``/``guids`` from tests is safe."""
 
-    def __init__(self, port: int = 0, reference_length: int | None = None, insert_delay: float = 0.0):
+    def __init__(self, port: int = 0, reference_length: int | None = None, insert_delay: float = 0.0,
+                 tls: "ssl.SSLContext | None" = None):
         self.port = port
+        self.tls = tls                   # a server-side SSLContext makes the stand-in speak https
         self.reference_length = reference_length
         self.insert_delay = insert_delay
         self.inserts_begun = 0           # real inserts that have started, finished or not
@@ -340,8 +343,10 @@ class FN4StandIn:
             return self
         self._stopping.clear()
         self._server = _Server(("127.0.0.1", self.port), _Handler, self)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.url = "http://127.0.0.1:{0}".format(self.port)
+        self.url = "{0}://127.0.0.1:{1}".format("https" if self.tls else "http", self.port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fn4-standin-{0}".format(self.port), daemon=True)
         self._thread.start()
