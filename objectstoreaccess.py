@@ -732,12 +732,12 @@ class FN4Client:
         except requests.RequestException as exc:
             raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
         if response.status_code != 200:
-            raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response)}")
+            raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
             return response.json()
         except ValueError:
             raise OutageError(f"fn4 GET {path} answered something that is not JSON: "
-                              f"{_answer_text(response)}") from None
+                              f"{_answer_text(response.content)}") from None
 
 
 def _insert_outcome(status: int) -> str:
@@ -753,9 +753,8 @@ def _insert_outcome(status: int) -> str:
     return FAILED
 
 
-def _answer_text(answer: bytes | requests.Response) -> str:
+def _answer_text(body: bytes) -> str:
     """Return fn4's answer as a short line: the JSON string, or HTML stripped of its tags."""
-    body = answer.content if isinstance(answer, requests.Response) else answer
     try:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
@@ -1500,7 +1499,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    with _Startup(log_level, database) as secrets:
+    with _Startup(log_level) as secrets:
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, auth,
                                          config_file, profile, endpoint, ca_bundle)
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
@@ -1530,7 +1529,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up and duplicate files so the loader tries them again."""
-    with _Startup(log_level, database):
+    with _Startup(log_level):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
     store = _NamedBucket(namespace, bucket)
@@ -1552,9 +1551,8 @@ class _NamedBucket:
 class _Startup:
     """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2."""
 
-    def __init__(self, log_level: str, database: str | None) -> None:
+    def __init__(self, log_level: str) -> None:
         self.log_level = log_level
-        self.database = database
 
     def __enter__(self) -> list[str]:
         for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
