@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
 import click
@@ -77,6 +77,11 @@ DOWNLOAD_TRIES = 3                       # reads of one object within an attempt
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
 OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
 DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
+DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
+RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
+STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
+STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
+INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
 # REQUEUED finishes the file (completed = 1), so it is not tried again.
@@ -218,6 +223,28 @@ class Settings:
     expected_length: int | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    on_success: str = "keep"             # keep, delete, or rename:PREFIX
+    retention_days: int = DEFAULT_RETENTION_DAYS
+
+    @property
+    def archive_prefix(self) -> str | None:
+        return self.on_success.partition(":")[2] if self.on_success.startswith("rename:") else None
+
+
+@dataclass(frozen=True)
+class LoaderStatus:
+    """The health of one loader (host and fn4 server) as read from the catalogue by ``status``."""
+
+    host_name: str
+    server_url: str
+    last_batch: datetime | None = None
+    backlog: int | None = None                 # files the last batch set out to load
+    last_activity: datetime | None = None      # the last attempt row's latest time
+    last_success: datetime | None = None       # the last insert fn4 answered 200 or 201
+    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, last 24 h
+    failed_files: tuple[dict[str, Any], ...] = ()            # latest rows of files failed for good
+    level: int = 0                             # 0 ok, 1 warning, 2 critical: the exit code of status
+    problems: tuple[str, ...] = ()
 
 
 def _column(sqltype: Any, comment: str) -> Any:
@@ -526,8 +553,8 @@ class ObjectStoreClient:
                     self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
-                if isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc):
-                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_short(exc)}") from None
+                if self._is_fault(exc):
+                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
                 raise
             for item in page.get("objects", ()):
                 if fasta_suffix(item["name"]):
@@ -591,12 +618,74 @@ class ObjectStoreClient:
             raise
         finally:
             response.data.close()
-        if 0 <= expected != received:
-            raise TransientError(f"download cut off after {received} of {expected} bytes")
-        md5 = response.headers.get("content-md5") or obj.md5
-        if md5 and "-" not in md5 and base64.b64encode(digest.digest()).decode() != md5:
-            raise TransientError("downloaded bytes do not match the object's md5")
+        _check_body(response.headers, received, digest, obj.md5)
         return data
+
+    def archive(self, obj: StoredObject, on_success: str) -> str | None:
+        """Delete a loaded object, or rename it to PREFIX + name, only if it is unchanged since listing.
+
+        A rename never replaces an object already at the new name. Returns why it failed, or None.
+        """
+        try:
+            if on_success == "delete":
+                self._client.delete_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
+            else:
+                details = self._oci.object_storage.models.RenameObjectDetails(
+                    source_name=obj.name, new_name=on_success.partition(":")[2] + obj.name,
+                    src_obj_if_match_e_tag=obj.etag, new_obj_if_none_match_e_tag="*")
+                self._client.rename_object(self.namespace, self.bucket, details)
+        except Exception as exc:
+            if not self._is_fault(exc):
+                raise
+            return _oci_reason(exc)
+        return None
+
+    def upload(self, name: str, data: bytes) -> bool:
+        """Create an object from ``data``; return False, writing nothing, if the name is taken."""
+        try:
+            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+            self._client.put_object(self.namespace, self.bucket, name, data, if_none_match="*", content_md5=md5)
+        except self._oci.exceptions.ServiceError as exc:
+            if exc.status == 412:
+                return False
+            raise
+        return True
+
+    def download(self, name: str, out: BinaryIO) -> int:
+        """Write an object's bytes, as stored, to ``out``; return how many. Raises TransientError if damaged."""
+        response = self._client.get_object(self.namespace, self.bucket, name)
+        digest, received = hashlib.md5(usedforsecurity=False), 0
+        try:
+            for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+        finally:
+            response.data.close()
+        _check_body(response.headers, received, digest, None)
+        return received
+
+    def _is_fault(self, exc: BaseException) -> bool:
+        """Return True for an Object Storage error answer or a network fault."""
+        return isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc)
+
+
+def _check_body(headers: Any, received: int, digest: Any, listed_md5: str | None) -> None:
+    """Raise TransientError if a downloaded body is shorter than announced or fails its md5."""
+    expected = int(headers.get("content-length", -1))
+    if 0 <= expected != received:
+        raise TransientError(f"download cut off after {received} of {expected} bytes")
+    md5 = headers.get("content-md5") or listed_md5
+    if md5 and "-" not in md5 and base64.b64encode(digest.digest()).decode() != md5:
+        raise TransientError("downloaded bytes do not match the object's md5")
+
+
+def _oci_reason(exc: BaseException) -> str:
+    """Return an Object Storage failure as one short line."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return f"Object Storage answered {status} {getattr(exc, 'code', '')}: {_short(getattr(exc, 'message', ''))}"
+    return _short(exc)
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -784,6 +873,49 @@ def build_tables(schema: str | None = None) -> tuple[sa.MetaData, sa.Table, sa.T
     return metadata, batches, attempts
 
 
+def upgrade_tables(ops: Any, metadata: sa.MetaData,
+                   existing: dict[str, tuple[list[dict[str, Any]], set[str]]]) -> list[str]:
+    """Bring tables made by an older loader up to this one, keeping every row; return what changed.
+
+    ``ops`` is Alembic's Operations on a connection (or on an offline context that prints SQL);
+    ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
+    them, and its index names. Missing columns and indexes are added; shorter strings are widened
+    and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
+    MariaDB's DATETIME columns gain microseconds.
+    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
+    """
+    sqlite = ops.get_context().dialect.name == "sqlite"
+    changes = []
+    for table in metadata.tables.values():
+        if table.name not in existing:
+            continue
+        columns, indexes = existing[table.name]
+        have = {c["name"].lower(): c for c in columns}
+        with ops.batch_alter_table(table.name, schema=table.schema) as batch:
+            for column in table.columns:
+                old = have.get(column.name)
+                if old is None:
+                    batch.add_column(column._copy())
+                    changes.append(f"added {table.name}.{column.name}")
+                    continue
+                length = getattr(old["type"], "length", None)
+                widen = (not sqlite and isinstance(column.type, sa.String) and length is not None
+                         and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
+                    isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
+                    and isinstance(column.type, sa.DateTime))
+                if column.primary_key or not (widen or not old["nullable"]):
+                    continue
+                batch.alter_column(column.name, type_=column.type if widen else None, nullable=True,
+                                   existing_type=old["type"], existing_nullable=old["nullable"],
+                                   existing_comment=old.get("comment"))
+                changes.append(f"{table.name}.{column.name}: " + ("widened, " if widen else "") + "nullable")
+        for index in table.indexes:
+            if index.name not in indexes:
+                ops.create_index(index.name, table.name, [c.name for c in index.columns], schema=table.schema)
+                changes.append(f"added index {index.name}")
+    return changes
+
+
 def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
     """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
 
@@ -836,6 +968,38 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
     return str(entry["ENGINE_NAME"])
 
 
+def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float) -> LoaderStatus:
+    """Return the status with its level and problems: critical, warning, or OK.
+
+    Critical: no batch row nor attempt for STALE_POLLS poll intervals, or more than
+    ``critical_share`` of the last 24 h's attempts to load failed (rows retry, gave_up and
+    server_unavailable: fn4 errors, timeouts, fn4 unavailable, failed downloads).
+    Warning: some attempt failed so, or a file failed for good, in the last 24 h.
+    """
+    problems: list[tuple[int, str]] = []
+    heartbeat = max((t for t in (status.last_batch, status.last_activity) if t), default=None)
+    if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
+        ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
+        problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
+    counts = status.outcomes
+    insert_failures = sum(counts.get(o, 0) for o in (RETRY, GAVE_UP, SERVER_UNAVAILABLE))
+    inserted = counts.get(INSERTED, 0) + counts.get(ALREADY_PRESENT, 0)
+    if insert_failures:
+        share = insert_failures / (insert_failures + inserted)
+        problems.append((2 if share > critical_share else 1,
+                         f"{insert_failures} failed attempts (fn4 errors or unavailable, timeouts, failed "
+                         f"downloads) against {inserted} inserts in the last 24 h"))
+    if failed := sum(counts.get(o, 0) for o in (FAILED, GAVE_UP, DUPLICATE)):
+        problems.append((1, f"{failed} files failed for good in the last 24 h"))
+    return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
+                               problems=tuple(text for _, text in problems))
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Return a catalogue time (naive UTC) as an aware datetime."""
+    return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
+
+
 def _hide_password(text: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
@@ -879,33 +1043,50 @@ class LoadLogger:
         self._outage_since: float | None = None
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
 
+    @staticmethod
+    def connect(database: str | None) -> sa.Engine:
+        """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
+        url = resolve_database(database)
+        try:
+            return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
+        except (sa.exc.NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(f"no database driver for {url.render_as_string(hide_password=True)}: {_short(exc)}; "
+                              "check the URL's dialect+driver and that the driver is installed") from None
+
     @classmethod
     def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
-        """Connect, create missing tables and start the writer. Raises ConfigError if unreachable."""
-        url = resolve_database(database)
-        shown = url.render_as_string(hide_password=True)
-        try:
-            engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
-        except (sa.exc.NoSuchModuleError, ImportError) as exc:
-            raise ConfigError(f"no database driver for {shown}: {_short(exc)}; check the URL's "
-                              "dialect+driver and that the driver is installed") from None
-        catalogue = cls(engine, schema)
+        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable."""
+        catalogue = cls(cls.connect(database), schema)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
-            engine.dispose()
-            raise ConfigError(f"cannot use the catalogue database {shown}: "
-                              f"{_short(getattr(exc, 'orig', None) or exc)}") from None
-        log.info("catalogue: %s", shown)
+            raise catalogue.unusable(exc) from None
+        log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         return catalogue.start()
+
+    def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
+        """Close the engine and return the error that says the catalogue cannot be used, and why."""
+        self.engine.dispose()
+        return ConfigError(f"cannot use the catalogue database {self.engine.url.render_as_string(hide_password=True)}"
+                           f": {_short(getattr(exc, 'orig', None) or exc)}")
 
     def start(self) -> LoadLogger:
         self._writer.start()
         return self
 
     def create_tables(self) -> None:
-        """Create the two tables (and the schema's indexes) where they do not exist."""
-        self.metadata.create_all(self.engine, checkfirst=True)
+        """Create the two tables where they do not exist, and upgrade older ones (see upgrade_tables)."""
+        with self.engine.begin() as conn:
+            inspector = sa.inspect(conn)
+            existing = {t.name: (inspector.get_columns(t.name, schema=t.schema),
+                                 {i["name"] for i in inspector.get_indexes(t.name, schema=t.schema)})
+                        for t in self.metadata.tables.values() if inspector.has_table(t.name, schema=t.schema)}
+            if existing:
+                from alembic.migration import MigrationContext
+                from alembic.operations import Operations
+                if changes := upgrade_tables(Operations(MigrationContext.configure(conn)), self.metadata, existing):
+                    log.warning("catalogue tables upgraded, every row kept: %s", "; ".join(changes))
+            self.metadata.create_all(conn, checkfirst=True)
 
     @property
     def unwritten(self) -> int:
@@ -994,6 +1175,72 @@ class LoadLogger:
                     self._pending.popleft()
                 self._changed.notify_all()
 
+    def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
+        """Delete this loader's rows from before ``before``; return (batch rows, attempt rows) removed.
+
+        Each file's latest attempt row is its state, so it is kept whatever its age: removing it
+        would make the loader ask fn4 about the file again, or retry a file that failed for good.
+        Rows of the predecessor, which name no bucket, are left alone: an upgrade keeps every row.
+        """
+        b, a = self.batches.c, self.attempts.c
+        before = _naive_utc(before)
+        mine = sa.and_(a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket)
+        latest = (sa.select(sa.func.max(a.gp_int_id).label("id")).where(mine)
+                  .group_by(a.file_name, a.object_etag).subquery())
+        with self.engine.begin() as conn:
+            batches = conn.execute(self.batches.delete().where(
+                b.findneighbour_server_url == server_url, b.oci_namespace == namespace, b.bucket_name == bucket,
+                b.check_time < before))
+            # MariaDB refuses a subquery on the table it deletes from unless it is wrapped like this
+            attempts = conn.execute(self.attempts.delete().where(
+                mine, a.batch_start_time < before, a.gp_int_id.not_in(sa.select(latest.c.id))))
+        return batches.rowcount, attempts.rowcount
+
+    def status_queries(self, since: datetime, server: str | None = None) -> dict[str, sa.Select[Any]]:
+        """Return the queries behind ``status``, portable to every supported database."""
+        b, a = self.batches.c, self.attempts.c
+        last = sa.select(sa.func.max(b.bl_int_id).label("id")).group_by(b.host_name, b.findneighbour_server_url)
+        latest = sa.select(sa.func.max(a.gp_int_id)).group_by(
+            a.findneighbour_server_url, a.oci_namespace, a.bucket_name, a.file_name, a.object_etag)
+        pair = (a.host_name, a.findneighbour_server_url)
+        queries = {
+            "batches": sa.select(b.host_name, b.findneighbour_server_url, b.check_time, b.batch_size)
+                         .where(b.bl_int_id.in_(last)),
+            "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
+                         a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
+                         sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
+                       .group_by(*pair),
+            "outcomes": sa.select(*pair, a.outcome, sa.func.count()).where(a.batch_start_time >= _naive_utc(since))
+                          .group_by(*pair, a.outcome),
+            "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
+                        .where(a.gp_int_id.in_(latest), a.outcome.in_(sorted(REQUEUEABLE)))
+                        .order_by(a.gp_int_id.desc()),
+        }
+        if server:  # as the loader records it: FN4Client drops a trailing slash
+            queries = {name: query.where(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
+                       for name, query in queries.items()}
+        return queries
+
+    def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
+        """Read each loader's latest batch, last insert, recent outcomes and failed files."""
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            rows = {name: conn.execute(query).all()
+                    for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
+        for host, url, check_time, size in rows["batches"]:
+            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), backlog=size)
+        for host, url, active, success in rows["times"]:
+            found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
+        for host, url, outcome, count in rows["outcomes"]:
+            found.setdefault((host, url), {}).setdefault("outcomes", {})[outcome or "none"] = count
+        for host, url, name, outcome, parse_status, error, when in rows["failed"]:
+            found.setdefault((host, url), {}).setdefault("failed_files", []).append(
+                {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
+                 "batch_start_time": _aware(when)})
+        return [LoaderStatus(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
+                                                       for k, v in facts.items()})
+                for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
+
     def file_states(self, server_url: str, namespace: str, bucket: str,
                     after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
         """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
@@ -1004,6 +1251,87 @@ class LoadLogger:
                  .order_by(a.gp_int_id))
         with self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
+
+
+# ---- Metrics and health ----------------------------------------------------------------------
+
+
+class Metrics:
+    """The loader's Prometheus metrics and its health, served by ``serve`` on /metrics and /healthz.
+
+    Healthy means the loop made progress (finished a cycle or a file) within ``max_age`` seconds.
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow, max_age: float = STALE_POLLS * DEFAULT_POLL_INTERVAL
+                 ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = CollectorRegistry()
+        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome", ["outcome"],
+                                registry=self.registry)
+        self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
+                                        buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
+        self.backlog = Gauge("fn4loader_backlog", "Files of the current batch not yet tried",
+                             registry=self.registry)
+        self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
+                                  "Unix time of the last insert fn4 accepted", registry=self.registry)
+        self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.clock = clock
+        self.max_age = max_age
+        self.last_progress = clock()
+        self.completed_cycles = 0
+
+    def record(self, outcome: str, insert_start: datetime | None, insert_end: datetime | None) -> None:
+        self.attempts.labels(outcome).inc()
+        if insert_start and insert_end:
+            self.insert_seconds.observe((insert_end - insert_start).total_seconds())
+            if outcome in (INSERTED, ALREADY_PRESENT):
+                self.last_success.set(insert_end.timestamp())
+        self.last_progress = self.clock()
+
+    def cycle_done(self) -> None:
+        self.cycles.inc()
+        self.completed_cycles += 1
+        self.last_progress = self.clock()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Return (healthy, details) for /healthz."""
+        idle = (self.clock() - self.last_progress).total_seconds()
+        return idle <= self.max_age, {"healthy": idle <= self.max_age, "seconds_since_progress": round(idle, 1),
+                                      "max_age": self.max_age, "cycles": self.completed_cycles}
+
+    def serve(self, host: str, port: int) -> Any:
+        """Serve /metrics and /healthz from a daemon thread; return the server. Raises ConfigError."""
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    code, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+                elif path == "/healthz":
+                    healthy, details = metrics.health()
+                    code, kind, body = 200 if healthy else 503, "application/json", json.dumps(details).encode()
+                else:
+                    code, kind, body = 404, "text/plain", b"try /metrics or /healthz\n"
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        try:
+            server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
+                              "choose another --metrics-port") from None
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
 
 
 # ---- Loader ----------------------------------------------------------------------------------
@@ -1021,7 +1349,8 @@ class Loader:
 
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
-                 stop: threading.Event | None = None, host_name: str | None = None) -> None:
+                 stop: threading.Event | None = None, host_name: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
@@ -1034,7 +1363,9 @@ class Loader:
         self._last_row_id = 0
         self._next_reconcile: datetime | None = None
         self._server_count = 0
+        self._next_prune: datetime | None = None
         self.cycles = 0
+        self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
 
     # -- the loop --
 
@@ -1060,6 +1391,8 @@ class Loader:
                 self.stop.wait(wait)
                 continue
             self.cycles += 1
+            self.metrics.cycle_done()
+            self._prune_if_due()
             if once:
                 break
             if summary.paused or (summary.found and summary.loaded == 0):
@@ -1075,7 +1408,9 @@ class Loader:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
         self._refresh_from_catalogue()
-        objects = sorted(self.store.list_objects(self.settings.prefix),
+        archive = self.settings.archive_prefix
+        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
+                          if not (archive and o.name.startswith(archive))),
                          key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
         server_guids = self.fn4.guids() if reconcile else None
@@ -1098,8 +1433,26 @@ class Loader:
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
                  "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
                  len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
-                 self.catalogue.unwritten)
+                 self.catalogue.unwritten, extra={"fields": {
+                     "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
+                     "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def _prune_if_due(self) -> None:
+        """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
+        now = self.clock()
+        if not self.settings.retention_days or (self._next_prune and now < self._next_prune):
+            return
+        try:
+            removed = self.catalogue.prune(self.fn4.base_url, self.store.namespace, self.store.bucket,
+                                           now - timedelta(days=self.settings.retention_days))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not remove old catalogue rows (%s); trying again in an hour", _short(exc))
+            self._next_prune = now + timedelta(hours=1)
+            return
+        self._next_prune = now + timedelta(seconds=RETENTION_INTERVAL)
+        log.info("removed %d batch rows and %d attempt rows older than %d days", *removed,
+                 self.settings.retention_days)
 
     # -- working out what to load --
 
@@ -1156,6 +1509,7 @@ class Loader:
     def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
         """Insert each prepared sample while the next ones download; return counts and paused."""
         loaded = failed = retried = 0
+        self.metrics.backlog.set(len(todo))
         if not todo:
             return loaded, failed, retried, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
@@ -1176,6 +1530,7 @@ class Loader:
             if self.stop.is_set():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
+            self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
             elif outcome == SERVER_UNAVAILABLE:
@@ -1273,6 +1628,9 @@ class Loader:
         """Queue the attempt row for one file, update its known state, log it; return the outcome."""
         completed = int(outcome not in UNFINISHED)
         attempts = columns.pop("failed_attempts", self._files.get(obj.key, (0, "", 0))[2])
+        if outcome in LOADED and self.settings.on_success != "keep":
+            if problem := self.store.archive(obj, self.settings.on_success):
+                columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
         if columns.get("error_text"):
             columns["error_text"] = columns["error_text"][:2000]
         row = AttemptRow(**{
@@ -1283,11 +1641,15 @@ class Loader:
             "outcome": outcome, "failed_attempts": attempts, **columns})
         self.catalogue.record_attempt(row)
         self._files[obj.key] = (completed, outcome, attempts)
+        self.metrics.record(outcome, row.insert_start_time, row.insert_end_time)
         level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, REQUEUED} else logging.WARNING
-        log.log(level, "%s %s: %s bytes, read %s, insert %s, status %s%s", outcome, obj.guid, obj.size,
-                _ms(row.bucket_read_start_time, row.bucket_read_end_time),
-                _ms(row.insert_start_time, row.insert_end_time), row.insert_status_code,
-                f" ({row.error_text})" if row.error_text else "")
+        fields = {"event": "sample", "guid": obj.guid, "file_name": obj.name, "outcome": outcome, "bytes": obj.size,
+                  "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
+                  "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
+                  "status": row.insert_status_code, "error": row.error_text}
+        log.log(level, "%s %s: %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.size,
+                *("-" if fields[k] is None else fields[k] for k in ("read_ms", "insert_ms", "status")),
+                f" ({row.error_text})" if row.error_text else "", extra={"fields": fields})
         return outcome
 
     def requeue(self, names: Iterable[str] = ()) -> list[str]:
@@ -1299,23 +1661,34 @@ class Loader:
         for (name, etag), (completed, outcome, _) in sorted(self._files.items()):
             if completed and outcome in REQUEUEABLE and (not wanted or name in wanted):
                 obj = StoredObject(name, 0, etag, None, now)
-                self._record(obj, REQUEUED, failed_attempts=0, object_size=None, object_time_created=None,
+                self._record(obj, REQUEUED, now, failed_attempts=0, object_size=None, object_time_created=None,
                              error_text=f"requeued by an operator after {outcome}")
                 requeued.append(name)
         return requeued
 
+    def inventory(self) -> list[dict[str, Any]]:
+        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError."""
+        self._refresh_from_catalogue()
+        in_server = self.fn4.guids()
+        files = []
+        for obj in sorted(self.store.list_objects(self.settings.prefix), key=lambda o: (o.time_created, o.name)):
+            completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
+            state = ("loaded" if obj.guid in in_server else
+                     "failed" if completed and outcome not in LOADED else "pending")
+            files.append({"state": state, "name": obj.name, "guid": obj.guid, "size": obj.size,
+                          "time_created": obj.time_created, "outcome": outcome or None, "failed_attempts": attempts})
+        return files
 
-def _ms(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    return f"{(end - start).total_seconds() * 1000:.0f} ms"
+
+def _ms(start: datetime | None, end: datetime | None) -> int | None:
+    return None if start is None or end is None else round((end - start).total_seconds() * 1000)
 
 
 # ---- Command line ----------------------------------------------------------------------------
 
 
 class _RedactingFilter(logging.Filter):
-    """Replace secrets in every log record's final message."""
+    """Replace secrets in every log record's final message and structured fields."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
@@ -1329,6 +1702,8 @@ class _RedactingFilter(logging.Filter):
                 cleaned += "\n" + redact(logging.Formatter().formatException(record.exc_info), self.secrets)
                 record.exc_info = None
             record.msg, record.args = cleaned, None
+        if isinstance(fields := getattr(record, "fields", None), dict):  # JSON logs show these too
+            record.fields = {k: redact(v, self.secrets) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 
@@ -1344,15 +1719,28 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _configure_logging(level: str, secrets: list[str]) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a record's ``fields`` (for log shippers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+                 **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(level: str, secrets: list[str], log_format: str = "text") -> None:
     """Log to stderr through one handler of ours that redacts secrets; other handlers stay."""
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(_JsonFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.addFilter(_RedactingFilter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [handler]
     root.setLevel(level.upper())
-    for noisy in ("oci", "urllib3", "sqlalchemy"):
+    for noisy in ("oci", "urllib3", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
 
 
@@ -1409,18 +1797,25 @@ class DefaultGroup(click.Group):
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         run = self.commands["run"]
-        with click.Context(run, info_name=ctx.info_name, parent=None) as run_ctx:
+        with click.Context(run, info_name=ctx.info_name, parent=None,
+                           help_option_names=ctx.help_option_names) as run_ctx:
             run.format_help(run_ctx, formatter)
         self.format_commands(ctx, formatter)
 
 
-def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
-             ca_bundle: str | None) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
-    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
-    fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
+           endpoint: str | None) -> ObjectStoreClient:
+    """Build the Object Storage client and check the bucket can be read. Raises ConfigError."""
     store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
     store.check_access()
+    return store
+
+
+def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
+             ca_bundle: str | None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
+    fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+    store = _store(namespace, bucket, **oci)
     catalogue = LoadLogger.from_database_arg(database, db_schema)
     return store, fn4, catalogue
 
@@ -1434,21 +1829,41 @@ def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
     return decorate
 
 
-#: The arguments and options every command shares: where to load, and the catalogue.
-common = _apply([
-    click.argument("fn4_url", envvar="FN4_URL"),
-    click.argument("namespace", envvar="OCI_NAMESPACE"),
-    click.argument("bucket", envvar="OCI_BUCKET"),
-    click.argument("database", required=False, envvar="FN4_DATABASE"),
-    click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
-                 help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none."),
+def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if value in ("keep", "delete") or (value.startswith("rename:") and len(value) > len("rename:")):
+        return value
+    raise click.BadParameter(f"{value!r}: use keep, delete, or rename:PREFIX (e.g. rename:loaded/)")
+
+
+def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
+    host, _, port = (value or "").rpartition(":")
+    if value is None:
+        return None
+    if not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r}: give PORT or HOST:PORT, e.g. 9108 or 127.0.0.1:9108")
+    return host.strip("[]"), int(port)
+
+
+#: How much to log, and how.
+log_options = _apply([
     click.option("--log-level", envvar="FN4_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
                  type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
                  help="Logging threshold."),
+    click.option("--log-format", envvar="FN4_LOG_FORMAT", show_envvar=True, default="text", show_default=True,
+                 type=click.Choice(["text", "json"]), help="Log lines as text, or as one JSON object each."),
 ])
+db_schema_option = click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
+                                help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none.")
+database_argument = click.argument("database", required=False, envvar="FN4_DATABASE")
+bucket_arguments = _apply([click.argument("namespace", envvar="OCI_NAMESPACE"),
+                           click.argument("bucket", envvar="OCI_BUCKET")])
 
-#: The options of commands that read the bucket and talk to fn4.
-connections = _apply([
+#: The arguments and options of commands tied to one fn4 server and bucket: where to load, and the catalogue.
+common = _apply([click.argument("fn4_url", envvar="FN4_URL"), bucket_arguments, database_argument,
+                 db_schema_option, log_options])
+
+#: How to reach Object Storage.
+oci_options = _apply([
     click.option("--auth", envvar="OCI_CLI_AUTH", show_envvar=True, default="api_key", show_default=True,
                  type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]),
                  help="How to authenticate to OCI, as the OCI CLI names it."),
@@ -1458,9 +1873,20 @@ connections = _apply([
                  help="Profile in the OCI config file. Default: DEFAULT."),
     click.option("--endpoint", envvar="OCI_OBJECT_STORAGE_ENDPOINT", show_envvar=True,
                  help="Object Storage endpoint URL instead of the region's, e.g. a private endpoint."),
+])
+
+#: The options of commands that read the bucket and talk to fn4.
+connections = _apply([
+    oci_options,
     click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
                  help="CA bundle to verify an https fn4 server. Default: the system's."),
 ])
+prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
+                             help="List only objects under this prefix (upload: put them under it).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+poll_interval_option = click.option(
+    "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
+    envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -1473,9 +1899,8 @@ def main() -> None:
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
               help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
-@click.option("--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
-              envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
-@click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True, help="List only objects under this prefix.")
+@poll_interval_option
+@prefix_option
 @click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
               envvar="FN4_MAX_ATTEMPTS", show_envvar=True,
               help="File-specific transient failures before a file is given up.")
@@ -1487,11 +1912,21 @@ def main() -> None:
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
+@click.option("--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
+              show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX "
+                                     "(move it under PREFIX). Keep when other loaders read the same bucket.")
+@click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
+              envvar="FN4_RETENTION_DAYS", show_envvar=True,
+              help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
+                   "0 keeps everything.")
+@click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
+              help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
+                   "127.0.0.1:9108. Default: off.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-        log_level: str, auth: str, config_file: str | None, profile: str | None, endpoint: str | None,
-        ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
-        max_attempts: int, expected_length: int | None, max_object_bytes: int,
-        reconcile_interval: float) -> None:
+        log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
+        endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
+        max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -1499,14 +1934,17 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    with _Startup(log_level) as secrets:
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, auth,
-                                         config_file, profile, endpoint, ca_bundle)
+    metrics = Metrics(max_age=STALE_POLLS * poll_interval)
+    with _Startup(log_level, log_format) as secrets:
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
+                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        server = metrics.serve(*metrics_port) if metrics_port else None
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval)
-    loader = Loader(store, fn4, catalogue, settings, stop=stop)
+                        max_object_bytes, reconcile_interval, on_success, retention_days)
+    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
-    log.info("loading %s/%s into %s%s", namespace, bucket, fn4.base_url, " once" if once else "")
+    log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
+             f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
     try:
         loader.run(once=once)
@@ -1519,6 +1957,8 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
             log.error("catalogue row not written: %s", json.dumps(row, default=str))
         fn4.close()
         restore_signals()
+        if server:
+            server.shutdown()
     sys.exit(1 if failed or left else 0)
 
 
@@ -1527,9 +1967,9 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
 @click.option("--name", "names", multiple=True,
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-                 log_level: str, names: tuple[str, ...]) -> None:
+                 log_level: str, log_format: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up and duplicate files so the loader tries them again."""
-    with _Startup(log_level):
+    with _Startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
     store = _NamedBucket(namespace, bucket)
@@ -1548,17 +1988,214 @@ class _NamedBucket:
     bucket: str
 
 
+@main.command()
+@database_argument
+@db_schema_option
+@log_options
+@click.option("--server", envvar="FN4_URL", show_envvar=True,
+              help="Report only loaders of this fn4 server URL. Default: every loader in the catalogue.")
+@poll_interval_option
+@click.option("--critical-failure-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              envvar="FN4_CRITICAL_FAILURE_SHARE", show_envvar=True,
+              help="Critical when more than this share of the last 24 h's load attempts failed.")
+@json_option
+def status(database: str | None, db_schema: str | None, log_level: str, log_format: str, server: str | None,
+           poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
+    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical.
+
+    Critical: no batch and no attempt for 3 poll intervals, or more than the critical share of
+    the last 24 h's load attempts failed (fn4 errors or unavailable, timeouts, failed downloads).
+    Warning: such an attempt failed, or a file failed for good.
+    """
+    now = utcnow()
+    with _Startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
+        catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
+        path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
+        if path and not Path(path).exists():
+            raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
+        try:
+            reports = [assess(r, now, poll_interval, critical_failure_share) for r in catalogue.status(now, server)]
+        except sa.exc.SQLAlchemyError as exc:
+            raise catalogue.unusable(exc) from None
+        catalogue.engine.dispose()
+    level = max((r.level for r in reports), default=2)
+    if as_json:
+        click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
+                               "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
+                              default=_json_value, indent=2))
+    else:
+        click.echo(_status_text(reports, now, level, server))
+    sys.exit(level)
+
+
+LEVELS = ("ok", "warning", "critical")
+
+
+def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
+    lines = [f"{LEVELS[level].upper()} at {now:%Y-%m-%d %H:%M:%S} UTC: {len(reports)} loader(s)"]
+    if not reports:
+        lines.append(f"no batch in the catalogue{' for ' + server if server else ''}: has the loader run?")
+    lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
+                         [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
+                           _when(r.last_success)] for r in reports])] if reports else []
+    for r in reports:
+        lines += ["", f"{r.host_name} -> {r.server_url}",
+                  "  last 24 h: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "no attempts")]
+        lines += [f"  {LEVELS[r.level]}: {problem}" for problem in r.problems]
+        if r.failed_files:
+            lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
+            lines += [f"    {f['file_name']}  {f['outcome']}  {f['error_text'] or f['parse_status']}"
+                      for f in r.failed_files[:10]]
+            if len(r.failed_files) > 10:
+                lines.append(f"    ... and {len(r.failed_files) - 10} more (--json lists all)")
+    return "\n".join(lines)
+
+
+@main.command("list")
+@common
+@connections
+@prefix_option
+@json_option
+def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
+               log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
+               endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
+    """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
+
+    A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
+    pending otherwise.
+    """
+    with _Startup(log_level, log_format):
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
+                                         config_file=config_file, profile=profile, endpoint=endpoint)
+    try:
+        files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
+    except OutageError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        catalogue.close()
+        fn4.close()
+    if as_json:
+        click.echo(json.dumps(files, default=_json_value, indent=2))
+        return
+    click.echo(_table(["state", "name", "bytes", "created (UTC)", "outcome"],
+                      [[f["state"], f["name"], f["size"], _when(f["time_created"]), f["outcome"]] for f in files]))
+    counts = {state: sum(f["state"] == state for f in files) for state in ("loaded", "pending", "failed")}
+    click.echo(f"{len(files)} FASTA files: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+
+
+@main.command()
+@bucket_arguments
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@oci_options
+@prefix_option
+@log_options
+def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
+           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+    """Upload FASTA files to the bucket, never replacing an object of the same name.
+
+    Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    """
+    with _Startup(log_level, log_format):
+        store = _store(namespace, bucket, auth, config_file, profile, endpoint)
+    results = []
+    with click.progressbar(files, label="uploading", item_show_func=lambda p: p and Path(p).name,
+                           file=sys.stderr) as bar:
+        for path in bar:
+            name = (prefix or "") + Path(path).name
+            problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
+            problem = problem or guid_problem(guid_from_name(name))
+            try:
+                if problem is None and not store.upload(name, Path(path).read_bytes()):
+                    problem = "an object of that name exists; it was not replaced"
+            except Exception as exc:
+                if not store._is_fault(exc):
+                    raise
+                problem = _oci_reason(exc)
+            results.append((name, problem))
+    _report("uploaded", results)
+
+
+@main.command()
+@bucket_arguments
+@click.argument("names", nargs=-1, required=True)
+@click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the files into (made if missing); existing files are never replaced.")
+@oci_options
+@log_options
+def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
+             config_file: str | None, profile: str | None, endpoint: str | None, log_level: str,
+             log_format: str) -> None:
+    """Download objects, as stored, into a folder under safe local names.
+
+    An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
+    become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
+    """
+    with _Startup(log_level, log_format):
+        store = _store(namespace, bucket, auth, config_file, profile, endpoint)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the folder {str(folder)!r}: {exc.strerror}") from None
+    results = []
+    with click.progressbar(names, label="downloading", file=sys.stderr) as bar:
+        for name in bar:
+            target = folder / safe_file_name(name)
+            try:
+                with target.open("xb") as out:
+                    store.download(name, out)
+                results.append((f"{name} -> {target}", None))
+            except FileExistsError:
+                results.append((name, f"{target} exists; it was not replaced"))
+            except Exception as exc:
+                target.unlink(missing_ok=True)
+                if not (store._is_fault(exc) or isinstance(exc, TransientError)):
+                    raise
+                results.append((name, _oci_reason(exc)))
+    _report("downloaded", results)
+
+
+def safe_file_name(name: str) -> str:
+    """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
+
+
+def _report(verb: str, results: list[tuple[str, str | None]]) -> None:
+    """Print what was done to each item; exit 1 if anything failed."""
+    for name, problem in results:
+        click.echo(f"{verb} {name}" if problem is None else f"not {verb}: {name}: {problem}")
+    failures = sum(problem is not None for _, problem in results)
+    click.echo(f"{len(results) - failures} {verb}, {failures} not")
+    if failures:
+        sys.exit(1)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Return rows as columns aligned under their headers; None shows as '-'."""
+    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _when(moment: datetime | None) -> str | None:
+    return None if moment is None else f"{moment.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}"
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 class _Startup:
     """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2."""
 
-    def __init__(self, log_level: str) -> None:
+    def __init__(self, log_level: str, log_format: str = "text") -> None:
         self.log_level = log_level
+        self.log_format = log_format
 
     def __enter__(self) -> list[str]:
         for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
             _remember_secret(os.environ.get(name))
         self.secrets = _SECRETS  # the same list grows as passwords are learnt (resolve_database)
-        _configure_logging(self.log_level, self.secrets)
+        _configure_logging(self.log_level, self.secrets, self.log_format)
         if os.environ.get("FN_SENTRY_URL"):
             _init_sentry(os.environ["FN_SENTRY_URL"], self.secrets)
         return self.secrets

@@ -136,3 +136,33 @@ def test_writer_thread_preserves_order_across_tables(tmp_path):
 def test_resolve_database_refuses(arg, message):
     with pytest.raises(osa.ConfigError, match=message):
         osa.resolve_database(arg, {})
+
+
+def test_upgrade_of_the_predecessors_tables_compiles_for_oracle():
+    """The Alembic upgrade, rendered as Oracle SQL: columns added with comments, strings widened, NOT NULL dropped."""
+    import io
+
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    metadata, _, _ = osa.build_tables()
+    lengths = {"host_name": 64, "findneighbour_server_url": 128, "parse_status": 64, "seqid": 256,
+               "file_name": 256, "first_128_chars": 128, "fn4id": 64}
+    existing = {table: ([{"name": name, "nullable": name != "host_name" and not name.endswith("_id"),
+                          "type": sa.String(lengths[name]) if name in lengths else sa.Integer()}
+                         for name in columns], set())
+                for table, columns in PREDECESSOR.items()}
+    sql = io.StringIO()
+    context = MigrationContext.configure(dialect_name="oracle", opts={"as_sql": True, "output_buffer": sql})
+    changes = osa.upgrade_tables(Operations(context), metadata, existing)
+    text = sql.getvalue()
+    assert "ALTER TABLE fn4loadattempt ADD outcome VARCHAR2(32 CHAR)" in text
+    assert "COMMENT ON COLUMN fn4loadattempt.error_text IS 'Why the attempt failed, for people'" in text
+    assert "ALTER TABLE fn4batchload MODIFY host_name VARCHAR2(255 CHAR)" in text
+    assert "ALTER TABLE fn4loadattempt MODIFY findneighbour_server_url VARCHAR2(512 CHAR)" in text
+    assert "ALTER TABLE fn4loadattempt MODIFY host_name NULL" in text
+    assert "CREATE INDEX ix_fn4loadattempt_bucket ON fn4loadattempt (oci_namespace, bucket_name)" in text
+    assert "DROP" not in text and "bl_int_id" not in text and "gp_int_id" not in text
+    added = {c for table in metadata.tables.values() for c in table.columns.keys()} - {
+        c for columns in PREDECESSOR.values() for c in columns}
+    assert {change.rsplit(".", 1)[1] for change in changes if change.startswith("added fn4")} == added

@@ -28,7 +28,7 @@ def help_text(*args):
 
 def test_readme_shows_the_current_help():
     readme = (ROOT / "README.md").read_text()
-    for args in ([], ["retry-failed"]):
+    for args in ([], *([name] for name in osa.main.commands if name != "run")):
         shown = "\n".join(line.rstrip() for line in help_text(*args).splitlines())
         assert shown in readme, f"README.md is out of step with `{' '.join(args)} --help`; paste:\n{shown}"
 
@@ -36,7 +36,7 @@ def test_readme_shows_the_current_help():
 def test_help_lists_every_option_with_help_and_env_var():
     for command in osa.main.commands.values():
         for param in command.params:
-            if param.name in ("help", "names"):  # retry-failed --name is per invocation
+            if param.name in ("help", "names", "files", "folder", "as_json"):  # what each invocation names
                 continue
             assert param.envvar, f"{command.name} {param.name} reads no environment variable"
             if isinstance(param, click.Option):
@@ -208,3 +208,14 @@ def test_password_from_the_config_file_is_redacted_from_logs(tmp_path, base_args
     assert "topsecret99" not in line
     osa.log.error("a driver message that quotes the password topsecret99")  # through the CLI's log handler
     assert "topsecret99" not in capsys.readouterr().err
+
+
+def test_demo_uploads_loads_lists_and_reports_ok():
+    """The README's one-minute demo runs the real command line end to end and ends with status OK."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_"))}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "demo.py")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for words in ("4 uploaded, 0 not", "4 FASTA files: 4 loaded, 0 pending, 0 failed", "OK at",
+                  "fn4 now holds 4 genomes; status exited 0"):
+        assert words in done.stdout, done.stdout
