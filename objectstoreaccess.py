@@ -1367,6 +1367,7 @@ class Loader:
         self._next_reconcile: datetime | None = None
         self._server_count = 0
         self._next_prune: datetime | None = None
+        self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
 
@@ -1421,6 +1422,7 @@ class Loader:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
         todo, settled = self._plan(objects, server_guids)
+        unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
             host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
             oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
@@ -1432,6 +1434,7 @@ class Loader:
             self._record(obj, outcome, started, error_text=reason,
                          parse_status="ok" if outcome == IN_SERVER else outcome)
         loaded, failed, retried, paused = self._load(todo, started)
+        self._archive_again(unarchived)
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
                  "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
@@ -1506,6 +1509,27 @@ class Loader:
             else:
                 todo.append(obj)
         return todo, settled
+
+    def _unarchived(self, objects: list[StoredObject], todo: list[StoredObject]) -> list[StoredObject]:
+        """Return listed objects loaded in an earlier cycle that --on-success has not yet moved away."""
+        if self.settings.on_success == "keep":
+            return []
+        again = {obj.key for obj in todo}
+        return [obj for obj in objects if obj.key not in again
+                and (state := self._files.get(obj.key)) and state[0] and state[1] in LOADED]
+
+    def _archive_again(self, objects: list[StoredObject]) -> None:
+        """Archive objects whose archiving failed before, or that were loaded before --on-success was set."""
+        for obj in objects:
+            if self.stop.is_set():
+                return
+            if problem := self.store.archive(obj, self.settings.on_success):
+                level = logging.DEBUG if obj.key in self._archive_failed else logging.WARNING
+                self._archive_failed.add(obj.key)
+                log.log(level, "%s is loaded but --on-success %s failed again: %s", obj.name,
+                        self.settings.on_success, problem)
+            else:
+                log.info("%s, loaded earlier, is now archived (--on-success %s)", obj.name, self.settings.on_success)
 
     # -- loading --
 

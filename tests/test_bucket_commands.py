@@ -198,6 +198,21 @@ def test_on_success_rename_never_replaces_an_object_at_the_new_name(fn4, emulato
     assert row["outcome"] == "inserted" and "--on-success" in row["error_text"] and "412" in row["error_text"]
 
 
+def test_on_success_tries_again_in_later_cycles(fn4, emulator, oci_config, database):
+    """A failed archive is retried by the next run once the obstacle is gone; earlier loads are archived too."""
+    upload_series(emulator, [("loaded/x.fasta", b"older"), ("x.fasta", fasta("x")), ("y.fasta", fasta("y"))])
+    assert run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:loaded/").exit_code == 0
+    assert emulator.names(BUCKET) == ["loaded/x.fasta", "loaded/y.fasta", "x.fasta"]
+    emulator.delete(BUCKET, "loaded/x.fasta")
+    emulator.put(BUCKET, "z.fasta", fasta("z"), time_created=T0 + timedelta(hours=1))
+    assert run_cli(fn4, emulator, oci_config, database).exit_code == 0  # keep: z stays
+    result = run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:loaded/")
+    assert result.exit_code == 0, result.output
+    assert emulator.names(BUCKET) == ["loaded/x.fasta", "loaded/y.fasta", "loaded/z.fasta"]
+    assert emulator.get(BUCKET, "loaded/x.fasta") == fasta("x")
+    assert [i.guid for i in fn4.inserts] == ["x", "y", "z"]  # nothing was sent twice
+
+
 def test_on_success_delete_removes_only_loaded_objects(fn4, emulator, oci_config, database):
     """delete removes loaded objects, guarded by if-match on their etag; failed ones stay."""
     etag = emulator.put(BUCKET, "a.fasta", fasta("a"), time_created=T0)
