@@ -84,6 +84,7 @@ DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are re
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
 STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
+LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
@@ -995,7 +996,7 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
     if failed := sum(counts.get(o, 0) for o in (FAILED, GAVE_UP, DUPLICATE)):
         problems.append((1, f"{failed} files failed for good in the last 24 h"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
-                               problems=tuple(text for _, text in problems))
+                               problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -2055,20 +2056,19 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     sys.exit(level)
 
 
-LEVELS = ("ok", "warning", "critical")
-
-
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
+    """Return the human-readable status report: a summary table, then each loader's details."""
     lines = [f"{LEVELS[level].upper()} at {now:%Y-%m-%d %H:%M:%S} UTC: {len(reports)} loader(s)"]
     if not reports:
         lines.append(f"no batch in the catalogue{' for ' + server if server else ''}: has the loader run?")
+        return "\n".join(lines)
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
-                           _when(r.last_success)] for r in reports])] if reports else []
+                           _when(r.last_success)] for r in reports])]
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
                   "  last 24 h: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "no attempts")]
-        lines += [f"  {LEVELS[r.level]}: {problem}" for problem in r.problems]
+        lines += [f"  {problem}" for problem in r.problems]
         if r.failed_files:
             lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
             lines += [f"    {f['file_name']}  {f['outcome']}  {f['error_text'] or f['parse_status']}"

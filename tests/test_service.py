@@ -123,9 +123,10 @@ def test_status_is_critical_when_most_inserts_fail(fn4, emulator, oci_config, tm
     assert load_once(fn4, emulator, oci_config, database).exit_code == 0
     code, report = status_json(database)
     assert code == 2 and report["loaders"][0]["outcomes"] == {"retry": 3}
-    assert any("3 failed attempts" in p for p in report["loaders"][0]["problems"])
+    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 failed attempts" in p] == ["critical"]
     code, report = status_json(database, "--critical-failure-share", 1)
     assert code == 1 and report["status"] == "warning"
+    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 failed attempts" in p] == ["warning"]
 
 
 def test_status_on_an_empty_catalogue_says_no_batch(tmp_path):
