@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,3 +220,19 @@ def test_demo_uploads_loads_lists_and_reports_ok():
     for words in ("4 uploaded, 0 not", "4 FASTA files: 4 loaded, 0 pending, 0 failed", "OK at",
                   "fn4 now holds 4 genomes; status exited 0"):
         assert words in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_readme_systemd_units_pass_systemd_analyze_verify(tmp_path):
+    """The Deployment section's unit files are valid systemd units (paths swapped for ones that exist here)."""
+    readme = (ROOT / "README.md").read_text()
+    units = re.findall(r"^# /etc/systemd/system/(\S+)\n(.*?)(?=^# /etc/systemd/system/|^```)", readme, re.M | re.S)
+    assert {name for name, _ in units} == {"fn4loader.service", "fn4loader-status.service", "fn4loader-status.timer"}
+    for name, text in units:
+        text = text.replace("/opt/fn4loader/.venv/bin/python3", sys.executable).replace(
+            "/opt/fn4loader", str(tmp_path)).replace("OnFailure=fn4loader-alert.service", "")
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / name) for name, _ in units)],
+                          capture_output=True, text=True, timeout=60)
+    complaints = [line for line in done.stderr.splitlines() if "fn4loader" in line]
+    assert done.returncode == 0 and not complaints, done.stderr
