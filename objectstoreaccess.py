@@ -16,6 +16,7 @@ failure handling, metrics, deployment and monitoring SQL.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
@@ -470,14 +472,14 @@ def _import_oci() -> Any:
     return oci
 
 
-def oci_retry_strategy(oci: Any, base_sleep: int = 1, max_wait: int = 30) -> Any:
+def oci_retry_strategy(oci: Any) -> Any:
     """Return the SDK retry strategy: 429 throttling and 5xx answers, capped, with jitter."""
     return oci.retry.RetryStrategyBuilder(
         max_attempts_check=True, max_attempts=OCI_RETRY_ATTEMPTS,
         total_elapsed_time_check=True, total_elapsed_time_seconds=300,
         service_error_check=True, service_error_retry_on_any_5xx=True,
         service_error_retry_config={429: [], 409: ["ConcurrentObjectUpdate"]},
-        retry_base_sleep_time_seconds=base_sleep, retry_max_wait_between_calls_seconds=max_wait,
+        retry_base_sleep_time_seconds=1, retry_max_wait_between_calls_seconds=30,
         backoff_type=oci.retry.BACKOFF_FULL_JITTER_EQUAL_ON_THROTTLE_VALUE,
     ).get_retry_strategy()
 
@@ -528,7 +530,8 @@ class ObjectStoreClient:
                                   "resource_principal or security_token")
             client = oci.object_storage.ObjectStorageClient(config, **kwargs)
         except (oci.exceptions.ClientError, KeyError, OSError, ValueError) as exc:
-            raise ConfigError(f"OCI {auth} authentication is not usable: {_oci_config_reason(exc)}; "
+            reason = f"the profile lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else _short(exc)
+            raise ConfigError(f"OCI {auth} authentication is not usable: {reason}; "
                               "check --config-file, --profile and --auth") from None
         return cls(client, namespace, bucket)
 
@@ -718,12 +721,6 @@ def _short(exc: BaseException) -> str:
     return text[:300]
 
 
-def _oci_config_reason(exc: BaseException) -> str:
-    if isinstance(exc, KeyError):
-        return f"the profile lacks {exc.args[0]!r}"
-    return _short(exc)
-
-
 # ---- fn4 client ------------------------------------------------------------------------------
 
 
@@ -835,15 +832,8 @@ class FN4Client:
 
 def _insert_outcome(status: int) -> str:
     """Classify fn4's answer to an insert (see README, Failure handling)."""
-    if status == 200:
-        return INSERTED
-    if status == 201:
-        return ALREADY_PRESENT
-    if status in (409, 503):
-        return SERVER_UNAVAILABLE
-    if status >= 500:
-        return RETRY
-    return FAILED
+    known = {200: INSERTED, 201: ALREADY_PRESENT, 409: SERVER_UNAVAILABLE, 503: SERVER_UNAVAILABLE}
+    return known.get(status, RETRY if status >= 500 else FAILED)
 
 
 def _answer_text(body: bytes) -> str:
@@ -1621,7 +1611,7 @@ class Loader:
                 return self._record(obj, FAILED, parse_status=error.status, error_text=error.reason, **batch)
             if isinstance(error, ObjectChanged):
                 return self._record(obj, VANISHED, parse_status="vanished", error_text=str(error), **batch)
-            return self._record_retry(obj, str(error), None, "download_failed", batch)
+            return self._record_retry(obj, str(error), {**batch, "parse_status": "download_failed"})
         facts = {"seqid": sample.seqid[:256], "len_seq": sample.length,
                  "first_128_chars": sample.first_128_chars, "parse_status": "ok"}
         insert_start = self.clock()
@@ -1633,23 +1623,21 @@ class Loader:
         if result.outcome == RETRY and not self.fn4.is_up():
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
         if result.outcome == RETRY:
-            return self._record_retry(obj, f"fn4 answered: {result.message}", result.status_code, "ok",
-                                      {**batch, **facts})
+            return self._record_retry(obj, f"fn4 answered: {result.message}", {**batch, **facts})
         text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
         if result.outcome == SERVER_UNAVAILABLE:
             text = (f"fn4 unavailable ({result.status_code or 'no answer'}): {result.message}; "
                     "the batch pauses and the file is retried")
         return self._record(obj, result.outcome, error_text=text, **batch, **facts)
 
-    def _record_retry(self, obj: StoredObject, reason: str, status: int | None, parse_status: str,
-                      columns: dict[str, Any]) -> str:
+    def _record_retry(self, obj: StoredObject, reason: str, columns: dict[str, Any]) -> str:
         """Record a file-specific transient failure, giving the file up after --max-attempts."""
         attempts = self._files.get(obj.key, (0, "", 0))[2] + 1
-        if attempts >= self.settings.max_attempts:
-            return self._record(obj, GAVE_UP, failed_attempts=attempts, **{**columns, "parse_status": parse_status},
-                                error_text=f"gave up after {attempts} failed attempts; last: {reason}")
-        return self._record(obj, RETRY, failed_attempts=attempts, **{**columns, "parse_status": parse_status},
-                            error_text=f"attempt {attempts} of {self.settings.max_attempts} failed: {reason}")
+        if gave_up := attempts >= self.settings.max_attempts:
+            text = f"gave up after {attempts} failed attempts; last: {reason}"
+        else:
+            text = f"attempt {attempts} of {self.settings.max_attempts} failed: {reason}"
+        return self._record(obj, GAVE_UP if gave_up else RETRY, failed_attempts=attempts, error_text=text, **columns)
 
     def _record(self, obj: StoredObject, outcome: str, batch_start_time: datetime | None = None,
                 **columns: Any) -> str:
@@ -1770,17 +1758,6 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
     root.setLevel(level.upper())
     for noisy in ("oci", "urllib3", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
-
-
-def _init_sentry(dsn: str, secrets: list[str]) -> None:
-    """Send errors to Sentry, without default PII and with secrets redacted from events."""
-    import sentry_sdk
-
-    def scrub(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
-        return json.loads(redact(json.dumps(event, default=str), secrets))
-
-    # Default PII stays off: sentry-sdk sends none unless told to (and deprecates the old switch).
-    sentry_sdk.init(dsn=dsn, before_send=scrub, max_breadcrumbs=20)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
@@ -1963,7 +1940,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     """
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
-    with _Startup(log_level, log_format) as secrets:
+    with _startup(log_level, log_format) as secrets:
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
@@ -1997,23 +1974,15 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up and duplicate files so the loader tries them again."""
-    with _Startup(log_level, log_format):
+    with _startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
-    store = _NamedBucket(namespace, bucket)
+    store = SimpleNamespace(namespace=namespace, bucket=bucket)  # re-queueing reads no objects
     requeued = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket)).requeue(names)  # type: ignore
     left = catalogue.close(timeout=30.0)
     click.echo(f"re-queued {len(requeued)} file(s)" + "".join(f"\n  {n}" for n in requeued))
     if left:
         raise click.ClickException(f"{len(left)} re-queue rows could not be written; try again")
-
-
-@dataclass(frozen=True)
-class _NamedBucket:
-    """Stands for the bucket where only its names are needed (re-queueing reads no objects)."""
-
-    namespace: str
-    bucket: str
 
 
 @main.command()
@@ -2036,7 +2005,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     Warning: such an attempt failed, or a file failed for good.
     """
     now = utcnow()
-    with _Startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
+    with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
         catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
         path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
         if path and not Path(path).exists():
@@ -2091,7 +2060,7 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
     pending otherwise.
     """
-    with _Startup(log_level, log_format):
+    with _startup(log_level, log_format):
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
     try:
@@ -2122,7 +2091,7 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
 
     Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
     """
-    with _Startup(log_level, log_format):
+    with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
     results = []
     with click.progressbar(files, label="uploading", item_show_func=lambda p: p and Path(p).name,
@@ -2157,7 +2126,7 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
     An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
     become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
     """
-    with _Startup(log_level, log_format):
+    with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -2211,27 +2180,24 @@ def _json_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-class _Startup:
-    """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2."""
+@contextlib.contextmanager
+def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
+    """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2.
 
-    def __init__(self, log_level: str, log_format: str = "text") -> None:
-        self.log_level = log_level
-        self.log_format = log_format
-
-    def __enter__(self) -> list[str]:
-        for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
-            _remember_secret(os.environ.get(name))
-        self.secrets = _SECRETS  # the same list grows as passwords are learnt (resolve_database)
-        _configure_logging(self.log_level, self.secrets, self.log_format)
-        if os.environ.get("FN_SENTRY_URL"):
-            _init_sentry(os.environ["FN_SENTRY_URL"], self.secrets)
-        return self.secrets
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: Any) -> bool:
-        if isinstance(exc, ConfigError):
-            click.echo(f"Error: {redact(str(exc), self.secrets)}", err=True)
-            sys.exit(2)
-        return False
+    Yields the secrets to redact: the same list grows as passwords are learnt (resolve_database).
+    """
+    for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
+        _remember_secret(os.environ.get(name))
+    _configure_logging(log_level, _SECRETS, log_format)
+    if os.environ.get("FN_SENTRY_URL"):
+        import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
+        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20, before_send=lambda event, _hint:
+                        json.loads(redact(json.dumps(event, default=str), _SECRETS)))
+    try:
+        yield _SECRETS
+    except ConfigError as exc:
+        click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
+        sys.exit(2)
 
 
 def cli() -> None:
