@@ -202,6 +202,45 @@ def test_throttling_and_5xx_from_object_storage_are_retried_by_the_sdk(harness, 
     assert [r.status for r in emulator.requests if r.method == "GET"].count(429) == 2
 
 
+def test_listing_that_keeps_failing_abandons_the_cycle_without_a_batch_row(harness, emulator, fn4):
+    put_all(emulator, [("a.fasta", fasta("a"))])
+    emulator.add_fault(Fault(method="GET", path_contains="/o", kind="status", status=503, times=-1))
+    h = harness()
+    with pytest.raises(osa.OutageError, match="listing bucket 'FN4-queue' failed: Object Storage answered 503"):
+        h.loader.run(once=True)
+    assert h.catalogue.flush(30) and not h.rows() and not fn4.inserts
+    with h.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(h.catalogue.batches)).scalar() == 0
+    emulator.clear_faults()
+    h.cycle()
+    assert list(fn4.guids) == ["a"]
+
+
+@pytest.mark.parametrize("fault, words", [
+    (Fault(method="GET", path_contains="a.fasta", kind="status", status=500, times=-1), "answered 500"),
+    (Fault(method="GET", path_contains="a.fasta", kind="drop", times=-1), "unreachable")], ids=["500", "drop"])
+def test_object_storage_failing_every_read_of_a_file_retries_then_gives_up(harness, emulator, fn4, fault, words):
+    put_all(emulator, [("a.fasta", fasta("a")), ("b.fasta", fasta("b"))])
+    emulator.add_fault(fault)
+    h = harness(max_attempts=2)
+    h.cycle()
+    h.cycle()
+    tries = [(r["outcome"], r["parse_status"]) for r in h.rows() if r["file_name"] == "a.fasta"]
+    assert tries == [("retry", "download_failed"), ("gave_up", "download_failed")]
+    assert words in h.latest()["a.fasta"]["error_text"] and list(fn4.guids) == ["b"]
+
+
+def test_fn4_answering_201_finishes_the_file_as_already_present(harness, emulator, fn4):
+    put_all(emulator, [("a.fasta", fasta("a"))])
+    fn4.script(Scripted(status=201, guid="a"))
+    h = harness()
+    h.cycle()
+    h.cycle()
+    [row] = h.rows()
+    assert (row["outcome"], row["completed"], row["insert_status_code"], row["error_text"]) == (
+        "already_present", 1, 201, None)
+
+
 def test_object_deleted_after_listing_is_recorded(harness, emulator, fn4):
     put_all(emulator, [("gone.fasta", fasta("gone")), ("b.fasta", fasta("b"))])
     emulator.add_fault(Fault(method="GET", path_contains="gone.fasta", kind="status", status=404, times=-1))
