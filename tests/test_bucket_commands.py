@@ -282,3 +282,26 @@ def test_retention_runs_once_a_day_not_every_cycle(fn4, store, database):
         hour, day = timedelta(hours=1), timedelta(days=1)
         assert at(T0 + hour, lambda: loader.run(once=True)) == [timedelta(0), -2 * day, hour]
         assert at(T0 + 25 * hour, lambda: loader.run(once=True)) == [hour, 25 * hour]
+
+
+def test_a_failed_removal_is_tried_again_an_hour_later(fn4, store, tmp_path, caplog):
+    """When the database refuses the deletes, the loader warns, goes on loading, and tries again in an hour."""
+    database = (f"sqlite:///{tmp_path / 'c.sqlite'}", None)
+    now = [T0 - timedelta(days=2)]
+    with make_loader(store, fn4.url, database, lambda: now[0], retention_days=1) as loader:
+        loader.run_cycle()  # an old batch row
+        assert loader.catalogue.flush(30)
+        with loader.catalogue.engine.begin() as conn:
+            conn.execute(sa.text("CREATE TRIGGER refuse BEFORE DELETE ON fn4batchload "
+                                 "BEGIN SELECT RAISE(ABORT, 'deletes refused'); END"))
+        now[0] = T0
+        assert loader.run(once=True) == 1
+        assert "could not remove old catalogue rows" in caplog.text and "deletes refused" in caplog.text
+        with loader.catalogue.engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER refuse"))
+        for minutes, old_rows_left in ((30, 1), (61, 0)):
+            now[0] = T0 + timedelta(minutes=minutes)
+            loader.run(once=True)
+            assert loader.catalogue.flush(30)
+            times = [b["check_time"] for b in rows(database, "batches")]
+            assert sum(t < (T0 - timedelta(days=1)).replace(tzinfo=None) for t in times) == old_rows_left
