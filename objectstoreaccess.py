@@ -252,6 +252,11 @@ class LoaderStatus:
     level: int = 0                             # 0 ok, 1 warning, 2 critical: the exit code of status
     problems: tuple[str, ...] = ()
 
+    @property
+    def heartbeat(self) -> datetime | None:
+        """The loader's latest sign of life: its last batch row or attempt row."""
+        return max((t for t in (self.last_batch, self.last_activity) if t), default=None)
+
 
 def _column(sqltype: Any, comment: str) -> Any:
     """Declare a catalogue column on a row record: its SQL type and its comment."""
@@ -962,19 +967,24 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
     return str(entry["ENGINE_NAME"])
 
 
-def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float) -> LoaderStatus:
+def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
+           server_heartbeat: datetime | None = None) -> LoaderStatus:
     """Return the status with its level and problems: critical, warning, or OK.
 
-    Critical: no batch row nor attempt for STALE_POLLS poll intervals, or more than
+    Critical: no batch row nor attempt for STALE_POLLS poll intervals (unless another host's
+    loader has written for the same fn4 server since: ``server_heartbeat``), or more than
     ``critical_share`` of the last 24 h's attempts to load failed (rows retry, gave_up and
     server_unavailable: fn4 errors, timeouts, fn4 unavailable, failed downloads).
     Warning: some attempt failed so, or a file failed for good, in the last 24 h.
     """
     problems: list[tuple[int, str]] = []
-    heartbeat = max((t for t in (status.last_batch, status.last_activity) if t), default=None)
+    heartbeat = status.heartbeat
     if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
         ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
-        problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
+        if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+            problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
+        else:
+            problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
     counts = status.outcomes
     insert_failures = sum(counts.get(o, 0) for o in (RETRY, GAVE_UP, SERVER_UNAVAILABLE))
     inserted = counts.get(INSERTED, 0) + counts.get(ALREADY_PRESENT, 0)
@@ -1210,10 +1220,11 @@ class LoadLogger:
                         .where(a.gp_int_id.in_(latest), a.outcome.in_(sorted(REQUEUEABLE)))
                         .order_by(a.gp_int_id.desc()),
         }
+        # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
+        where = [sa.literal_column("bucket_name").is_not(None)]
         if server:  # as the loader records it: FN4Client drops a trailing slash
-            queries = {name: query.where(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
-                       for name, query in queries.items()}
-        return queries
+            where.append(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
+        return {name: query.where(*where) for name, query in queries.items()}
 
     def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
         """Read each loader's latest batch, last insert, recent outcomes and failed files."""
@@ -2000,9 +2011,10 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
            poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
     """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical.
 
-    Critical: no batch and no attempt for 3 poll intervals, or more than the critical share of
-    the last 24 h's load attempts failed (fn4 errors or unavailable, timeouts, failed downloads).
-    Warning: such an attempt failed, or a file failed for good.
+    Critical: no batch and no attempt for 3 poll intervals (unless another host now loads the same
+    fn4 server), or more than the critical share of the last 24 h's load attempts failed (fn4
+    errors or unavailable, timeouts, failed downloads). Warning: such an attempt failed, or a file
+    failed for good.
     """
     now = utcnow()
     with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
@@ -2011,9 +2023,15 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
         if path and not Path(path).exists():
             raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
         try:
-            reports = [assess(r, now, poll_interval, critical_failure_share) for r in catalogue.status(now, server)]
+            found = catalogue.status(now, server)
+            newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
+                                        default=None) for r in found}
+            reports = [assess(r, now, poll_interval, critical_failure_share, newest[r.server_url]) for r in found]
         except sa.exc.SQLAlchemyError as exc:
-            raise catalogue.unusable(exc) from None
+            error = catalogue.unusable(exc)
+            if "column" in str(exc).lower():
+                error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
+            raise error from None
         catalogue.engine.dispose()
     level = max((r.level for r in reports), default=2)
     if as_json:

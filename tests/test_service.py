@@ -115,6 +115,25 @@ def test_status_is_critical_when_the_catalogue_is_stale(loaders, emulator, datab
     assert report["loaders"][0]["outcomes"] == {"inserted": 3}
 
 
+def test_a_loader_replaced_by_another_host_is_not_critical(loaders, emulator, tmp_path):
+    """A host that stopped while another host loads the same fn4 server is reported, but not as critical."""
+    database = (f"sqlite:///{tmp_path / 'c.sqlite'}", None)
+    upload_series(emulator, GOOD_AND_BAD[:1])
+    hour_ago = osa.utcnow() - timedelta(hours=1)
+    old = loaders(*database, clock=lambda: hour_ago, host_name="old-vm")
+    old.run(once=True)
+    assert old.catalogue.flush(30)
+    code, report = status_json(database)
+    assert code == 2 and [r["host_name"] for r in report["loaders"]] == ["old-vm"]
+    new = loaders(*database, host_name="new-vm")
+    new.run(once=True)
+    assert new.catalogue.flush(30)
+    code, report = status_json(database)
+    assert code == 0, report
+    problems = {r["host_name"]: r["problems"] for r in report["loaders"]}
+    assert problems["new-vm"] == [] and "another host loads this fn4 server now" in problems["old-vm"][0]
+
+
 def test_status_is_critical_when_most_inserts_fail(fn4, emulator, oci_config, tmp_path):
     """Inserts fn4 answers 500 count as insert failures: critical above the share, warning at share 1."""
     database = (f"sqlite:///{tmp_path / 'c.sqlite'}", None)

@@ -1,4 +1,5 @@
 """Upgrading the predecessor's catalogue tables in place: columns added, old rows kept, NULLs allowed."""
+import json
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
@@ -118,9 +119,16 @@ def test_old_rows_are_kept_and_missing_columns_added(fn4, emulator, oci_config, 
     upload_series(emulator, [(f"old/{g}.fasta", fasta(g)) for g in ("old-a", "old-b")]
                   + [("new/new-1.fasta", fasta("new-1")), ("new/new-2.fasta", fasta("new-2", seed=1))])
     fn4.guids.update({"old-a": "ACGT", "old-b": "ACGT"})
+    status = ["status", database[0], *(["--db-schema", database[1]] if database[1] else [])]
+    before = CliRunner().invoke(osa.main, status)
+    assert before.exit_code == 2 and "upgraded when `run` next starts" in before.output, before.output
     result = run_once(fn4, emulator, oci_config, database)
     assert result.exit_code == 0, result.output
+    assert "catalogue tables upgraded, every row kept" in result.output
+    assert "added fn4batchload.oci_namespace" in result.output
     assert [i.guid for i in fn4.inserts] == ["new-1", "new-2"]
+    after = CliRunner().invoke(osa.main, [*status, "--json"])
+    assert after.exit_code == 0 and json.loads(after.output)["status"] == "ok", after.output
 
     _, old_batches, old_attempts = predecessor_tables(database[1])
     batches, attempts = read(database, [old_batches, old_attempts])
@@ -173,7 +181,7 @@ def test_upgrading_twice_is_harmless(fn4, emulator, oci_config, database):
     emulator.put(BUCKET, "new/new-2.fasta", fasta("new-2"), time_created=T0 + timedelta(hours=1))
     result = run_once(fn4, emulator, oci_config, database)
     assert result.exit_code == 0, result.output
-    assert repr(shape(database)) == repr(before) and "catalogue upgraded" not in result.output
+    assert repr(shape(database)) == repr(before) and "tables upgraded" not in result.output
     assert [i.guid for i in fn4.inserts] == ["new-1", "new-2"]
     assert naive(read(database, predecessor_tables(database[1])[2:])[0][:6]) == old[1]
 
@@ -185,4 +193,4 @@ def test_current_tables_are_left_alone(fn4, emulator, oci_config, database):
     before = shape(database)
     result = run_once(fn4, emulator, oci_config, database)
     assert result.exit_code == 0, result.output
-    assert repr(shape(database)) == repr(before) and "catalogue upgraded" not in result.output
+    assert repr(shape(database)) == repr(before) and "tables upgraded" not in result.output
