@@ -102,8 +102,11 @@ def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator,
         if schema:
             conn.execute(sa.text(prefix))
         for query in queries:
-            params = {"since": (T0 - timedelta(days=3650)).replace(tzinfo=None)} if ":since" in query else {}
-            results.append(conn.execute(sa.text(query), params).fetchall())
+            statement = sa.text(query)
+            if ":since" in query:  # typed, so each driver binds it as its own timestamp
+                statement = statement.bindparams(sa.bindparam("since", (T0 - timedelta(days=3650)).replace(
+                    tzinfo=None), type_=sa.DateTime()))
+            results.append(conn.execute(statement).fetchall())
     harness.close()
     heartbeat, last_insert, outcomes, failed, waiting = results[:5]
     assert heartbeat[0][3] == 1 and last_insert[0][2] is not None
