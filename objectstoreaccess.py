@@ -1280,6 +1280,8 @@ class Metrics:
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
+            self.attempts.labels(outcome)
         self.clock = clock
         self.max_age = max_age
         self.last_progress = clock()

@@ -209,6 +209,7 @@ def test_metrics_and_healthz_in_process(loaders, emulator, tmp_path):
                    for s in family.samples}
         assert samples[("fn4loader_attempts_total", (("outcome", "inserted"),))] == 2
         assert samples[("fn4loader_attempts_total", (("outcome", "failed"),))] == 1
+        assert samples[("fn4loader_attempts_total", (("outcome", "gave_up"),))] == 0  # alert rules see it from start
         assert samples[("fn4loader_insert_seconds_count", ())] == 2
         assert samples[("fn4loader_insert_seconds_sum", ())] == 0  # timed by the injected clock, which stood still
         assert samples[("fn4loader_backlog", ())] == 0
