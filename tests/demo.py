@@ -1,6 +1,6 @@
 """A one-minute demo that needs no cloud account: the loader's whole round trip on this machine.
 
-    pipenv run python tests/demo.py
+    pipenv run demo          # or: pipenv run python tests/demo.py
 
 It starts the tests' Object Storage emulator and fn4 stand-in (real HTTP servers on loopback
 ports), then runs the real command line four times, printing each command before it runs:
