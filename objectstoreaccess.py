@@ -872,46 +872,54 @@ def build_tables(schema: str | None = None) -> tuple[sa.MetaData, sa.Table, sa.T
     return metadata, batches, attempts
 
 
-def upgrade_tables(ops: Any, metadata: sa.MetaData,
+def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.MetaData,
                    existing: dict[str, tuple[list[dict[str, Any]], set[str]]]) -> list[str]:
     """Bring tables made by an older loader up to this one, keeping every row; return what changed.
 
-    ``ops`` is Alembic's Operations on a connection (or on an offline context that prints SQL);
     ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
     them, and its index names. Missing columns and indexes are added; shorter strings are widened
     and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
-    MariaDB's DATETIME columns gain microseconds.
-    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
+    MariaDB's DATETIME columns gain microseconds. SQLite ignores string lengths; dropping NOT NULL
+    there makes Alembic copy the table. ``operations`` returns Alembic's Operations (on a connection,
+    or on an offline context that prints SQL); it is called, and Alembic imported, only if
+    something needs changing, which spares every later start the import.
     """
-    sqlite = ops.get_context().dialect.name == "sqlite"
-    changes = []
+    changes: list[str] = []
+    ops = None
     for table in metadata.tables.values():
         if table.name not in existing:
             continue
         columns, indexes = existing[table.name]
         have = {c["name"].lower(): c for c in columns}
+        adds = [column for column in table.columns if column.name not in have]
+        alters = []
+        for column in table.columns:
+            old = have.get(column.name)
+            if old is None or column.primary_key:
+                continue
+            length = getattr(old["type"], "length", None)
+            widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
+                     and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
+                isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
+                and isinstance(column.type, sa.DateTime))
+            if widen or not old["nullable"]:
+                alters.append((column, old, widen))
+        new_indexes = [index for index in table.indexes if index.name not in indexes]
+        if not (adds or alters or new_indexes):
+            continue
+        ops = ops or operations()
         with ops.batch_alter_table(table.name, schema=table.schema) as batch:
-            for column in table.columns:
-                old = have.get(column.name)
-                if old is None:
-                    batch.add_column(column._copy())
-                    changes.append(f"added {table.name}.{column.name}")
-                    continue
-                length = getattr(old["type"], "length", None)
-                widen = (not sqlite and isinstance(column.type, sa.String) and length is not None
-                         and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
-                    isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
-                    and isinstance(column.type, sa.DateTime))
-                if column.primary_key or not (widen or not old["nullable"]):
-                    continue
+            for column in adds:
+                batch.add_column(column._copy())
+            for column, old, widen in alters:
                 batch.alter_column(column.name, type_=column.type if widen else None, nullable=True,
                                    existing_type=old["type"], existing_nullable=old["nullable"],
                                    existing_comment=old.get("comment"))
-                changes.append(f"{table.name}.{column.name}: " + ("widened, " if widen else "") + "nullable")
-        for index in table.indexes:
-            if index.name not in indexes:
-                ops.create_index(index.name, table.name, [c.name for c in index.columns], schema=table.schema)
-                changes.append(f"added index {index.name}")
+        for index in new_indexes:
+            ops.create_index(index.name, table.name, [c.name for c in index.columns], schema=table.schema)
+        changes += [f"added {table.name}.{c.name}" for c in adds]
+        changes += [f"{table.name}.{c.name}: {'widened, ' if widen else ''}nullable" for c, _, widen in alters]
+        changes += [f"added index {index.name}" for index in new_indexes]
     return changes
 
 
@@ -997,6 +1005,13 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
         problems.append((1, f"{failed} files failed for good in the last 24 h"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
+
+
+def _alembic_operations(conn: sa.Connection) -> Any:
+    """Return Alembic's Operations on a connection (imported here: only an upgrade needs it)."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    return Operations(MigrationContext.configure(conn))
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -1085,11 +1100,9 @@ class LoadLogger:
             existing = {t.name: (inspector.get_columns(t.name, schema=t.schema),
                                  {i["name"] for i in inspector.get_indexes(t.name, schema=t.schema)})
                         for t in self.metadata.tables.values() if inspector.has_table(t.name, schema=t.schema)}
-            if existing:
-                from alembic.migration import MigrationContext
-                from alembic.operations import Operations
-                if changes := upgrade_tables(Operations(MigrationContext.configure(conn)), self.metadata, existing):
-                    log.warning("catalogue tables upgraded, every row kept: %s", "; ".join(changes))
+            if changes := upgrade_tables(lambda: _alembic_operations(conn), conn.dialect.name, self.metadata,
+                                         existing):
+                log.warning("catalogue tables upgraded, every row kept: %s", "; ".join(changes))
             self.metadata.create_all(conn, checkfirst=True)
 
     @property
@@ -1854,9 +1867,9 @@ def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
-    host, _, port = (value or "").rpartition(":")
     if value is None:
         return None
+    host, _, port = value.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
         raise click.BadParameter(f"{value!r}: give PORT or HOST:PORT, e.g. 9108 or 127.0.0.1:9108")
     return host.strip("[]"), int(port)

@@ -1,5 +1,7 @@
 """The catalogue tables on every database, the Oracle DDL, and the README's monitoring SQL."""
 import re
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -157,7 +159,7 @@ def test_upgrade_of_the_predecessors_tables_compiles_for_oracle():
                 for table, columns in PREDECESSOR.items()}
     sql = io.StringIO()
     context = MigrationContext.configure(dialect_name="oracle", opts={"as_sql": True, "output_buffer": sql})
-    changes = osa.upgrade_tables(Operations(context), metadata, existing)
+    changes = osa.upgrade_tables(lambda: Operations(context), "oracle", metadata, existing)
     text = sql.getvalue()
     assert "ALTER TABLE fn4loadattempt ADD outcome VARCHAR2(32 CHAR)" in text
     assert "COMMENT ON COLUMN fn4loadattempt.error_text IS 'Why the attempt failed, for people'" in text
@@ -169,3 +171,14 @@ def test_upgrade_of_the_predecessors_tables_compiles_for_oracle():
     added = {c for table in metadata.tables.values() for c in table.columns.keys()} - {
         c for columns in PREDECESSOR.values() for c in columns}
     assert {change.rsplit(".", 1)[1] for change in changes if change.startswith("added fn4")} == added
+
+
+def test_opening_current_tables_does_not_import_alembic(tmp_path):
+    """Alembic is imported only when an upgrade has work to do, so ordinary starts do not pay for it."""
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    osa.LoadLogger.from_database_arg(url).close()  # creates the tables
+    probe = ("import sys, objectstoreaccess as o; o.LoadLogger.from_database_arg(sys.argv[1]).close(); "
+             "print('alembic' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, url], capture_output=True, text=True, timeout=60,
+                          cwd=README.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
