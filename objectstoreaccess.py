@@ -16,11 +16,15 @@ failure handling, metrics, deployment and monitoring SQL.
 """
 from __future__ import annotations
 
+import bisect
+import codecs
 import contextlib
 import dataclasses
 import hashlib
 import http.client
+import itertools
 import base64
+import heapq
 import json
 import logging
 import os
@@ -34,7 +38,9 @@ import sys
 import threading
 import time
 import zlib
+from array import array
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
@@ -81,6 +87,12 @@ _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
 OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
+LIST_PAGE_SIZE = 1000                    # objects per ListObjects page, the service's largest
+DEFAULT_LIST_WORKERS = 16                # key ranges listed at once, each by its own OCI client
+RANGES_PER_WORKER = 4                    # key ranges per worker, so a worker with a short range takes another
+#: Where a first listing splits the key space when it has learnt nothing yet (after its first page).
+FIRST_LISTING_SPLITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+GUIDS_CHUNK = 1 << 20                    # bytes of fn4's guid list parsed at a time
 DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
@@ -174,6 +186,16 @@ class StoredObject:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What a listing by key ranges kept, in name order, and what it saw."""
+
+    objects: list[StoredObject]   # the FASTA objects the caller's filter kept
+    listed: int                   # every FASTA object listed, kept or not
+    page_starts: list[str]        # the first name of every page: where to split the key space next time
+    next_start: str | None = None  # where a listing cut short by max_pages would go on
+
+
+@dataclass(frozen=True)
 class Sample:
     """A downloaded, parsed and validated sample, its insert request body already built."""
 
@@ -231,6 +253,7 @@ class Settings:
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     on_success: str = "keep"             # keep, delete, or rename:PREFIX
     retention_days: int = DEFAULT_RETENTION_DAYS
+    list_workers: int = DEFAULT_LIST_WORKERS
 
     @property
     def archive_prefix(self) -> str | None:
@@ -333,6 +356,33 @@ def guid_from_name(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     suffix = fasta_suffix(base)
     return base[: -len(suffix)] if suffix else base
+
+
+def prefix_end(prefix: str) -> str | None:
+    """Return the first name after every name that starts with ``prefix`` (None: no such name)."""
+    while prefix and prefix[-1] == chr(0x10FFFF):
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+
+
+def key_ranges(boundaries: Iterable[str], leave_out: str | None = None) -> list[tuple[str | None, str | None]]:
+    """Split the key space at ``boundaries`` into [start, end) ranges, None meaning open.
+
+    Names starting with ``leave_out`` (the archive prefix) fall in no range, so they are never listed.
+    Concatenated in order, the ranges' listings are the bucket's listing.
+    """
+    cuts = sorted(set(boundaries))
+    ranges = list(zip([None] + cuts, cuts + [None]))
+    if not leave_out:
+        return ranges
+    hole_start, hole_end = leave_out, prefix_end(leave_out)
+    kept: list[tuple[str | None, str | None]] = []
+    for start, end in ranges:
+        if start is None or start < hole_start:  # the part before the hole
+            kept.append((start, hole_start if end is None or end > hole_start else end))
+        if hole_end is not None and (end is None or end > hole_end):  # the part after it
+            kept.append((hole_end if start is None or start < hole_end else start, end))
+    return kept
 
 
 def guid_problem(guid: str) -> str | None:
@@ -492,11 +542,15 @@ def oci_retry_strategy(oci: Any) -> Any:
 class ObjectStoreClient:
     """List and read FASTA objects in one bucket through the OCI SDK."""
 
-    def __init__(self, client: Any, namespace: str, bucket: str) -> None:
+    def __init__(self, client: Any, namespace: str, bucket: str, new_client: Callable[[], Any] | None = None) -> None:
         self._oci = _import_oci()
         self._client = client
         self.namespace = namespace
         self.bucket = bucket
+        # Listing workers each use a client of their own (the SDK's clients are not documented as
+        # thread-safe), built once by new_client and kept; without new_client, listing is sequential.
+        self._new_client = new_client
+        self._list_clients: list[Any] = []
 
     @classmethod
     def from_config(cls, namespace: str, bucket: str, auth: str = "api_key",
@@ -538,7 +592,7 @@ class ObjectStoreClient:
             reason = f"the profile lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else _short(exc)
             raise ConfigError(f"OCI {auth} authentication is not usable: {reason}; "
                               "check --config-file, --profile and --auth") from None
-        return cls(client, namespace, bucket)
+        return cls(client, namespace, bucket, lambda: oci.object_storage.ObjectStorageClient(config, **kwargs))
 
     def check_access(self) -> None:
         """Read one listing entry. Raises ConfigError for a missing bucket or refused credentials."""
@@ -556,25 +610,95 @@ class ObjectStoreClient:
                 raise
             log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
 
-    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
-        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
-        start = None
+    def list_objects(self, prefix: str | None = None, start: str | None = None,
+                     end: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object in the bucket with a name in [start, end), all pages. Raises OutageError."""
+        cursor = start
         while True:
-            try:
-                page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
-                    fields="name,size,etag,md5,timeCreated").data
-            except Exception as exc:
-                if self._is_fault(exc):
-                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
-                raise
+            page = self._page(self._client, prefix, cursor, end)
             for item in page.get("objects", ()):
                 if fasta_suffix(item["name"]):
-                    yield StoredObject(item["name"], int(item.get("size") or 0), item.get("etag") or "",
-                                       item.get("md5"), _parse_time(item.get("timeCreated")))
-            start = page.get("nextStartWith")
-            if not start:
+                    yield _stored_object(item)
+            cursor = page.get("nextStartWith")
+            if not cursor:
                 return
+
+    def list_ranges(self, ranges: list[tuple[str | None, str | None]], prefix: str | None = None,
+                    workers: int = 1, keep: Callable[[str, str], bool] | None = None,
+                    max_pages: int | None = None) -> Listing:
+        """List key ranges [start, end), ``workers`` at a time, and merge them in name order.
+
+        ``keep(name, etag)`` decides, page by page as they arrive, which FASTA objects are kept; it is
+        called from the listing threads. ``max_pages`` stops each range after that many pages (a
+        probe: see ``next_start``). Raises OutageError when any range fails.
+        """
+        workers = max(1, min(workers, len(ranges))) if self._new_client else 1
+        while len(self._list_clients) < workers - 1:
+            self._list_clients.append(self._new_client())  # type: ignore[misc]
+        clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for client in [self._client] + self._list_clients[:workers - 1]:
+            clients.put(client)
+        failed = threading.Event()
+
+        def list_one(start: str | None, end: str | None) -> tuple[list[StoredObject], int, list[str], str | None]:
+            client = clients.get()
+            try:
+                return self._list_range(client, prefix, start, end, keep, failed, max_pages)
+            except BaseException:
+                failed.set()  # the other ranges stop after their current page
+                raise
+            finally:
+                clients.put(client)
+
+        if workers == 1:
+            parts = [list_one(start, end) for start, end in ranges]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="list") as pool:
+                futures = [pool.submit(list_one, start, end) for start, end in ranges]
+                try:
+                    parts = [future.result() for future in futures]
+                finally:
+                    failed.set()
+                    for future in futures:
+                        future.cancel()
+        return Listing([obj for part in parts for obj in part[0]], sum(part[1] for part in parts),
+                       [name for part in parts for name in part[2]], next((p[3] for p in parts if p[3]), None))
+
+    def _list_range(self, client: Any, prefix: str | None, start: str | None, end: str | None,
+                    keep: Callable[[str, str], bool] | None, failed: threading.Event, max_pages: int | None
+                    ) -> tuple[list[StoredObject], int, list[str], str | None]:
+        objects: list[StoredObject] = []
+        listed = 0
+        starts: list[str] = []
+        cursor, pages = start, 0
+        while not failed.is_set() and (max_pages is None or pages < max_pages):
+            items = (page := self._page(client, prefix, cursor, end)).get("objects") or ()
+            pages += 1
+            if items:
+                starts.append(items[0]["name"])
+            for item in items:
+                name = item["name"]
+                if fasta_suffix(name):
+                    listed += 1
+                    if keep is None or keep(name, item.get("etag") or ""):
+                        objects.append(_stored_object(item))
+            cursor = page.get("nextStartWith")
+            if not cursor:
+                return objects, listed, starts, None
+        return objects, listed, starts, cursor
+
+    def _page(self, client: Any, prefix: str | None, start: str | None, end: str | None) -> dict[str, Any]:
+        """Return one ListObjects page as plain JSON. Raises OutageError."""
+        try:
+            page = client.list_objects(self.namespace, self.bucket, prefix=prefix, start=start, end=end,
+                                       limit=LIST_PAGE_SIZE, fields="name,size,etag,md5,timeCreated").data
+        except Exception as exc:
+            if self._is_fault(exc):
+                raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
+            raise
+        if not isinstance(page, dict) or not isinstance(page.get("objects", []), list):
+            raise OutageError(f"listing bucket {self.bucket!r} answered something that is not a listing")
+        return page
 
     def read_object(self, obj: StoredObject, max_bytes: int) -> bytearray:
         """Download an object whole and return its decompressed content.
@@ -682,6 +806,12 @@ class ObjectStoreClient:
         return isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc)
 
 
+def _stored_object(item: dict[str, Any]) -> StoredObject:
+    """Return a listing entry as a StoredObject."""
+    return StoredObject(item["name"], int(item.get("size") or 0), item.get("etag") or "", item.get("md5"),
+                        _parse_time(item.get("timeCreated")))
+
+
 def _check_body(headers: Any, received: int, digest: Any, listed_md5: str | None) -> None:
     """Raise TransientError if a downloaded body is shorter than announced or fails its md5."""
     expected = int(headers.get("content-length", -1))
@@ -729,6 +859,92 @@ def _short(exc: BaseException) -> str:
 # ---- fn4 client ------------------------------------------------------------------------------
 
 
+class GuidSet:
+    """fn4's guids held compactly: a sorted array of their 64-bit hashes, 8 bytes a guid.
+
+    Only ``in`` and ``len`` are offered. Two different guids share a hash with a chance of about
+    one in 10**13 at 2 million guids; the daily reconciliation would then find the sample missing.
+    """
+
+    def __init__(self, guids: Iterable[str] = ()) -> None:
+        ordered = sorted(array("q", map(hash, guids)))
+        self._hashes = array("q", (key for key, _ in itertools.groupby(ordered)))
+
+    def __contains__(self, guid: object) -> bool:
+        key = hash(guid)
+        index = bisect.bisect_left(self._hashes, key)
+        return index < len(self._hashes) and self._hashes[index] == key
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+
+def json_strings(chunks: Iterable[bytes], what: str) -> Iterator[str]:
+    """Yield the items of a JSON array of strings read chunk by chunk, holding one chunk at a time.
+
+    Raises OutageError naming ``what`` if the text is anything but a JSON array of strings.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    scan = json.decoder.scanstring  # type: ignore[attr-defined]
+    pieces = iter(chunks)
+    text, position, ended = "", 0, False
+
+    def bad(reason: str) -> OutageError:
+        return OutageError(f"{what} answered something that is not a JSON list of strings: {reason}")
+
+    def fill() -> bool:
+        """Append the next chunk to what is left of the text; False when there is no more."""
+        nonlocal text, position, ended
+        if ended:
+            return False
+        chunk = next(pieces, None)
+        try:
+            added = decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise bad("it is not UTF-8") from None
+        ended = chunk is None
+        text, position = text[position:] + added, 0
+        return bool(added) or not ended
+
+    def token() -> str:
+        """Move to the next character that is not white space and return it; "" at the end."""
+        nonlocal position
+        while True:
+            while position < len(text) and text[position] in " \t\r\n":
+                position += 1
+            if position < len(text):
+                return text[position]
+            if not fill():
+                return ""
+
+    if token() != "[":
+        raise bad(f"it starts with {text[position:position + 20]!r}")
+    position += 1
+    if token() == "]":
+        position += 1
+    else:
+        while True:
+            if token() != '"':
+                raise bad(f"an item starts with {text[position:position + 20]!r}")
+            while True:
+                try:
+                    value, end = scan(text, position + 1)
+                    break
+                except ValueError:  # cut by the chunk's end, or bad: read on to tell which
+                    if not fill():
+                        raise bad(f"a string is not closed or not valid: {text[position:position + 20]!r}") from None
+            yield value
+            position = end
+            separator = token()
+            position += 1
+            if separator == "]":
+                break
+            if separator != ",":
+                raise bad(f"{separator!r} follows an item" if separator else "it ends early")
+    if token():
+        raise bad(f"{text[position:position + 20]!r} follows the list")
+
+
 class FN4Client:
     """Talk to one findNeighbour4 server over one keep-alive session."""
 
@@ -748,6 +964,23 @@ class FN4Client:
     def guids(self) -> set[str]:
         """Return every guid fn4 holds. Raises OutageError."""
         return set(self._get_json("/api/v2/guids", self.timeout))
+
+    def guid_set(self) -> GuidSet:
+        """Return every guid fn4 holds, compactly, parsing the list as it arrives. Raises OutageError.
+
+        At 2 million guids the answer is about 80 MB: neither its text nor a list of its strings is
+        ever held whole.
+        """
+        path = "/api/v2/guids"
+        try:
+            with self._session.get(self.base_url + path, timeout=self.timeout, verify=self.verify,
+                                   stream=True) as response:
+                if response.status_code != 200:
+                    raise OutageError(f"fn4 GET {path} answered {response.status_code}: "
+                                      f"{_answer_text(response.content)}")
+                return GuidSet(json_strings(response.iter_content(GUIDS_CHUNK), f"fn4 GET {path}"))
+        except requests.RequestException as exc:
+            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
 
     def exists(self, guid: str) -> bool:
         """Return True if fn4 holds the guid. Raises OutageError."""
@@ -1360,6 +1593,60 @@ class Metrics:
 _END = object()  # marks the end of the prefetch queue
 
 
+class FileStates:
+    """(file name, etag) -> (completed, outcome, failed attempts): what the catalogue says of each file.
+
+    Files loaded at the first attempt (nearly all of them, at 2 million files) are kept as 8 bytes
+    each: the key's 64-bit hash with the outcome in its two low bits, in a sorted array. Every
+    other file is kept whole, and ``items()`` yields exactly those: the files that may need work.
+    """
+
+    _LOADED_CODES = (INSERTED, ALREADY_PRESENT, IN_SERVER)
+
+    def __init__(self) -> None:
+        self._whole: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._recent: dict[int, int] = {}     # key hash -> outcome code, not yet merged into _packed
+        self._packed = array("q")             # sorted key hashes, outcome code in the two low bits
+
+    @staticmethod
+    def _hash(key: tuple[str, str]) -> int:
+        return hash(key) & ~3
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        if (state := self._whole.get(key)) is not None:
+            return state
+        hashed = self._hash(key)
+        code = self._recent.get(hashed)
+        if code is None:
+            index = bisect.bisect_left(self._packed, hashed)
+            if index == len(self._packed) or self._packed[index] & ~3 != hashed:
+                return default
+            code = self._packed[index] & 3
+        return (1, self._LOADED_CODES[code], 0)
+
+    def __setitem__(self, key: tuple[str, str], state: tuple[int, str, int]) -> None:
+        completed, outcome, attempts = state
+        hashed = self._hash(key)
+        if completed and not attempts and outcome in self._LOADED_CODES:
+            self._whole.pop(key, None)
+            self._recent[hashed] = self._LOADED_CODES.index(outcome)
+            if len(self._recent) > max(1 << 16, len(self._packed) // 4):
+                self._merge()
+        else:
+            self._whole[key] = state
+            self._recent.pop(hashed, None)
+
+    def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, str, int]]]:
+        """Yield the files kept whole: every file not loaded at its first attempt."""
+        return iter(list(self._whole.items()))
+
+    def _merge(self) -> None:
+        recent = self._recent
+        older = (packed for packed in self._packed if packed & ~3 not in recent)
+        self._packed = array("q", heapq.merge(older, sorted(hashed | code for hashed, code in recent.items())))
+        self._recent = {}
+
+
 class Loader:
     """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
 
@@ -1379,7 +1666,8 @@ class Loader:
         self.stop = stop or threading.Event()
         self.host_name = host_name or socket.gethostname()
         # (file name, etag) -> (completed, outcome, failed attempts), folded from the catalogue.
-        self._files: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._files = FileStates()
+        self._boundaries: list[str] = []  # where the last listing's pages started: the next one splits there
         self._last_row_id = 0
         self._next_reconcile: datetime | None = None
         self._server_count = 0
@@ -1429,21 +1717,18 @@ class Loader:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
         self._refresh_from_catalogue()
-        archive = self.settings.archive_prefix
-        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
-                          if not (archive and o.name.startswith(archive))),
-                         key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
-        server_guids = self.fn4.guids() if reconcile else None
+        server_guids = self.fn4.guid_set() if reconcile else None
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        objects, listed = self._list_bucket(server_guids)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
             host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
             oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
-            objects_listed=len(objects), batch_size=len(todo), number_in_server=self._server_count,
+            objects_listed=listed, batch_size=len(todo), number_in_server=self._server_count,
             reconciled=int(reconcile)))
         for number, (obj, outcome, reason) in enumerate(settled):
             if number % 1000 == 999:  # a first look at a big bucket settles many: keep the queue bounded
@@ -1452,9 +1737,9 @@ class Loader:
                          parse_status="ok" if outcome == IN_SERVER else outcome)
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
-        summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
+        summary = CycleSummary(listed, len(todo), loaded, failed, retried, paused)
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
-                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
+                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, listed,
                  len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
                  self.catalogue.unwritten, extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
@@ -1479,6 +1764,52 @@ class Loader:
 
     # -- working out what to load --
 
+    def _list_bucket(self, server_guids: GuidSet | None) -> tuple[list[StoredObject], int]:
+        """List the bucket; return the objects that may need work, oldest first, and the FASTA count.
+
+        Files loaded in an earlier cycle are counted as their pages arrive and not kept, unless
+        --on-success must still move them or fn4's guid list lacks them. When one of them holds the
+        guid of a kept object, the bucket is listed again keeping everything, so _plan sees both
+        (which is older decides which is the duplicate): rare, as duplicates are.
+        """
+        skipped = array("q")  # hashes of the guids of files left out
+        if self.settings.on_success == "keep":
+            def keep(name: str, etag: str) -> bool:
+                state = self._files.get((name, etag))
+                if state is None or not state[0] or state[1] not in LOADED:
+                    return True
+                guid = guid_from_name(name)
+                if server_guids is not None and guid not in server_guids:
+                    return True
+                skipped.append(hash(guid))
+                return False
+            listing = self._list(keep)
+            held = {hash(obj.guid) for obj in listing.objects}
+            if held and any(guid in held for guid in skipped):
+                log.info("a file loaded earlier shares its guid with a new file: listing again in full")
+                listing = self._list(None)
+        else:
+            listing = self._list(None)
+        step = max(1, len(listing.page_starts) // (self.settings.list_workers * RANGES_PER_WORKER))
+        self._boundaries = listing.page_starts[step::step]
+        return sorted(listing.objects, key=lambda o: (o.time_created, o.name)), listing.listed
+
+    def _list(self, keep: Callable[[str, str], bool] | None) -> Listing:
+        """List every key range but the archive prefix's, concurrently, split where the last listing's pages began.
+
+        With nothing learnt yet, one page is listed first: a bucket bigger than a page is then split
+        at FIRST_LISTING_SPLITS.
+        """
+        prefix, archive, workers = self.settings.prefix, self.settings.archive_prefix, self.settings.list_workers
+        boundaries = self._boundaries
+        if not boundaries and workers > 1:
+            whole = key_ranges([], archive)
+            probe = self.store.list_ranges(whole[:1], prefix, 1, keep, max_pages=1)
+            if probe.next_start is None and len(whole) == 1:
+                return probe
+            boundaries = [(prefix or "") + split for split in FIRST_LISTING_SPLITS]
+        return self.store.list_ranges(key_ranges(boundaries, archive), prefix, workers, keep)
+
     def _refresh_from_catalogue(self) -> None:
         """Fold rows written since the last look (by us or by a requeue) into the file states."""
         if self.catalogue.unwritten:
@@ -1491,7 +1822,7 @@ class Loader:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
 
-    def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
+    def _plan(self, objects: list[StoredObject], server_guids: GuidSet | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
         """Split listed objects into those to load and those settled without loading.
 
@@ -1516,7 +1847,7 @@ class Loader:
             else:
                 candidates.append(obj)
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
-            server_guids = self.fn4.guids()
+            server_guids = self.fn4.guid_set()
             self._server_count = len(server_guids)
         todo = []
         for obj in candidates:
@@ -1953,11 +2284,14 @@ def main() -> None:
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
+@click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
+              envvar="FN4_LIST_WORKERS", show_envvar=True,
+              help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None) -> None:
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, list_workers: int) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -1971,7 +2305,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
                                          config_file=config_file, profile=profile, endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval, on_success, retention_days)
+                        max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
