@@ -244,13 +244,19 @@ class ObjectStoreEmulator:
         """Seed many objects at once (name, data, time created); the index is sorted once at the end."""
         with self._lock:
             objects = self._objects(bucket)
-            count = 0
+            added, count = [], 0
             for name, data, time_created in items:
+                if name not in objects:
+                    added.append(name)
                 objects[name] = _new_object(data, time_created)
+                self._forget_entry(bucket, name)
                 count += 1
-            self._index[bucket] = sorted(objects)
-            for key in [key for key in self._entries if key[0] == bucket]:
-                del self._entries[key]
+            index = self._index[bucket]
+            if len(added) * 100 < len(index):
+                for name in added:
+                    bisect.insort(index, name)
+            else:
+                self._index[bucket] = sorted(objects)
         return count
 
     def delete(self, bucket: str, name: str) -> None:

@@ -40,9 +40,19 @@ def test_ranged_listing_equals_the_sequential_listing(emulator, store, boundarie
         listing = store.list_ranges(ranges, workers=workers)
         assert listed_names(listing) == sequential(store, archive)
         assert listing.listed == len(listing.objects) and listing.next_start is None
-        assert listing.page_starts == sorted(listing.page_starts)
+        assert [name for name, _ in listing.pages] == sorted(name for name, _ in listing.pages)
+        assert sum(count for _, count in listing.pages) >= listing.listed
     listing = store.list_ranges(osa.key_ranges(boundaries, "loaded/"), prefix="loaded/", workers=workers)
     assert listed_names(listing) == []
+
+
+def test_split_points_make_ranges_of_at_least_a_page():
+    pages = [(f"p{i:04d}", 1000) for i in range(2000)]
+    points = osa.split_points(pages, 64)
+    assert 56 <= len(points) <= 63 and points == sorted(points) and all(p.startswith("p") for p in points)
+    assert osa.split_points([("a", 10), ("b", 400), ("c", 1)], 64) == []
+    assert osa.split_points([("a", 1000), ("b", 250), ("c", 1000), ("d", 250)], 64) == ["b", "d"]
+    assert osa.split_points([], 64) == []
 
 
 def test_key_ranges_cover_the_key_space_once_and_leave_the_archive_out():
