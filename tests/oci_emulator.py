@@ -81,6 +81,7 @@ class RequestRecord:
     status: int                  # 0 when the connection was dropped without a response
     fault: str = ""              # kind of the fault applied to this request, "" if none
     headers: dict[str, str] = field(default_factory=dict)   # lower-cased names
+    target: str = ""             # the request target as sent (path and query, not decoded)
 
 
 @dataclass
@@ -547,7 +548,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         headers = {key.lower(): value for key, value in self.headers.items()}
         query = dict(parse_qsl(url.query, keep_blank_values=True))    # "+" is a space, as requests sends it
-        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers)
+        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers, target=self.path)
         fault = emulator._take_fault(self.command, record.path)
         record.fault = fault.kind if fault else ""
         try:

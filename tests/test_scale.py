@@ -1,7 +1,9 @@
 """At scale: listing by key ranges equals the sequential listing, fn4's guid list is parsed as it
 streams, and loaded files are kept compactly. Correctness only; the figures are in benchmark.py."""
+import base64
 import json
 import random
+import re
 from datetime import timedelta
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 import objectstoreaccess as osa
 from conftest import BUCKET, T0, fasta
 from fn4_standin import Scripted
+from oci_emulator import _test_key
 from test_faults import harness  # noqa: F401  (the fixture)
 
 UNICODE = ["日本/配列.fasta", "é-1.fa", "dir/sub dir/gène 1.fa", "zz\u00ff.fasta", "~tilde.fa", "A.fa", "9.fa"]
@@ -189,3 +192,44 @@ def test_file_states_answer_as_a_dict_would():
              if not (state[0] and not state[2] and state[1] in ("inserted", "already_present", "in_server"))}
     assert dict(states.items()) == whole
     assert states.get(("other.fasta", "e")) is None
+
+
+# ---- Downloads straight over one connection, signed by the SDK's signer ----
+
+def verify_signature(record):
+    """Check a request's OCI signature (draft-cavage HTTP signature) with the test key; return its fields."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', record.headers["authorization"]))
+    lines = [f"(request-target): {record.method.lower()} {record.target}" if name == "(request-target)"
+             else f"{name}: {record.headers[name]}" for name in fields["headers"].split()]
+    key = serialization.load_pem_private_key(_test_key()[0], None).public_key()
+    key.verify(base64.b64decode(fields["signature"]), "\n".join(lines).encode(), padding.PKCS1v15(), hashes.SHA256())
+    return fields
+
+
+def test_downloads_are_signed_as_the_sdk_signs_them(emulator, store):
+    name = "dir/sub dir/gène 1.fasta"           # quoted in the path, and signed as quoted
+    emulator.put(BUCKET, name, fasta("x"))
+    obj = next(store.list_objects())
+    emulator.clear_requests()
+    assert [osa.parse_fasta(store.read_object(obj, 1 << 20))[0] for _ in range(2)] == ["x", "x"]
+    list(store.list_objects())                  # the SDK's own request, for comparison
+    gets = [r for r in emulator.requests if r.method == "GET"]
+    assert [r.path for r in gets] == [f"/n/lxxxx/b/{BUCKET}/o/{name}"] * 2 + [f"/n/lxxxx/b/{BUCKET}/o"]
+    signed = [verify_signature(r) for r in gets]
+    assert signed[0]["headers"] == signed[2]["headers"] == "date (request-target) host"
+    assert signed[0]["keyId"] == signed[2]["keyId"] and all(r.headers["if-match"] == obj.etag for r in gets[:2])
+    assert "Oracle-PythonSDK" not in gets[0].headers.get("user-agent", "")   # not through the SDK's stack
+
+
+def test_with_a_proxy_in_the_environment_downloads_go_through_the_sdk(emulator, oci_config, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")    # the emulator is http: not used
+    store = osa.ObjectStoreClient.from_config("lxxxx", BUCKET, config_file=str(oci_config),
+                                              endpoint=emulator.endpoint)
+    emulator.put(BUCKET, "a.fasta", fasta("a"))
+    obj = next(store.list_objects())
+    emulator.clear_requests()
+    assert osa.parse_fasta(store.read_object(obj, 1 << 20))[0] == "a"
+    (get,) = [r for r in emulator.requests if r.method == "GET"]
+    assert get.headers["user-agent"].startswith("Oracle-PythonSDK") and verify_signature(get)
