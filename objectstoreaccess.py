@@ -70,6 +70,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
+SETTLE_WHILE_LISTING = 10000             # above this many unknown files in fn4, record them as pages arrive
 PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 WRITE_BATCH_ROWS = 16                    # catalogue rows gathered before a write (below MAX_UNWRITTEN_ROWS)
@@ -386,6 +387,12 @@ def key_ranges(boundaries: Iterable[str], leave_out: str | None = None) -> list[
     return kept
 
 
+def _repeated(values: Iterable[int]) -> set[int]:
+    """Return the values that occur more than once."""
+    ordered = sorted(values)
+    return {a for a, b in zip(ordered, itertools.islice(ordered, 1, None)) if a == b}
+
+
 def split_points(pages: Iterable[tuple[str, int]], ranges: int) -> list[str]:
     """Return page first names that split a listing's pages into about ``ranges`` ranges of at least a page."""
     pages = list(pages)
@@ -644,11 +651,12 @@ class ObjectStoreClient:
                 return
 
     def list_ranges(self, ranges: list[tuple[str | None, str | None]], prefix: str | None = None,
-                    workers: int = 1, keep: Callable[[str, str], bool] | None = None,
+                    workers: int = 1, keep: Callable[[dict[str, Any]], bool] | None = None,
                     max_pages: int | None = None) -> Listing:
         """List key ranges [start, end), ``workers`` at a time, and merge them in name order.
 
-        ``keep(name, etag)`` decides, page by page as they arrive, which FASTA objects are kept; it is
+        ``keep(entry)`` decides, page by page as they arrive, which FASTA objects are kept (the entry is
+        the listing's JSON: name, size, etag, md5, timeCreated); it is
         called from the listing threads. ``max_pages`` stops each range after that many pages (a
         probe: see ``next_start``). Raises OutageError when any range fails.
         """
@@ -686,7 +694,8 @@ class ObjectStoreClient:
                        [page for part in parts for page in part[2]], next((p[3] for p in parts if p[3]), None))
 
     def _list_range(self, client: Any, prefix: str | None, start: str | None, end: str | None,
-                    keep: Callable[[str, str], bool] | None, failed: threading.Event, max_pages: int | None
+                    keep: Callable[[dict[str, Any]], bool] | None, failed: threading.Event,
+                    max_pages: int | None
                     ) -> tuple[list[StoredObject], int, list[tuple[str, int]], str | None]:
         objects: list[StoredObject] = []
         listed = 0
@@ -698,10 +707,9 @@ class ObjectStoreClient:
             if items:
                 starts.append((items[0]["name"], len(items)))
             for item in items:
-                name = item["name"]
-                if fasta_suffix(name):
+                if fasta_suffix(item["name"]):
                     listed += 1
-                    if keep is None or keep(name, item.get("etag") or ""):
+                    if keep is None or keep(item):
                         objects.append(_stored_object(item))
             cursor = page.get("nextStartWith")
             if not cursor:
@@ -906,6 +914,12 @@ class ObjectStoreClient:
     def _is_fault(self, exc: BaseException) -> bool:
         """Return True for an Object Storage error answer or a network fault."""
         return isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc)
+
+
+def _listing_entry(obj: StoredObject) -> dict[str, Any]:
+    """Return a StoredObject as the listing entry it came from (see _stored_object)."""
+    return {"name": obj.name, "size": obj.size, "etag": obj.etag, "md5": obj.md5,
+            "timeCreated": obj.time_created.isoformat()}
 
 
 def _lean(client: Any) -> Any:
@@ -1732,10 +1746,11 @@ class FileStates:
         hashed = self._hash(key)
         code = self._recent.get(hashed)
         if code is None:
-            index = bisect.bisect_left(self._packed, hashed)
-            if index == len(self._packed) or self._packed[index] & ~3 != hashed:
+            packed = self._packed  # once: a listing thread may merge meanwhile
+            index = bisect.bisect_left(packed, hashed)
+            if index == len(packed) or packed[index] & ~3 != hashed:
                 return default
-            code = self._packed[index] & 3
+            code = packed[index] & 3
         return (1, self._LOADED_CODES[code], 0)
 
     def __setitem__(self, key: tuple[str, str], state: tuple[int, str, int]) -> None:
@@ -1836,7 +1851,7 @@ class Loader:
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
-        objects, listed = self._list_bucket(server_guids)
+        objects, listed = self._list_bucket(server_guids, started)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
@@ -1878,36 +1893,82 @@ class Loader:
 
     # -- working out what to load --
 
-    def _list_bucket(self, server_guids: GuidSet | None) -> tuple[list[StoredObject], int]:
+    def _list_bucket(self, server_guids: GuidSet | None, started: datetime) -> tuple[list[StoredObject], int]:
         """List the bucket; return the objects that may need work, oldest first, and the FASTA count.
 
         Files loaded in an earlier cycle are counted as their pages arrive and not kept, unless
         --on-success must still move them or fn4's guid list lacks them. When one of them holds the
         guid of a kept object, the bucket is listed again keeping everything, so _plan sees both
-        (which is older decides which is the duplicate): rare, as duplicates are.
+        (which is older decides which is the duplicate): rare, as duplicates are. When more than
+        SETTLE_WHILE_LISTING unknown files are in fn4 (a first cycle against a full fn4), see
+        _settle_while_listing.
         """
-        skipped = array("q")  # hashes of the guids of files left out
-        if self.settings.on_success == "keep":
-            def keep(name: str, etag: str) -> bool:
-                state = self._files.get((name, etag))
-                if state is None or not state[0] or state[1] not in LOADED:
+        if self.settings.on_success != "keep":
+            listing = self._list(None)
+        else:
+            skipped, in_server = array("q"), array("q")  # guid hashes: loaded earlier; unknown, in fn4, not kept
+            unknown_in_server = 0
+
+            def keep(entry: dict[str, Any]) -> bool:
+                nonlocal unknown_in_server
+                state = self._files.get((entry["name"], entry.get("etag") or ""))
+                if state is not None and not (state[0] and state[1] in LOADED):
                     return True
-                guid = guid_from_name(name)
+                guid = guid_from_name(entry["name"])
                 if server_guids is not None and guid not in server_guids:
                     return True
-                skipped.append(hash(guid))
+                if state is not None:
+                    skipped.append(hash(guid))
+                    return False
+                if server_guids is None or guid_problem(guid):
+                    return True
+                unknown_in_server += 1
+                if unknown_in_server <= SETTLE_WHILE_LISTING:
+                    return True
+                in_server.append(hash(guid))
                 return False
             listing = self._list(keep)
-            held = {hash(obj.guid) for obj in listing.objects}
-            if held and any(guid in held for guid in skipped):
+            if in_server:
+                shared = _repeated(itertools.chain(skipped, in_server, (hash(o.guid) for o in listing.objects)))
+                listing = self._settle_while_listing(server_guids, shared, started)
+            elif skipped and (held := {hash(obj.guid) for obj in listing.objects}) and any(
+                    guid in held for guid in skipped):
                 log.info("a file loaded earlier shares its guid with a new file: listing again in full")
                 listing = self._list(None)
-        else:
-            listing = self._list(None)
         self._boundaries = split_points(listing.pages, self.settings.list_workers * RANGES_PER_WORKER)
         return sorted(listing.objects, key=lambda o: (o.time_created, o.name)), listing.listed
 
-    def _list(self, keep: Callable[[str, str], bool] | None) -> Listing:
+    def _settle_while_listing(self, server_guids: GuidSet, shared: set[int], started: datetime) -> Listing:
+        """List again, recording each unknown file fn4 already holds as in_server as its page arrives.
+
+        Memory stays bounded however many there are (a first cycle against an fn4 holding millions):
+        only files whose guid another listed file shares (``shared``: _plan decides between them),
+        and files that may need loading, are kept.
+        """
+        lock = threading.Lock()
+        settled = 0
+
+        def keep(entry: dict[str, Any]) -> bool:
+            nonlocal settled
+            guid = guid_from_name(entry["name"])
+            state = self._files.get((entry["name"], entry.get("etag") or ""))
+            if hash(guid) in shared or guid not in server_guids or (state is not None and not (
+                    state[0] and state[1] in LOADED)):
+                return True
+            if state is None:
+                if guid_problem(guid):
+                    return True
+                with lock:  # one listing thread records at a time
+                    self._record(_stored_object(entry), IN_SERVER, started, parse_status="ok")
+                    settled += 1
+                    if settled % 1000 == 0:
+                        self.catalogue.wait_until_below(1000, self.stop)
+            return False
+        listing = self._list(keep)
+        log.info("%d files fn4 already holds recorded in_server as they were listed", settled)
+        return listing
+
+    def _list(self, keep: Callable[[dict[str, Any]], bool] | None) -> Listing:
         """List every key range but the archive prefix's, concurrently, split where the last listing's pages began.
 
         With nothing learnt yet, one page is listed first: a bucket bigger than a page is then split
@@ -1917,9 +1978,10 @@ class Loader:
         boundaries = self._boundaries
         if not boundaries and workers > 1:
             whole = key_ranges([], archive)
-            probe = self.store.list_ranges(whole[:1], prefix, 1, keep, max_pages=1)
-            if probe.next_start is None and len(whole) == 1:
-                return probe
+            probe = self.store.list_ranges(whole[:1], prefix, 1, None, max_pages=1)
+            if probe.next_start is None and len(whole) == 1:  # the whole bucket: filter it as listed
+                kept = [obj for obj in probe.objects if keep is None or keep(_listing_entry(obj))]
+                return dataclasses.replace(probe, objects=kept)
             boundaries = [(prefix or "") + split for split in FIRST_LISTING_SPLITS]
         return self.store.list_ranges(key_ranges(boundaries, archive), prefix, workers, keep)
 

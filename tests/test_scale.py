@@ -130,6 +130,32 @@ def test_the_archive_prefix_is_never_listed(harness, emulator, fn4):  # noqa: F8
     assert summary.listed == 0 and len(emulator.names(BUCKET)) == 3700   # the first cycle archived them all
 
 
+def test_a_first_cycle_against_a_full_fn4_records_files_as_they_are_listed(
+        harness, emulator, fn4, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Past SETTLE_WHILE_LISTING unknown files in fn4, they are recorded page by page, not held; the
+    outcomes are those of a loader holding everything, duplicates and files fn4 lacks included."""
+    names = [f"s{i:05d}.fasta" for i in range(2400)]
+    put_many(emulator, names + ["bad guid.fasta", "new-1.fasta", "s02000.fa"])   # s02000.fa: a younger duplicate
+    emulator.put(BUCKET, "new-2.fasta", fasta("new-2"), time_created=T0)
+    emulator.put(BUCKET, "z/s00010.fasta", fasta("s00010"), time_created=T0 - timedelta(days=1))  # an older one
+    fn4.guids.update(dict.fromkeys(osa.guid_from_name(n) for n in names))
+    plain = harness(url=f"sqlite:///{tmp_path / 'plain.sqlite'}", list_workers=1)
+    plain.cycle()
+    fn4.guids.pop("new-1", None), fn4.guids.pop("new-2", None)
+    monkeypatch.setattr(osa, "SETTLE_WHILE_LISTING", 50)
+    streamed = harness(list_workers=4)
+    caplog.set_level("INFO", logger="fn4loader")
+    summary = streamed.cycle()
+    assert "2398 files fn4 already holds recorded in_server as they were listed" in caplog.text  # all but 7
+    assert summary.listed == 2405 and summary.found == 2   # new-1 and new-2, which the first loader loaded
+    got, expected = outcomes(streamed), outcomes(plain)
+    assert got.pop("new-1.fasta") == got.pop("new-2.fasta") == "inserted"
+    assert expected.pop("new-1.fasta") == expected.pop("new-2.fasta") == "inserted"
+    assert got == expected and got["s02000.fa"] == got["s00010.fasta"] == "duplicate"
+    assert got["z/s00010.fasta"] == "in_server" and got["bad guid.fasta"] == "failed"
+    assert streamed.cycle().found == 0 and len(streamed.rows()) == 2405
+
+
 # ---- fn4's guid list, parsed as it streams ----
 
 def chunks_of(data, size):
