@@ -608,20 +608,23 @@ class ObjectStoreClient:
         expected = int(response.headers.get("content-length", -1))
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
+        ended = False  # the body ended: a verdict on its content may then be due to a cut-off download
 
         def counted() -> Iterator[bytes]:
-            nonlocal received
+            nonlocal received, ended
             for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
                 received += len(chunk)
                 if received > max_bytes:
                     raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
                 digest.update(chunk)
                 yield chunk
+            ended = True
 
         try:
             data = inflate(counted(), max_bytes)
         except SampleError:
-            if 0 <= expected != received:
+            # A verdict reached mid-body (a bomb, corrupt data) stands; one reached at a short end does not.
+            if ended and 0 <= expected != received:
                 raise TransientError(f"download cut off after {received} of {expected} bytes") from None
             raise
         except Exception as exc:
