@@ -118,6 +118,10 @@ class ConfigError(LoaderError):
     """Bad configuration found at start-up; the message says what to fix."""
 
 
+class CatalogueMissing(ConfigError):
+    """A read-only command was given a SQLite catalogue that does not exist; nothing was created."""
+
+
 class SampleError(LoaderError):
     """A permanent problem with one file: it is recorded as failed and never retried."""
 
@@ -926,16 +930,19 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     return changes
 
 
-def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
+def resolve_database(database: str | None, environ: dict[str, str] | None = None,
+                     read_only: bool = False) -> sa.URL:
     """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
 
     Accepts a key into the JSON file named by DB_CONNECTION_CONFIG_FILE, a SQLAlchemy URL,
     or nothing (a SQLite file that persists). For Oracle keys, TNS_ADMIN is set from the entry.
+    ``read_only`` (status, list) makes no folder, and raises CatalogueMissing for a missing SQLite file.
     """
     environ = os.environ if environ is None else environ
     if not database:
-        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
-        return sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}")
+        if not read_only:
+            DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return _existing(sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}"), read_only)
     if "://" in database:
         text = database
     else:
@@ -951,6 +958,14 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
         raise ConfigError("an in-memory SQLite catalogue would be lost at restart: give a file, "
                           "e.g. sqlite:///fn4loader.sqlite")
+    return _existing(url, read_only)
+
+
+def _existing(url: sa.URL, read_only: bool) -> sa.URL:
+    """Return the URL; for a read-only command, raise CatalogueMissing if its SQLite file is missing."""
+    if read_only and url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CatalogueMissing(f"the SQLite catalogue {url.database!r} does not exist: has the loader run with it? "
+                               "Give the loader's DATABASE")
     return url
 
 
@@ -1066,9 +1081,9 @@ class LoadLogger:
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
 
     @staticmethod
-    def connect(database: str | None) -> sa.Engine:
+    def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
-        url = resolve_database(database)
+        url = resolve_database(database, read_only=read_only)
         try:
             return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -1076,9 +1091,13 @@ class LoadLogger:
                               "check the URL's dialect+driver and that the driver is installed") from None
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
-        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable."""
-        catalogue = cls(cls.connect(database), schema)
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
+                          ) -> LoadLogger:
+        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
+
+        ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        """
+        catalogue = cls(cls.connect(database, read_only), schema)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
@@ -1846,11 +1865,12 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+             ca_bundle: str | None, read_only: bool = False, **oci: Any
+             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once, failing with ConfigError on anything that needs fixing."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
     return store, fn4, catalogue
 
 
@@ -2036,7 +2056,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     """
     now = utcnow()
     with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
+        catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)
         path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
         if path and not Path(path).exists():
             raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
@@ -2097,8 +2117,8 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     pending otherwise.
     """
     with _startup(log_level, log_format):
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
+                                         auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
     try:
         files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
     except OutageError as exc:

@@ -236,3 +236,26 @@ def test_readme_systemd_units_pass_systemd_analyze_verify(tmp_path):
                           capture_output=True, text=True, timeout=60)
     complaints = [line for line in done.stderr.splitlines() if "fn4loader" in line]
     assert done.returncode == 0 and not complaints, done.stderr
+
+
+def _files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_read_only_commands_create_no_file_nor_folder(tmp_path, emulator, oci_config, fn4):
+    """status and list, without a catalogue to read, say so in one line and leave HOME and the disk as they were."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "DB_CONNECTION", "FN_SENTRY"))}
+    env["HOME"] = str(home)
+    missing = f"sqlite:///{tmp_path / 'missing.sqlite'}"
+    bucket = [fn4.url, NAMESPACE, BUCKET]
+    oci = ["--config-file", str(oci_config), "--endpoint", emulator.endpoint]
+    for args, codes in ((["status"], (2, 3)), (["status", missing], (2, 3)),
+                        (["list", *bucket, *oci], (2,)), (["list", *bucket, missing, *oci], (2,))):
+        done = subprocess.run([sys.executable, str(ROOT / "objectstoreaccess.py"), *args], cwd=home, env=env,
+                              capture_output=True, text=True, timeout=60)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        assert done.returncode in codes and len(errors) == 1, (args, done.returncode, done.stdout + done.stderr)
+        assert "does not exist" in errors[0] and "Traceback" not in done.stderr, errors[0]
+        assert _files_under(home) == [] and not (tmp_path / "missing.sqlite").exists(), (args, _files_under(home))
