@@ -104,6 +104,7 @@ REQUEUED = "requeued"                    # an operator asked for the file to be 
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
 
@@ -233,8 +234,15 @@ class Settings:
     expected_length: int | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX
+    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
     retention_days: int = DEFAULT_RETENTION_DAYS
+
+    def __post_init__(self) -> None:
+        if problem := on_success_problem(self.on_success):
+            raise ConfigError(f"--on-success {problem}")
+        if self.archive_prefix and (self.prefix or "").startswith(self.archive_prefix):
+            raise ConfigError(f"--prefix {self.prefix!r} lies under the archive prefix {self.archive_prefix!r} "
+                              "of --on-success: nothing would ever be loaded")
 
     @property
     def archive_prefix(self) -> str | None:
@@ -337,6 +345,36 @@ def guid_from_name(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     suffix = fasta_suffix(base)
     return base[: -len(suffix)] if suffix else base
+
+
+def on_success_problem(value: str) -> str | None:
+    """Return why an --on-success value is unusable, or None.
+
+    An archive prefix must end with '/': rename:arch would hide a waiting arch_sample7.fasta.
+    """
+    if value in ("keep", "delete"):
+        return None
+    if not value.startswith("rename:") or len(value) == len("rename:"):
+        return f"{value!r}: use keep, delete, or rename:PREFIX/ (e.g. rename:loaded/)"
+    if not value.endswith("/"):
+        return (f"{value!r}: the archive prefix must end with '/' (e.g. {value}/), or objects whose names "
+                "merely start with it would never be loaded")
+    return None
+
+
+def key_ranges(prefix: str | None, exclude: str | None) -> list[tuple[str | None, str | None]]:
+    """Return the name ranges [start, end) that cover names under ``prefix`` but none under ``exclude``.
+
+    Object Storage sorts names by their UTF-8 bytes, which is code point order, so the names under
+    ``exclude`` are exactly those from ``exclude`` up to (not including) ``exclude`` with its last
+    character raised by one: arch/ leaves out [arch/, arch0), and arch.fasta and arch_1.fasta stay.
+    """
+    prefix = prefix or ""
+    if not exclude or not (exclude.startswith(prefix) or prefix.startswith(exclude)):
+        return [(None, None)]
+    if prefix.startswith(exclude):
+        return []
+    return [(None, exclude), (exclude[:-1] + chr(ord(exclude[-1]) + 1), None)]
 
 
 def guid_problem(guid: str) -> str | None:
@@ -560,13 +598,26 @@ class ObjectStoreClient:
                 raise
             log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
 
-    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
-        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
-        start = None
+    def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
+
+        Names under ``exclude`` (the archive prefix) are left out by key range (see key_ranges), so
+        Object Storage never sends them.
+        """
+        for start, end in key_ranges(prefix, exclude):
+            yield from self.list_range(prefix, start, end)
+
+    def list_range(self, prefix: str | None = None, start: str | None = None,
+                   end: str | None = None) -> Iterator[StoredObject]:
+        """Yield the FASTA objects under ``prefix`` whose names lie in [start, end), all pages.
+
+        ``start`` is inclusive and ``end`` exclusive, as in ListObjects; None leaves that side open.
+        Raises OutageError.
+        """
         while True:
             try:
                 page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
+                    self.namespace, self.bucket, prefix=prefix, start=start, end=end, limit=1000,
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
                 if self._is_fault(exc):
@@ -1419,6 +1470,7 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self.warn_of_waiting_archive()
         while not self.stop.is_set():
             try:
                 summary = self.run_cycle()
@@ -1451,9 +1503,7 @@ class Loader:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
         self._refresh_from_catalogue()
-        archive = self.settings.archive_prefix
-        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
-                          if not (archive and o.name.startswith(archive))),
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
                          key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
         server_guids = self.fn4.guids() if reconcile else None
@@ -1482,6 +1532,34 @@ class Loader:
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def warn_of_waiting_archive(self) -> list[str]:
+        """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
+
+        They are never listed, so never loaded. Looks at up to ARCHIVE_CHECK_LIMIT of them; returns their names.
+        """
+        archive = self.settings.archive_prefix
+        if not archive:
+            return []
+        self._refresh_from_catalogue()
+        loaded = {name for (name, _), (_, outcome, _) in self._files.items() if outcome in LOADED}
+        waiting, seen = [], 0
+        try:
+            for obj in self.store.list_objects(archive):
+                seen += 1
+                if obj.name[len(archive):] not in loaded:
+                    waiting.append(obj.name)
+                if seen >= ARCHIVE_CHECK_LIMIT:
+                    break
+        except OutageError as exc:
+            log.warning("could not look under the archive prefix %r: %s", archive, exc)
+            return []
+        if waiting:
+            log.warning("%d FASTA objects%s wait under the archive prefix %r of --on-success and will never be "
+                        "loaded; move them out of it, e.g. %s", len(waiting),
+                        f" (of the first {seen} there)" if seen >= ARCHIVE_CHECK_LIMIT else "", archive,
+                        ", ".join(waiting[:5]))
+        return waiting
 
     def _prune_if_due(self) -> None:
         """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
@@ -1735,7 +1813,8 @@ class Loader:
         self._refresh_from_catalogue()
         in_server = self.fn4.guids()
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix), key=lambda o: (o.time_created, o.name)):
+        for obj in sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                          key=lambda o: (o.time_created, o.name)):
             completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
             state = ("loaded" if obj.guid in in_server else
                      "failed" if completed and outcome not in LOADED else "pending")
@@ -1884,9 +1963,9 @@ def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
 
 
 def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if value in ("keep", "delete") or (value.startswith("rename:") and len(value) > len("rename:")):
-        return value
-    raise click.BadParameter(f"{value!r}: use keep, delete, or rename:PREFIX (e.g. rename:loaded/)")
+    if problem := on_success_problem(value):
+        raise click.BadParameter(problem)
+    return value
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -1938,6 +2017,11 @@ connections = _apply([
 prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
                              help="List only objects under this prefix (upload: put them under it).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+on_success_option = click.option(
+    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
+    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
+                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
+                           "the same bucket.")
 poll_interval_option = click.option(
     "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
     envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
@@ -1966,9 +2050,7 @@ def main() -> None:
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@click.option("--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-              show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX "
-                                     "(move it under PREFIX). Keep when other loaders read the same bucket.")
+@on_success_option
 @click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
               envvar="FN4_RETENTION_DAYS", show_envvar=True,
               help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
@@ -1990,11 +2072,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
     with _startup(log_level, log_format) as secrets:
+        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                            max_object_bytes, reconcile_interval, on_success, retention_days)
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
-    settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval, on_success, retention_days)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
@@ -2107,20 +2189,23 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
 @common
 @connections
 @prefix_option
+@on_success_option
 @json_option
 def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-               endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
+               endpoint: str | None, ca_bundle: str | None, prefix: str | None, on_success: str,
+               as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
     A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise.
+    pending otherwise. Give the loader's --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
+        settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
                                          auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
     try:
-        files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
+        files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -305,3 +305,58 @@ def test_a_failed_removal_is_tried_again_an_hour_later(fn4, store, tmp_path, cap
             assert loader.catalogue.flush(30)
             times = [b["check_time"] for b in rows(database, "batches")]
             assert sum(t < (T0 - timedelta(days=1)).replace(tzinfo=None) for t in times) == old_rows_left
+
+
+# ---- the archive prefix of --on-success rename: ----
+
+BESIDE_ARCH = ["arch_sample7.fasta", "archa1.fasta", "arch.fasta", "loaded/x.fasta", "loaded0.fasta"]
+UNDER_ARCH = ["arch/done1.fasta", "arch/sub/done2.fasta", "arch/\u00fcber.fasta"]
+
+
+@pytest.mark.parametrize("value", ["rename:arch", "rename:loaded", "rename:arch/x"])
+def test_an_archive_prefix_must_end_with_a_slash(fn4, emulator, oci_config, tmp_path, value):
+    """rename:arch would hide arch_sample7.fasta: refused at start with exit 2 and one line naming the option."""
+    upload_series(emulator, [("arch_sample7.fasta", fasta("arch_sample7"))])
+    result = run_cli(fn4, emulator, oci_config, (f"sqlite:///{tmp_path / 'c.sqlite'}", None), "--on-success", value)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "--on-success" in errors[0], result.output
+    assert "'/'" in errors[0] and not fn4.requests
+
+
+def test_a_listed_prefix_under_the_archive_prefix_is_refused(fn4, emulator, oci_config, tmp_path):
+    result = run_cli(fn4, emulator, oci_config, (f"sqlite:///{tmp_path / 'c.sqlite'}", None),
+                     "--on-success", "rename:arch/", "--prefix", "arch/sub/")
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "--prefix" in errors[0], result.output
+
+
+def test_archive_prefix_is_left_out_by_key_range_and_everything_beside_it_loads(fn4, emulator, oci_config, database):
+    """Objects beside arch/ load (and move under it); objects under it are never listed, only warned about."""
+    upload_series(emulator, [(name, fasta(osa.guid_from_name(name))) for name in UNDER_ARCH + BESIDE_ARCH])
+    result = run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:arch/")
+    assert result.exit_code == 0, result.output
+    assert sorted(i.guid for i in fn4.inserts) == sorted(osa.guid_from_name(n) for n in BESIDE_ARCH)
+    assert sorted(emulator.names(BUCKET)) == sorted(UNDER_ARCH + ["arch/" + n for n in BESIDE_ARCH])
+    listings = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/o") and r.query.get("fields")
+                and "prefix" not in r.query]  # the bucket's listings, not the look under arch/ at start
+    assert {(r.query.get("start"), r.query.get("end")) for r in listings} == {(None, "arch/"), ("arch0", None)}
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line and "arch/" in line]
+    assert len(warnings) == 1 and "3 FASTA objects" in warnings[0] and "arch/done1.fasta" in warnings[0], warnings
+    assert {r["file_name"] for r in rows(database, "attempts")} == set(BESIDE_ARCH)
+    assert rows(database, "batches")[-1]["objects_listed"] == len(BESIDE_ARCH)
+
+    result = run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:arch/")
+    assert result.exit_code == 0 and len(fn4.inserts) == len(BESIDE_ARCH)
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line and "arch/" in line]
+    assert len(warnings) == 1 and "3 FASTA objects" in warnings[0], warnings  # the archived ones are known
+
+    args = ["list", fn4.url, NAMESPACE, BUCKET, *catalogue_args(database), *oci(emulator, oci_config), "--json"]
+    for extra, env in ((["--on-success", "rename:arch/"], {}), ([], {"FN4_ON_SUCCESS": "rename:arch/"})):
+        shown = CliRunner().invoke(osa.main, [str(a) for a in args + extra], env=env, catch_exceptions=False)
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout) == [], shown.stdout  # everything is archived: nothing pending, nothing shown
+    upload_series(emulator, [("arch_new.fasta", fasta("arch_new"))], start=T0 + timedelta(hours=1))
+    shown = CliRunner().invoke(osa.main, [str(a) for a in args], env={"FN4_ON_SUCCESS": "rename:arch/"})
+    assert [(f["name"], f["state"]) for f in json.loads(shown.stdout)] == [("arch_new.fasta", "pending")]
+    report = CliRunner().invoke(osa.main, ["status", *catalogue_args(database), "--json"])
+    assert [loader["backlog"] for loader in json.loads(report.stdout)["loaders"]] == [0], report.stdout
