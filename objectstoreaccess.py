@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -2022,6 +2023,10 @@ on_success_option = click.option(
     show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
                            "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
                            "the same bucket.")
+max_object_bytes_option = click.option(
+    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
+    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
+    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
 poll_interval_option = click.option(
     "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
     envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
@@ -2044,9 +2049,7 @@ def main() -> None:
               help="File-specific transient failures before a file is given up.")
 @click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
               help="Reference genome length; files of any other length fail. Default: no check.")
-@click.option("--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES,
-              show_default=True, envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-              help="Largest object, compressed or decompressed, that is loaded.")
+@max_object_bytes_option
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
@@ -2222,15 +2225,20 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @oci_options
 @prefix_option
+@max_object_bytes_option
 @log_options
 def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
+           log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
-    Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
+    a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
+    Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
+    was not uploaded.
     """
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
@@ -2242,8 +2250,10 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
             problem = problem or guid_problem(guid_from_name(name))
             try:
-                if problem is None and not store.upload(name, Path(path).read_bytes()):
+                if problem is None and not store.upload(name, read_upload(path, max_object_bytes)):
                     problem = "an object of that name exists; it was not replaced"
+            except SampleError as exc:
+                problem = exc.reason
             except Exception as exc:
                 if not store._is_fault(exc):
                     raise
@@ -2289,6 +2299,34 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
                     raise
                 results.append((name, _oci_reason(exc)))
     _report("downloaded", results)
+
+
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """Return a local file's bytes if the loader would load them. Raises SampleError saying why not.
+
+    Links are followed. Anything but a regular file (a FIFO, a device, a folder) is refused before
+    it is read, and so is a file above ``max_bytes``; the content must be one FASTA record, a gzip
+    file being inflated within the same bound.
+    """
+    data = b""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):  # a non-blocking open, checked again: a file swapped for a FIFO cannot block
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+                info = os.fstat(file.fileno())
+                if stat.S_ISREG(info.st_mode) and info.st_size <= max_bytes:
+                    data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise SampleError("unreadable", f"cannot read it: {exc.strerror}") from None
+    kind = info.st_mode
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind) else (
+            "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) else "a socket or other special file")
+        raise SampleError("not_a_file", f"not a regular file but {what} (after following links)")
+    if (size := max(info.st_size, len(data))) > max_bytes:
+        raise SampleError("too_large", f"it is {size} bytes; the limit (--max-object-bytes) is {max_bytes}")
+    parse_fasta(inflate([data], max_bytes))
+    return data
 
 
 def safe_file_name(name: str) -> str:

@@ -5,19 +5,26 @@ Storage emulator, the fn4 stand-in over HTTP and real catalogue databases. Time 
 """
 import gzip
 import json
+import os
 import re
+import resource
+import subprocess
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
+from bad_inputs import _bomb
 from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
 from fn4_standin import FN4StandIn, Scripted
 from test_end_to_end import rows, run_cli
 
+SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -93,6 +100,71 @@ def test_upload_refuses_bad_names_and_still_uploads_the_good_ones(emulator, oci_
     for name, line in zip(bad, refusals):
         assert line.startswith(f"not uploaded: {name}: ") and len(line) > len(f"not uploaded: {name}: ") + 10
     assert "FASTA" in refusals[0] and "60" in refusals[2]
+
+
+def _hostile(tmp_path, kind):
+    """Make the hostile file of one kind; return (path as given to upload, the words its refusal must hold)."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe.fasta")
+        return tmp_path / "pipe.fasta", "not a regular file"
+    if kind == "device-symlink":
+        (tmp_path / "zero.fasta").symlink_to("/dev/zero")
+        return tmp_path / "zero.fasta", "not a regular file"
+    if kind == "folder":
+        (tmp_path / "folder.fasta").mkdir()
+        return tmp_path / "folder.fasta", "not a regular file"
+    if kind == "oversized":  # sparse: reading it whole would take 3 GiB
+        with open(tmp_path / "huge.fasta", "wb") as out:
+            out.truncate(3 * 2**30)
+        return tmp_path / "huge.fasta", "limit"
+    if kind == "not-fasta":
+        return write(tmp_path, "notes.fasta", b"meeting notes, not a genome\n"), "header"
+    if kind == "config-symlink":
+        secret = write(tmp_path / "oci", "config", b"[DEFAULT]\nuser=ocid1.user.oc1..x\nkey_file=/k.pem\n")
+        (tmp_path / "cfg.fasta").symlink_to(secret)
+        return tmp_path / "cfg.fasta", "header"
+    if kind == "gzip-bomb":
+        return write(tmp_path, "bomb.fasta.gz", _bomb()), "limit"
+    if kind == "two-records":
+        return write(tmp_path, "two.fasta", fasta("a") + fasta("b")), "2 records"
+    if kind == "missing":
+        return tmp_path / "absent.fasta", "No such file"
+    raise AssertionError(kind)
+
+
+def run_upload(emulator, oci_config, *args, cwd=None):
+    """Run upload in a real process with a time limit and a memory cap, so a hang or a runaway read fails fast."""
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "FN_SENTRY"))}
+    try:
+        return subprocess.run([sys.executable, str(SCRIPT), "upload", NAMESPACE, BUCKET, "--config-file",
+                               str(oci_config), "--endpoint", emulator.endpoint, *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=30, preexec_fn=cap_memory)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"upload {args} did not finish within 30 s") from None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device-symlink", "folder", "oversized", "not-fasta", "config-symlink",
+                                  "gzip-bomb", "two-records", "missing"])
+def test_upload_refuses_what_the_loader_would_not_load_and_uploads_the_rest(emulator, oci_config, tmp_path, kind):
+    """Each hostile file is refused with its reason, within a time limit; the good file beside it uploads."""
+    path, words = _hostile(tmp_path, kind)
+    good = write(tmp_path, "good.fasta", fasta("good"))
+    done = run_upload(emulator, oci_config, path, good)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [refusal] = [line for line in done.stdout.splitlines() if line.startswith("not uploaded: ")]
+    assert refusal.startswith(f"not uploaded: {path.name}: ") and words in refusal, refusal
+    assert "Traceback" not in done.stderr and "ocid1" not in done.stdout + done.stderr
+    assert emulator.names(BUCKET) == ["good.fasta"]
+    assert "1 uploaded, 1 not" in done.stdout
+
+
+def test_upload_takes_a_name_starting_with_a_dash_after_double_dash(emulator, oci_config, tmp_path):
+    write(tmp_path, "-dash.fasta", fasta("-dash"))
+    done = run_upload(emulator, oci_config, "--", "-dash.fasta", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert emulator.names(BUCKET) == ["-dash.fasta"] and emulator.get(BUCKET, "-dash.fasta") == fasta("-dash")
 
 
 # ---- download ----
