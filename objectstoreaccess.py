@@ -42,7 +42,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import click
 import requests
@@ -492,13 +492,30 @@ def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
     return ceiling / 2 + rng() * ceiling / 2
 
 
-#: Values never to show (passwords, the Sentry DSN), added as they are learnt; logs and Sentry read it.
+#: Values never to show (passwords, pass phrases, the Sentry DSN) in every form they may be written in,
+#: longest first, added as they are learnt; logs, Sentry events, catalogue rows and CLI errors are redacted with it.
 _SECRETS: list[str] = []
+#: The password of a URL as typed (percent-encoded or not), found as SQLAlchemy finds it.
+_TYPED_PASSWORD = re.compile(r"[\w+]+://[^:/]*:([^@]*)@")
 
 
-def _remember_secret(value: str | None) -> None:
-    if value and value not in _SECRETS:
-        _SECRETS.append(value)
+def secret_forms(secret: str, *typed: str) -> set[str]:
+    """Return the ways a secret may be written: as typed, decoded, percent-encoded, escaped in JSON or repr."""
+    texts = {secret, *typed, quote(secret, safe=""), quote_plus(secret),
+             re.sub(r"[:@/]", lambda m: f"%{ord(m.group()):X}", secret)}  # as SQLAlchemy renders it
+    texts |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text) for text in texts}
+    forms = set(texts)
+    for text in texts:
+        forms |= {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+                  text.replace("\\", "\\\\").replace("'", "\\'"), text.encode("unicode_escape").decode()}
+    return forms
+
+
+def _remember_secret(value: str | None, *typed: str) -> None:
+    """Redact ``value`` from now on, in every form it may be written in (``typed``: forms as the user gave it)."""
+    if value:
+        _SECRETS.extend(form for form in secret_forms(value, *typed) if form not in _SECRETS)
+        _SECRETS.sort(key=len, reverse=True)  # in place: the log filter holds this list
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -507,6 +524,17 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
+
+
+def redact_all(value: Any, secrets: Iterable[str]) -> Any:
+    """Return a structure (a Sentry event) with every string in it, keys included, redacted."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_all(k, secrets): redact_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(v, secrets) for v in value]
+    return value
 
 
 # ---- Object store ----------------------------------------------------------------------------
@@ -561,6 +589,7 @@ class ObjectStoreClient:
             if auth in ("api_key", "security_token"):
                 config = oci.config.from_file(
                     os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
+                _remember_secret(config.get("pass_phrase"))
                 if auth == "security_token":
                     token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
                     key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
@@ -1004,7 +1033,7 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     except sa.exc.ArgumentError:
         raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
                           "e.g. postgresql+psycopg2://user@host/db") from None
-    _remember_secret(url.password and str(url.password))
+    _remember_secret(url.password and str(url.password), *_TYPED_PASSWORD.findall(text)[:1])
     if url.drivername in ("oracle", "oracle+cx_oracle"):
         url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
@@ -1774,8 +1803,8 @@ class Loader:
         if outcome in LOADED and self.settings.on_success != "keep":
             if problem := self.store.archive(obj, self.settings.on_success):
                 columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
-        if columns.get("error_text"):
-            columns["error_text"] = columns["error_text"][:2000]
+        if columns.get("error_text"):  # fn4's answers and errors may quote a secret
+            columns["error_text"] = redact(columns["error_text"], _SECRETS)[:2000]
         row = AttemptRow(**{
             "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
             "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
@@ -2367,16 +2396,28 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     """
     for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
         _remember_secret(os.environ.get(name))
+    _remember_secret(urlsplit(os.environ.get("FN_SENTRY_URL", "")).username)  # the DSN's key
     _configure_logging(log_level, _SECRETS, log_format)
     if os.environ.get("FN_SENTRY_URL"):
         import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
-        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20, before_send=lambda event, _hint:
-                        json.loads(redact(json.dumps(event, default=str), _SECRETS)))
+        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20,  # argv, locals, breadcrumbs: all
+                        before_send=lambda event, _hint: redact_all(event, _SECRETS),
+                        before_breadcrumb=lambda crumb, _hint: redact_all(crumb, _SECRETS))
+    _warn_of_password_in_argv()
     try:
         yield _SECRETS
     except ConfigError as exc:
         click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
         sys.exit(2)
+
+
+def _warn_of_password_in_argv() -> None:
+    """Warn when the DATABASE argument, given on the command line, holds a password: `ps` shows it to all."""
+    ctx = click.get_current_context(silent=True)
+    if (ctx is not None and ctx.get_parameter_source("database") is click.core.ParameterSource.COMMANDLINE
+            and _TYPED_PASSWORD.match(ctx.params.get("database") or "")):
+        log.warning("the DATABASE URL on the command line holds a password, which any user of this machine can "
+                    "read with ps: give it in FN4_DATABASE, a .env file or DB_CONNECTION_CONFIG_FILE instead")
 
 
 def cli() -> None:
