@@ -2239,7 +2239,7 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     try:
         files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:
         catalogue.close()
         fn4.close()

@@ -153,7 +153,9 @@ def test_upload_refuses_what_the_loader_would_not_load_and_uploads_the_rest(emul
     good = write(tmp_path, "good.fasta", fasta("good"))
     done = run_upload(emulator, oci_config, path, good)
     assert done.returncode == 1, done.stdout + done.stderr
-    [refusal] = [line for line in done.stdout.splitlines() if line.startswith("not uploaded: ")]
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("not uploaded: ")]
+    assert len(refusals) == 1, done.stdout + done.stderr[-300:]
+    refusal = refusals[0]
     assert refusal.startswith(f"not uploaded: {path.name}: ") and words in refusal, refusal
     assert "Traceback" not in done.stderr and "ocid1" not in done.stdout + done.stderr
     assert emulator.names(BUCKET) == ["good.fasta"]
