@@ -82,8 +82,8 @@ RETRY_AFTER_CAP = 900.0                  # seconds: the longest wait a Retry-Aft
 FN4_WRONG_LENGTH = "sequence must of the same length as reference"
 #: fn4's 500 text when its own database is unreachable (asked before the insert lock): an outage.
 FN4_DATABASE_DOWN = "Could not connect to database"
-AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up file, one a day, before an operator must
-AUTO_RETRY_INTERVAL = 86400              # seconds between automatic re-queues of given-up files
+AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up file before only an operator can
+AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -1347,10 +1347,11 @@ class LoadLogger:
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
     def file_states(self, server_url: str, namespace: str, bucket: str,
-                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
-        """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
+                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
+        """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
         a = self.attempts.c
-        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts)
+        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts,
+                           a.batch_start_time)
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
@@ -1445,6 +1446,7 @@ class Metrics:
 
 
 _END = object()  # marks the end of the prefetch queue
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has none
 
 
 class Loader:
@@ -1472,8 +1474,8 @@ class Loader:
         self._server_count = 0
         self._next_prune: datetime | None = None
         self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
-        self._gave_up_rounds: dict[tuple[str, str], int] = {}  # gave_up rows per file, for the automatic retry
-        self._next_auto_retry: datetime | None = None
+        # (file name, etag) -> (gave_up rows, time of the latest), folded from the catalogue: the automatic retry.
+        self._given_up: dict[tuple[str, str], tuple[int, datetime]] = {}
         self._retry_after: float | None = None  # seconds fn4 asked us to wait when it paused the last cycle
         self.pause_reason: str | None = None  # why the last cycle paused: the pausing row's error text
         self.last_summary: CycleSummary | None = None
@@ -1532,7 +1534,7 @@ class Loader:
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
-        if caught_up and (self._next_auto_retry is None or started >= self._next_auto_retry):
+        if caught_up and self._given_up:
             self._requeue_given_up(objects, started)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
@@ -1583,11 +1585,12 @@ class Loader:
         if self.catalogue.unwritten:
             return False  # our own rows are not all in yet; the in-memory state is newer
         try:
-            for row_id, name, etag, completed, outcome, attempts in self.catalogue.file_states(
+            for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
                 self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
                 if outcome == GAVE_UP:
-                    self._gave_up_rounds[(name, etag)] = self._gave_up_rounds.get((name, etag), 0) + 1
+                    rounds = self._given_up.get((name, etag), (0, None))[0]
+                    self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
@@ -1595,19 +1598,20 @@ class Loader:
         return True
 
     def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:
-        """Re-queue listed files given up, once every AUTO_RETRY_INTERVAL, at most AUTO_RETRY_ROUNDS times each.
+        """Re-queue listed files given up AUTO_RETRY_INTERVAL ago or more, at most AUTO_RETRY_ROUNDS times each.
 
         A file given up during an incident of fn4 or Object Storage then loads without an operator.
         Files that failed for good (failed, duplicate, vanished) are never re-queued automatically.
+        Called only when the catalogue is read up to our own rows, so the counts and times are current.
         """
-        self._next_auto_retry = started + timedelta(seconds=AUTO_RETRY_INTERVAL)
-        for obj in objects:
-            completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
-            rounds = max(self._gave_up_rounds.get(obj.key, 0), 1)
-            if completed and outcome == GAVE_UP and rounds <= AUTO_RETRY_ROUNDS:
+        due = {key: rounds for key, (rounds, when) in self._given_up.items()
+               if rounds <= AUTO_RETRY_ROUNDS and (started - when).total_seconds() >= AUTO_RETRY_INTERVAL
+               and self._files.get(key, (0, "", 0))[:2] == (1, GAVE_UP)}
+        for obj in objects if due else ():
+            if (rounds := due.get(obj.key)) is not None:
                 self._record(obj, REQUEUED, started, failed_attempts=0,
-                             error_text=f"requeued automatically after gave_up: daily retry {rounds} of "
-                                        f"{AUTO_RETRY_ROUNDS}")
+                             error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
+                                        f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
 
     def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
