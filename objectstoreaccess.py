@@ -869,11 +869,20 @@ class FN4Client:
         self._session.close()
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        try:
-            # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-            response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-        except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+        """GET a route and return its JSON. Raises OutageError.
+
+        A GET cut off without an answer (as when the server closes an idle kept-alive connection under
+        it) is asked once more at once; a timeout is not.
+        """
+        for last_try in (False, True):
+            try:
+                # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
+                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
+                break
+            except requests.RequestException as exc:
+                if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
+                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:

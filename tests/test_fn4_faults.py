@@ -248,6 +248,17 @@ def test_a_fresh_connection_failing_is_not_repeated(harness, emulator, fn4):
     assert [(i.guid, i.status) for i in fn4.inserts] == [("a", 0)]
 
 
+def test_a_get_cut_off_on_a_kept_alive_connection_is_asked_again(harness, emulator, fn4):
+    files(emulator, "a")
+    h = harness()
+    h.cycle()
+    files(emulator, "b")
+    fn4.script(Scripted(route="exists", drop=True))  # as when fn4 closes the idle connection under the request
+    summary = h.cycle()
+    assert summary.loaded == 1 and sorted(fn4.guids) == ["a", "b"]
+    assert [r.status for r in fn4.requests if r.path == "/api/v2/b/exists"] == [0, 200]
+
+
 # ---- finding 9: --once exit code ----------------------------------------------------------------
 
 
