@@ -354,3 +354,4 @@ def test_two_loaders_at_once_lose_nothing_send_nothing_twice_and_fail_nothing(ha
     rows = first.rows() + second.rows()
     assert {r["outcome"] for r in rows} <= {"inserted", "in_server", "already_present", SERVER_BUSY}, rows
     assert all(r["failed_attempts"] == 0 for r in rows)
+    assert any(i.status == 409 for i in fn4.inserts) and SERVER_BUSY in {r["outcome"] for r in rows}  # they met
