@@ -2066,7 +2066,7 @@ def main() -> None:
 @common
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
-              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
+              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
 @poll_interval_option
 @prefix_option
 @click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
