@@ -39,13 +39,13 @@ def test_ranged_listing_equals_the_sequential_listing(emulator, store, boundarie
     names = [f"s{i:05d}.fasta" for i in range(2100)] + [f"loaded/s{i:05d}.fasta" for i in range(1100)]
     put_many(emulator, names + UNICODE + ["notes.txt", "dir/readme.md"])
     for archive in (None, "loaded/"):
-        ranges = osa.key_ranges(boundaries, archive)
+        ranges = osa.key_ranges(None, archive, boundaries)
         listing = store.list_ranges(ranges, workers=workers)
         assert listed_names(listing) == sequential(store, archive)
         assert listing.listed == len(listing.objects) and listing.next_start is None
         assert [name for name, _ in listing.pages] == sorted(name for name, _ in listing.pages)
         assert sum(count for _, count in listing.pages) >= listing.listed
-    listing = store.list_ranges(osa.key_ranges(boundaries, "loaded/"), prefix="loaded/", workers=workers)
+    listing = store.list_ranges(osa.key_ranges(None, "loaded/", boundaries), prefix="loaded/", workers=workers)
     assert listed_names(listing) == []
 
 
@@ -61,7 +61,7 @@ def test_split_points_make_ranges_of_at_least_a_page():
 def test_key_ranges_cover_the_key_space_once_and_leave_the_archive_out():
     names = sorted(["", "a", "loaded", "loaded/", "loaded/x", "loaded/\U0010ffff", "loaded0", "loadee", "z", "é"])
     for boundaries in ([], ["loaded/x"], ["a", "loaded0", "m"], ["loaded/", "loaded0"], ["b", "c"]):
-        ranges = osa.key_ranges(boundaries, "loaded/")
+        ranges = osa.key_ranges(None, "loaded/", boundaries)
         for name in names:
             covering = [r for r in ranges if (r[0] is None or r[0] <= name) and (r[1] is None or name < r[1])]
             assert len(covering) == (0 if name.startswith("loaded/") else 1), (boundaries, name, ranges)
