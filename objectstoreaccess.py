@@ -894,7 +894,8 @@ class ObjectStoreClient:
             response = self._client.get_object(self.namespace, self.bucket, name, if_match=etag)
             return SimpleNamespace(headers=response.headers, close=response.data.close,
                                    chunks=response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False))
-        response = self._client.retry_strategy.make_retrying_call(self._get_direct, name, etag)
+        strategy = self._client.retry_strategy or self._oci.retry.NoneRetryStrategy()
+        response = strategy.make_retrying_call(self._get_direct, name, etag)
 
         def close() -> None:
             if not response.isclosed():  # the body was not read to its end: the connection is spent
