@@ -700,7 +700,7 @@ def _ceiling(fn4: Remote, client: osa.FN4Client, store: osa.ObjectStoreClient, o
 def _per_genome_breakdown(store: osa.ObjectStoreClient, fn4: osa.FN4Client,
                           objects: list[osa.StoredObject]) -> dict[str, float]:
     """CPU seconds of each step for one genome, median over a few, measured in one thread."""
-    steps: dict[str, list[float]] = {"read_object (SDK GET, md5, gunzip)": [], "parse_fasta": [],
+    steps: dict[str, list[float]] = {"read_object (signed GET, md5, gunzip)": [], "parse_fasta": [],
                                      "FN4Client.insert (client side)": [],
                                      "AttemptRow + LoadLogger.record_attempt": []}
     engine = sa.create_engine("sqlite://")
@@ -1217,9 +1217,16 @@ def _report_national(runs: dict[str, dict[str, Any]], backlog: list[tuple[Profil
             continue
         m = result[key]
         rows.append([label, f"{m['wall']:.2f}", f"{m['cpu']:.2f}", str(m["list_pages"]), f"{m['list_seconds']:.2f}",
-                     f"{m['listed']:,}", f"{m['found']:,}", _mb(m["hwm"]), f"{m['fn4_bytes'] / MB:.0f}"])
+                     f"{m['listed']:,}", f"{m['found']:,}", _mb(m["hwm"] - m["peak"]), _mb(m["hwm"]),
+                     f"{m['fn4_bytes'] / MB:.0f}"])
     out += _table(["cycle", "wall s", "CPU s", "list pages", "list s (emulator)", "FASTA listed", "to load",
-                   "VmHWM MB", "MB from fn4"], rows)
+                   "RSS at start MB", "VmHWM MB", "MB from fn4"], rows)
+    if sars and sars.get("breakdown"):
+        out += ["", "Where one SARS-CoV-2-sized sample's CPU goes, each step alone in one thread (thread_time, "
+                    "median of 5); the rest of the per-sample figure is the prefetch hand-over, GIL switches and "
+                    "the catalogue writer:", ""]
+        out += _table(["step", "ms"], [[step, f"{value * 1000:.2f}"] for step, value in sars["breakdown"].items()]
+                      + [["sum", f"{sum(sars['breakdown'].values()) * 1000:.2f}"]])
     if "guid_set" in restart:
         out += ["", "fn4's guid list fetched alone (after the cycles above):", ""]
         rows = [[name, f"{restart[key]['count']:,}", f"{restart[key]['wall']:.2f}", f"{restart[key]['cpu']:.2f}",
