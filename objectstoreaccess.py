@@ -1211,15 +1211,13 @@ class FN4Client:
         ever held whole.
         """
         path = "/api/v2/guids"
-        try:
-            with self._session.get(self.base_url + path, timeout=self.timeout, verify=self.verify,
-                                   stream=True) as response:
-                if response.status_code != 200:
-                    raise OutageError(f"fn4 GET {path} answered {response.status_code}: "
-                                      f"{_answer_text(response.content)}")
+        with self._get(path, self.timeout, stream=True) as response:
+            if response.status_code != 200:
+                raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
+            try:
                 return GuidSet(json_strings(response.iter_content(GUIDS_CHUNK), f"fn4 GET {path}"))
-        except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+            except requests.RequestException as exc:
+                raise OutageError(f"fn4 GET {path} was cut off: {_short(exc)}") from None
 
     def exists(self, guid: str) -> bool:
         """Return True if fn4 holds the guid. Raises OutageError, also for an answer that is not true or false."""
@@ -1320,8 +1318,8 @@ class FN4Client:
         self._drop_insert_connection()
         self._session.close()
 
-    def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        """GET a route and return its JSON. Raises OutageError.
+    def _get(self, path: str, timeout: tuple[float, float], stream: bool = False) -> requests.Response:
+        """GET a route. Raises OutageError.
 
         A GET cut off without an answer (as when the server closes an idle kept-alive connection under
         it) is asked once more at once; a timeout is not.
@@ -1329,12 +1327,16 @@ class FN4Client:
         for last_try in (False, True):
             try:
                 # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-                break
+                return self._session.get(self.base_url + path, timeout=timeout, verify=self.verify, stream=stream)
             except requests.RequestException as exc:
                 if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
                     raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
                 log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
+        raise AssertionError("unreachable")
+
+    def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
+        """GET a route and return its JSON. Raises OutageError (see _get)."""
+        response = self._get(path, timeout)
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:

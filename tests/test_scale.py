@@ -187,6 +187,18 @@ def test_guid_set_streams_fn4s_list(fn4):
     assert "guid-20000" not in held and "" not in held
 
 
+def test_guid_set_cut_off_before_an_answer_is_asked_again(fn4):
+    fn4.guids.update(dict.fromkeys(["a", "b"]))
+    client = osa.FN4Client(fn4.url)
+    fn4.script(Scripted(route="guids", drop=True))  # as when fn4 closes the idle connection under the request
+    held = client.guid_set()
+    assert len(held) == 2 and "a" in held
+    assert [r.status for r in fn4.requests if r.path == "/api/v2/guids"] == [0, 200]
+    fn4.script(Scripted(route="guids", drop=True, times=2))
+    with pytest.raises(osa.OutageError, match="/api/v2/guids failed"):
+        client.guid_set()
+
+
 @pytest.mark.parametrize("body", ['["a", 1]', '{"guids": ["a"]}', '["a"', "null", "<html>oops</html>"])
 def test_guid_set_of_a_malformed_answer_is_an_outage_never_an_answer(fn4, body):
     fn4.script(Scripted(status=200, route="guids", body=body))
