@@ -103,7 +103,7 @@ SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; no
 REQUEUED = "requeued"                    # an operator asked for the file to be tried again
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
-REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
 
 log = logging.getLogger("fn4loader")
 
@@ -599,7 +599,7 @@ class ObjectStoreClient:
             response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
         except oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
-                raise ObjectChanged(f"object was deleted or replaced after listing ({exc.status})") from None
+                raise self._confirm_change(obj, exc.status) from None
             raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
         except Exception as exc:
             if _is_network_error(exc):
@@ -632,6 +632,27 @@ class ObjectStoreClient:
             response.data.close()
         _check_body(response.headers, received, digest, obj.md5)
         return data
+
+    def _confirm_change(self, obj: StoredObject, status: int) -> LoaderError:
+        """Return ObjectChanged if a fresh listing confirms a 404/412 on a read, else TransientError.
+
+        A listing, not a HEAD, confirms: HEAD needs the same permission as GET, and Object Storage
+        answers 404 when access is refused, so only the listing that queued the file can tell.
+        """
+        try:
+            page = self._client.list_objects(self.namespace, self.bucket, prefix=obj.name, start=obj.name,
+                                             limit=1, fields="name,etag").data
+        except Exception as exc:
+            if not self._is_fault(exc):
+                raise
+            return TransientError(f"Object Storage answered {status} and the listing to confirm it failed: "
+                                  f"{_oci_reason(exc)}")
+        listed = next((item for item in page.get("objects", ()) if item.get("name") == obj.name), None)
+        if listed is None:
+            return ObjectChanged(f"object was deleted after listing (read answered {status}; no longer listed)")
+        if listed.get("etag") != obj.etag:
+            return ObjectChanged(f"object was replaced after listing (read answered {status}; its etag changed)")
+        return TransientError(f"Object Storage answered {status}, but the object is still listed unchanged")
 
     def archive(self, obj: StoredObject, on_success: str) -> str | None:
         """Delete a loaded object, or rename it to PREFIX + name, only if it is unchanged since listing.
@@ -1999,7 +2020,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
-    """Re-queue failed, given-up and duplicate files so the loader tries them again."""
+    """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
     with _startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
