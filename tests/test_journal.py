@@ -256,6 +256,35 @@ def test_once_exits_1_in_bounded_time_when_the_catalogue_refuses_writes_and_lose
     engine.dispose()
 
 
+def test_the_daemon_keeps_retrying_a_catalogue_that_refuses_writes_and_warns(tmp_path, caplog):
+    db = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    engine = sa.create_engine(db)
+    catalogue = osa.LoadLogger(engine, retry_cap=0.1, journal=tmp_path / "rows.journal", call_timeout=0.5)
+    catalogue.create_tables()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
+                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    catalogue.start()
+    for i in range(3):
+        catalogue.record_attempt(attempt(i))
+    stop = threading.Event()
+    waiter = threading.Thread(target=catalogue.wait_until_below, args=(0, stop), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fn4loader"):
+            waiter.start()
+            wait_for(lambda: "catalogue rows have waited" in caplog.text)
+            assert waiter.is_alive() and catalogue.unwritten == 3  # no patience set: inserting waits, never fails
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP TRIGGER disk_full")
+            waiter.join(30)
+            assert not waiter.is_alive()
+    finally:
+        stop.set()
+    assert "database or disk is full" in caplog.text and "kept in the journal" in caplog.text
+    assert catalogue.close() == [] and len(attempt_rows(db)) == 3
+    engine.dispose()
+
+
 def test_kill_9_mid_batch_loses_no_catalogue_row(fn4, emulator, oci_config, tmp_path):
     path = tmp_path / "c.sqlite"
     db = f"sqlite:///{path}"
