@@ -1288,6 +1288,7 @@ class LoadLogger:
         self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
         self._unjournaled_ids: set[int] = set()
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
+        self._connections_lock = threading.Lock()
         sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
         self.journal = RowJournal(journal) if journal else None
@@ -1303,7 +1304,8 @@ class LoadLogger:
 
     def _track(self, dbapi_connection: Any, _record: Any) -> None:
         if callable(getattr(dbapi_connection, "fileno", None)) or hasattr(dbapi_connection, "_sock"):
-            self._connections.add(dbapi_connection)
+            with self._connections_lock:
+                self._connections.add(dbapi_connection)
 
     @staticmethod
     def connect(database: str | None) -> sa.Engine:
@@ -1440,19 +1442,31 @@ class LoadLogger:
 
     @contextlib.contextmanager
     def _deadline(self, what: str) -> Iterator[None]:
-        """Bound a catalogue call: after ``call_timeout`` seconds, shut its connections so it fails."""
-        timer = threading.Timer(self.call_timeout, self._drop_connections, args=(what,))
-        timer.daemon = True
-        timer.start()
+        """Bound a catalogue call: every ``call_timeout`` seconds it has not ended, shut its connections.
+
+        Again and again, not once: the driver may reconnect by itself (pool pre-ping) and the new
+        connection can go half-open too.
+        """
+        ended = threading.Event()
+
+        def watch() -> None:
+            while not ended.wait(self.call_timeout):
+                self._drop_connections(what)
+
+        watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
+        watcher.start()
         try:
             yield
         finally:
-            timer.cancel()
+            ended.set()
+            watcher.join(self.call_timeout)
 
     def _drop_connections(self, what: str) -> None:
         log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
                     "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
-        for connection in list(self._connections):
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
             _shut_socket(connection)
 
     def _warn_if_waiting(self) -> None:
@@ -1469,9 +1483,9 @@ class LoadLogger:
         """Return the rows not yet in the table, found by their key columns (_ROW_KEYS)."""
         keys = _ROW_KEYS[table.name]
         moment = "check_time" if table is self.batches else "batch_start_time"
-        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_({r[moment] for r in rows}))
+        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in rows})))
         if table is self.attempts:
-            query = query.where(table.c.file_name.in_({r["file_name"] for r in rows}))
+            query = query.where(table.c.file_name.in_(list({r["file_name"] for r in rows})))
         found = {tuple(map(_key_value, row)) for row in conn.execute(query)}
         return [r for r in rows if tuple(_key_value(r[k]) for k in keys) not in found]
 
