@@ -1338,7 +1338,7 @@ class LoadLogger:
             raise catalogue.unusable(exc) from None
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         catalogue.start()
-        if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT):
+        if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT, until_failure=True):
             log.warning("%d rows from the journal are not yet written; they are retried", catalogue.unwritten)
         return catalogue
 
@@ -1415,13 +1415,16 @@ class LoadLogger:
             finally:
                 self._urgent -= 1
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
+    def flush(self, timeout: float, until_failure: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were.
+
+        With ``until_failure``, stop waiting as soon as a write fails.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             self._urgent += 1
             self._changed.notify_all()
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and time.monotonic() < deadline and not (until_failure and self._outage_since):
                 self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
             self._urgent -= 1
             return not self._pending

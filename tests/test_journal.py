@@ -245,6 +245,12 @@ def test_once_exits_1_in_bounded_time_when_the_catalogue_refuses_writes_and_lose
     journal = osa.journal_path(sa.make_url(db), None, BUCKET)
     assert journal.parent == path.parent and journal.read_bytes().count(b"\n") >= len(sent)
     assert f"kept in the journal {journal}" in result.stderr
+    # Still full at the next start: the journal's rows are known without the database, so nothing is
+    # sent again and no file is recorded in_server.
+    result = subprocess.run([sys.executable, "-c", scaled, *run_args(fn4, emulator, oci_config, db)],
+                            cwd=SCRIPT.parent, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Error: the catalogue database refused" in result.stderr, result.stderr
+    assert [i.guid for i in fn4.inserts if i.status == 200] == sent
     with engine.begin() as conn:  # the disk has room again
         conn.exec_driver_sql("DROP TRIGGER disk_full")
     again = CliRunner().invoke(osa.main, run_args(fn4, emulator, oci_config, db))
