@@ -134,7 +134,8 @@ def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, e
     summary = h.cycle()
     assert summary.paused and summary.loaded == 0
     rows = h.rows()
-    assert len(rows) == 1 and rows[0]["outcome"] == "server_unavailable" and rows[0]["completed"] == 0
+    outcome = "server_busy" if fault.status == 409 and not fault.drop else "server_unavailable"
+    assert len(rows) == 1 and rows[0]["outcome"] == outcome and rows[0]["completed"] == 0
     assert rows[0]["failed_attempts"] == 0 and rows[0]["file_name"] == "s0.fasta"
     fn4.clear_script()
     h.cycle()
@@ -202,15 +203,17 @@ def test_throttling_and_5xx_from_object_storage_are_retried_by_the_sdk(harness, 
     assert [r.status for r in emulator.requests if r.method == "GET"].count(429) == 2
 
 
-def test_listing_that_keeps_failing_abandons_the_cycle_without_a_batch_row(harness, emulator, fn4):
+def test_listing_that_keeps_failing_abandons_the_cycle_with_a_batch_row_that_says_why(harness, emulator, fn4):
     put_all(emulator, [("a.fasta", fasta("a"))])
     emulator.add_fault(Fault(method="GET", path_contains="/o", kind="status", status=503, times=-1))
     h = harness()
     with pytest.raises(osa.OutageError, match="listing bucket 'FN4-queue' failed: Object Storage answered 503"):
         h.loader.run(once=True)
     assert h.catalogue.flush(30) and not h.rows() and not fn4.inserts
+    b = h.catalogue.batches.c
     with h.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(h.catalogue.batches)).scalar() == 0
+        [row] = conn.execute(sa.select(b.batch_size, b.abandon_reason)).all()
+    assert row.batch_size is None and "listing bucket 'FN4-queue' failed" in row.abandon_reason
     emulator.clear_faults()
     h.cycle()
     assert list(fn4.guids) == ["a"]
