@@ -1,6 +1,5 @@
 """Faults and bad input: every file ends loaded or finished with a reason, and nothing blocks the queue."""
 import gzip
-import os
 import threading
 from datetime import timedelta
 
@@ -349,15 +348,12 @@ def test_idle_cycle_does_not_fetch_the_guid_list(harness, emulator, fn4):
     assert any(r.path == "/api/v2/new/exists" for r in fn4.requests)
 
 
-@pytest.mark.skipif(not os.environ.get("FN4_TEST_POSTGRES_URL"), reason="FN4_TEST_POSTGRES_URL is not set")
-def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4):
-    url = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"])
+def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4, postgres_schema):
+    url, schema = postgres_schema
+    url = sa.make_url(url)
     with TCPProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
         h = harness(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-                    retry_cap=0.2)
-        with h.engine.begin() as conn:
-            conn.execute(h.catalogue.attempts.delete())
-            conn.execute(h.catalogue.batches.delete())
+                    schema=schema, retry_cap=0.2)
         total = osa.MAX_UNWRITTEN_ROWS + 15
         put_all(emulator, [(f"s{i:03d}.fasta", fasta(f"s{i:03d}")) for i in range(total)])
         proxy.cut()
