@@ -1044,8 +1044,8 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
         problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
                             f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
     if busy := status.outcomes.get(SERVER_BUSY, 0):
-        problems.append((0, f"fn4 asked to wait {busy} times in {window} (insert lock held, 429, 408): "
-                            "contention, not a failure"))
+        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
+                            "408): contention, not a failure"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
@@ -2221,12 +2221,13 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
                            _when(r.last_success)] for r in reports])]
-    hours = f"last {STATUS_WINDOW.total_seconds() / 3600:g} h"
+    window = f"last {STATUS_WINDOW.total_seconds() / 3600:g} h"
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
-                  f"  {hours}: files by latest outcome: "
-                  + (", ".join(f"{k} {v}" for k, v in sorted(r.recent_files.items())) or "none")
-                  + "; attempts: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "none")]
+                  f"  files tried in the {window}, by latest outcome: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.recent_files.items())) or "none"),
+                  f"  attempts in the {window}: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "none")]
         lines += [f"  {problem}" for problem in r.problems]
         if r.failed_files:
             lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
