@@ -1263,14 +1263,14 @@ class LoadLogger:
         tried five times counts once, and one re-queued and loaded is no longer failed.
         """
         b, a = self.batches.c, self.attempts.c
-        b2 = self.batches.alias("ran")
         loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
         bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
-        last_ran = sa.select(sa.func.max(b2.c.bl_int_id)).where(  # the loader's latest cycle that was not abandoned
-            b2.c.host_name == b.host_name, b2.c.findneighbour_server_url == b.findneighbour_server_url,
-            b2.c.abandon_reason.is_(None)).scalar_subquery()
+        ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
+               .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
         abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
-                     .where(b.abandon_reason.is_not(None), b.bl_int_id > sa.func.coalesce(last_ran, 0))
+                     .join(ran, sa.and_(ran.c.host_name == b.host_name,
+                                        ran.c.findneighbour_server_url == b.findneighbour_server_url), isouter=True)
+                     .where(b.abandon_reason.is_not(None), b.bl_int_id > sa.func.coalesce(ran.c.id, 0))
                      .group_by(*loader))
         finished = (sa.select(sa.func.count()).where(  # files of that cycle loaded or failed for good since
             a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
@@ -1296,7 +1296,7 @@ class LoadLogger:
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
                         .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
-            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id == last_ran),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
             "abandoned": abandoned,
         }
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
