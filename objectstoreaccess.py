@@ -8,7 +8,7 @@ waits ``--poll-interval`` seconds and looks again; it is meant to run for months
 Usage::
 
     python3 objectstoreaccess.py "http://localhost:5025" "lxxxx" "FN4-queue" "unittest_oracle"
-    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical
+    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical, 3 unknown
 
 Subcommands beside the loader (``run``, the default): ``status``, ``list``, ``upload``,
 ``download`` and ``retry-failed``. README.md is the manual: options, environment, databases,
