@@ -100,7 +100,7 @@ DUPLICATE = "duplicate"                  # another, older object has the same gu
 VANISHED = "vanished"                    # deleted or replaced between listing and download
 GAVE_UP = "gave_up"                      # failed --max-attempts times with transient-looking errors
 RETRY = "retry"                          # transient failure of this file; tried again later
-SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; not counted against the file
+SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down; not counted against the file
 SERVER_BUSY = "server_busy"              # fn4 asked us to wait (409 insert lock, 429, 408): no failure at all
 REQUEUED = "requeued"                    # an operator asked for the file to be tried again
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
@@ -109,7 +109,7 @@ REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
 # The three states of a file that list, status, the metrics and README share, by its latest outcome:
 # loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
 FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
-# Outcomes that are the server's or the loader's fault, not the file's: most of them is critical.
+# Outcomes that are the fault of fn4, Object Storage or the loader, not the file's: a majority is critical.
 LOADER_FAILURES = frozenset({RETRY, GAVE_UP, SERVER_UNAVAILABLE})
 
 log = logging.getLogger("fn4loader")
@@ -1017,7 +1017,7 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
     """
     problems: list[tuple[int, str]] = []
     heartbeat = status.heartbeat
-    window = f"the last {STATUS_WINDOW.total_seconds() / 3600:g} h"
+    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
         ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
         if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
@@ -2221,7 +2221,7 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
                            _when(r.last_success)] for r in reports])]
-    window = f"last {STATUS_WINDOW.total_seconds() / 3600:g} h"
+    window = f"last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
                   f"  files tried in the {window}, by latest outcome: "
@@ -2248,8 +2248,9 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
                endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
-    A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise.
+    The state is the file's latest outcome in the catalogue, as status counts it: loaded
+    (inserted, already_present, in_server), failed (failed, duplicate, vanished, gave_up) or
+    pending; a file not yet tried shows the state the next cycle will record.
     """
     with _startup(log_level, log_format):
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
