@@ -1139,7 +1139,7 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
                             f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
     if busy := status.outcomes.get(SERVER_BUSY, 0):
         problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
-                            "408): contention, not a failure"))
+                            "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
