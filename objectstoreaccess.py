@@ -1120,8 +1120,8 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
             problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
     if status.abandoned:
         since = status.abandoned_since or status.last_batch
-        problems.append((2, f"{status.abandoned_cycles or 1} cycle(s) abandoned since {_when(since)} UTC, "
-                            f"the latest because: {status.abandoned}"))
+        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
+                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
     elif status.paused:
         problems.append((2, f"the latest cycle paused: {status.paused}"))
     recent = status.recent_files
