@@ -18,7 +18,7 @@ import objectstoreaccess as osa
 ROOT = Path(__file__).resolve().parent.parent
 #: Every test that reads FN4_TEST_POSTGRES_URL itself, and one through the `database` fixture.
 TESTS = ["tests/test_faults.py::test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers",
-         "tests/test_cli.py::test_secrets_never_reach_logs_or_tables",
+         "tests/test_cli.py::test_secrets_never_reach_logs_sentry_tables_or_metrics[percent-encoded]",
          "tests/test_catalogue.py::test_tables_are_created_with_comments_and_round_trip_rows[postgresql]"]
 
 
