@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
+import html
 import http.client
 import base64
 import json
@@ -30,6 +32,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -41,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import click
 import requests
@@ -75,6 +78,13 @@ SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before t
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
+RETRY_AFTER_CAP = 900.0                  # seconds: the longest wait a Retry-After answer from fn4 can ask for
+#: fn4's 500 text for a sequence whose length is not the reference's: the sample's fault, for good.
+FN4_WRONG_LENGTH = "sequence must of the same length as reference"
+#: fn4's 500 text when its own database is unreachable (asked before the insert lock): an outage.
+FN4_DATABASE_DOWN = "Could not connect to database"
+AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up file before only an operator can
+AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -89,8 +99,8 @@ STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this wind
 LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
-# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
-# REQUEUED finishes the file (completed = 1), so it is not tried again.
+# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
+# and REQUEUED finishes the file (completed = 1), so it is not tried again.
 INSERTED = "inserted"                    # fn4 answered 200
 ALREADY_PRESENT = "already_present"      # fn4 answered 201
 IN_SERVER = "in_server"                  # fn4 had the guid before we tried; nothing sent
@@ -99,11 +109,13 @@ DUPLICATE = "duplicate"                  # another, older object has the same gu
 VANISHED = "vanished"                    # deleted or replaced between listing and download
 GAVE_UP = "gave_up"                      # failed --max-attempts times with transient-looking errors
 RETRY = "retry"                          # transient failure of this file; tried again later
-SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; not counted against the file
-REQUEUED = "requeued"                    # an operator asked for the file to be tried again
-UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
+SERVER_UNAVAILABLE = "server_unavailable"  # fn4 or its database was down; not counted against the file
+SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 lock, 429, 408); not a failure
+REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
+UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
 
@@ -116,6 +128,10 @@ class LoaderError(Exception):
 
 class ConfigError(LoaderError):
     """Bad configuration found at start-up; the message says what to fix."""
+
+
+class CatalogueMissing(ConfigError):
+    """A read-only command was given a SQLite catalogue that does not exist; nothing was created."""
 
 
 class SampleError(LoaderError):
@@ -202,6 +218,12 @@ class InsertResult:
     status_code: int | None
     outcome: str
     message: str
+    retry_after: float | None = None  # seconds a 429, 408, 409 or 503 answer asked us to wait, capped
+
+    @property
+    def parse_status(self) -> str:
+        """Return ``wrong_length`` when fn4 refused the sequence's length, else ``ok``."""
+        return "wrong_length" if self.status_code == 500 and FN4_WRONG_LENGTH in self.message else "ok"
 
 
 @dataclass(frozen=True)
@@ -229,8 +251,15 @@ class Settings:
     expected_length: int | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX
+    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
     retention_days: int = DEFAULT_RETENTION_DAYS
+
+    def __post_init__(self) -> None:
+        if problem := on_success_problem(self.on_success):
+            raise ConfigError(f"--on-success {problem}")
+        if self.archive_prefix and (self.prefix or "").startswith(self.archive_prefix):
+            raise ConfigError(f"--prefix {self.prefix!r} lies under the archive prefix {self.archive_prefix!r} "
+                              "of --on-success: nothing would ever be loaded")
 
     @property
     def archive_prefix(self) -> str | None:
@@ -311,7 +340,7 @@ class AttemptRow:
     insert_status_code: int = _column(sa.Integer(), "HTTP status fn4 answered; empty if none")
     completed: int = _column(sa.Integer(), "1 if the file is finished (loaded or failed for good)")
     outcome: str = _column(sa.String(32), "inserted, already_present, in_server, failed, duplicate, "
-                                          "vanished, gave_up, retry, server_unavailable or requeued")
+                                          "vanished, gave_up, retry, server_unavailable, server_busy or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
 
@@ -333,6 +362,36 @@ def guid_from_name(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     suffix = fasta_suffix(base)
     return base[: -len(suffix)] if suffix else base
+
+
+def on_success_problem(value: str) -> str | None:
+    """Return why an --on-success value is unusable, or None.
+
+    An archive prefix must end with '/': rename:arch would hide a waiting arch_sample7.fasta.
+    """
+    if value in ("keep", "delete"):
+        return None
+    if not value.startswith("rename:") or len(value) == len("rename:"):
+        return f"{value!r}: use keep, delete, or rename:PREFIX/ (e.g. rename:loaded/)"
+    if not value.endswith("/"):
+        return (f"{value!r}: the archive prefix must end with '/' (e.g. {value}/), or objects whose names "
+                "merely start with it would never be loaded")
+    return None
+
+
+def key_ranges(prefix: str | None, exclude: str | None) -> list[tuple[str | None, str | None]]:
+    """Return the name ranges [start, end) that cover names under ``prefix`` but none under ``exclude``.
+
+    Object Storage sorts names by their UTF-8 bytes, which is code point order, so the names under
+    ``exclude`` are exactly those from ``exclude`` up to (not including) ``exclude`` with its last
+    character raised by one: arch/ leaves out [arch/, arch0), and arch.fasta and arch_1.fasta stay.
+    """
+    prefix = prefix or ""
+    if not exclude or not (exclude.startswith(prefix) or prefix.startswith(exclude)):
+        return [(None, None)]
+    if prefix.startswith(exclude):
+        return []
+    return [(None, exclude), (exclude[:-1] + chr(ord(exclude[-1]) + 1), None)]
 
 
 def guid_problem(guid: str) -> str | None:
@@ -449,13 +508,30 @@ def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
     return ceiling / 2 + rng() * ceiling / 2
 
 
-#: Values never to show (passwords, the Sentry DSN), added as they are learnt; logs and Sentry read it.
+#: Values never to show (passwords, pass phrases, the Sentry DSN) in every form they may be written in,
+#: longest first, added as they are learnt; logs, Sentry events, catalogue rows and CLI errors are redacted with it.
 _SECRETS: list[str] = []
+#: The password of a URL as typed (percent-encoded or not), found as SQLAlchemy finds it.
+_TYPED_PASSWORD = re.compile(r"[\w+]+://[^:/]*:([^@]*)@")
 
 
-def _remember_secret(value: str | None) -> None:
-    if value and value not in _SECRETS:
-        _SECRETS.append(value)
+def secret_forms(secret: str, *typed: str) -> set[str]:
+    """Return the ways a secret may be written: as typed, decoded, percent-encoded, escaped in JSON or repr."""
+    texts = {secret, *typed, quote(secret, safe=""), quote_plus(secret),
+             re.sub(r"[:@/]", lambda m: f"%{ord(m.group()):X}", secret)}  # as SQLAlchemy renders it
+    texts |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text) for text in texts}
+    forms = set(texts)
+    for text in texts:
+        forms |= {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+                  text.replace("\\", "\\\\").replace("'", "\\'"), text.encode("unicode_escape").decode()}
+    return forms
+
+
+def _remember_secret(value: str | None, *typed: str) -> None:
+    """Redact ``value`` from now on, in every form it may be written in (``typed``: forms as the user gave it)."""
+    if value:
+        _SECRETS.extend(form for form in secret_forms(value, *typed) if form not in _SECRETS)
+        _SECRETS.sort(key=len, reverse=True)  # in place: the log filter holds this list
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -464,6 +540,17 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
+
+
+def redact_all(value: Any, secrets: Iterable[str]) -> Any:
+    """Return a structure (a Sentry event) with every string in it, keys included, redacted."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_all(k, secrets): redact_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(v, secrets) for v in value]
+    return value
 
 
 # ---- Object store ----------------------------------------------------------------------------
@@ -518,6 +605,7 @@ class ObjectStoreClient:
             if auth in ("api_key", "security_token"):
                 config = oci.config.from_file(
                     os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
+                _remember_secret(config.get("pass_phrase"))
                 if auth == "security_token":
                     token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
                     key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
@@ -556,13 +644,26 @@ class ObjectStoreClient:
                 raise
             log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
 
-    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
-        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
-        start = None
+    def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
+
+        Names under ``exclude`` (the archive prefix) are left out by key range (see key_ranges), so
+        Object Storage never sends them.
+        """
+        for start, end in key_ranges(prefix, exclude):
+            yield from self.list_range(prefix, start, end)
+
+    def list_range(self, prefix: str | None = None, start: str | None = None,
+                   end: str | None = None) -> Iterator[StoredObject]:
+        """Yield the FASTA objects under ``prefix`` whose names lie in [start, end), all pages.
+
+        ``start`` is inclusive and ``end`` exclusive, as in ListObjects; None leaves that side open.
+        Raises OutageError.
+        """
         while True:
             try:
                 page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
+                    self.namespace, self.bucket, prefix=prefix, start=start, end=end, limit=1000,
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
                 if self._is_fault(exc):
@@ -608,20 +709,23 @@ class ObjectStoreClient:
         expected = int(response.headers.get("content-length", -1))
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
+        ended = False  # the body ended: a verdict on its content may then be due to a cut-off download
 
         def counted() -> Iterator[bytes]:
-            nonlocal received
+            nonlocal received, ended
             for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
                 received += len(chunk)
                 if received > max_bytes:
                     raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
                 digest.update(chunk)
                 yield chunk
+            ended = True
 
         try:
             data = inflate(counted(), max_bytes)
         except SampleError:
-            if 0 <= expected != received:
+            # A verdict reached mid-body (a bomb, corrupt data) stands; one reached at a short end does not.
+            if ended and 0 <= expected != received:
                 raise TransientError(f"download cut off after {received} of {expected} bytes") from None
             raise
         except Exception as exc:
@@ -744,19 +848,34 @@ class FN4Client:
         self._insert_path = (urlsplit(self.base_url).path or "") + "/api/v2/insert"
         self._insert_conn: http.client.HTTPConnection | None = None
         self._insert_conn_used = 0.0
+        self._insert_conn_answers = 0  # answers received on the current insert connection
 
     def guids(self) -> set[str]:
-        """Return every guid fn4 holds. Raises OutageError."""
-        return set(self._get_json("/api/v2/guids", self.timeout))
+        """Return every guid fn4 holds. Raises OutageError, also for an answer that is not a list of strings."""
+        value = self._get_json("/api/v2/guids", self.timeout)
+        if not isinstance(value, list) or not all(isinstance(guid, str) for guid in value):
+            raise OutageError(f"fn4 GET /api/v2/guids answered {_excerpt(value)}, not a JSON list of guids")
+        return set(value)
 
     def exists(self, guid: str) -> bool:
-        """Return True if fn4 holds the guid. Raises OutageError."""
-        return self._get_json(f"/api/v2/{quote(guid, safe='')}/exists", FN4_PROBE_TIMEOUT) is True
+        """Return True if fn4 holds the guid. Raises OutageError, also for an answer that is not true or false."""
+        path = f"/api/v2/{quote(guid, safe='')}/exists"
+        value = self._get_json(path, FN4_PROBE_TIMEOUT)
+        if not isinstance(value, bool):
+            raise OutageError(f"fn4 GET {path} answered {_excerpt(value)}, not true or false")
+        return value
 
     def is_up(self) -> bool:
-        """Return True if fn4 answers its server_time route."""
+        """Return True if fn4 answers its server_time route with a JSON object."""
         try:
-            self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
+            return isinstance(self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT), dict)
+        except OutageError:
+            return False
+
+    def database_answers(self, guid: str) -> bool:
+        """Return True if fn4 answers a route that reads its database (whether it holds ``guid``)."""
+        try:
+            self.exists(guid)
             return True
         except OutageError:
             return False
@@ -776,22 +895,38 @@ class FN4Client:
         Inserts go over one kept-alive http.client connection: it spends about a millisecond less
         per request than requests, which is 4% of a SARS-CoV-2 insert. A connection left idle for
         FN4_IDLE_REOPEN seconds is reopened first, as the server may have closed it meanwhile.
+        Servers and proxies close idle connections sooner (gunicorn's async workers after 2 s), so a
+        request that fails on a reused connection before any byte of the answer arrives is sent once
+        more, at once, on a new connection; a repeat of an insert fn4 did apply answers 201 (loaded).
         """
-        try:
-            conn = self._insert_connection()
-            conn.request("POST", self._insert_path, body, _FORM_HEADERS)
-            response = conn.getresponse()
-            answer = response.read()
-        except TimeoutError:
-            self._drop_insert_connection()
-            return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop_insert_connection()
-            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+        for last_try in (False, True):
+            reused = answered = False
+            try:
+                conn = self._insert_connection()
+                reused = self._insert_conn_answers > 0
+                conn.request("POST", self._insert_path, body, _FORM_HEADERS)
+                response = conn.getresponse()
+                answered = True
+                answer = response.read()
+            except TimeoutError:
+                self._drop_insert_connection()
+                return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_insert_connection()
+                if reused and not answered and not last_try and isinstance(exc, _CLOSED_WHILE_IDLE):
+                    log.debug("fn4 closed the kept-alive insert connection (%s); sending again on a new one",
+                              _short(exc))
+                    continue
+                return InsertResult(None, SERVER_UNAVAILABLE,
+                                    f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+            break
         self._insert_conn_used = time.monotonic()
+        self._insert_conn_answers += 1
         if response.will_close:
             self._drop_insert_connection()
-        return InsertResult(response.status, _insert_outcome(response.status), _answer_text(answer))
+        text = _answer_text(answer)
+        return InsertResult(response.status, _insert_outcome(response.status, text), text,
+                            _retry_after(response.headers))
 
     def _insert_connection(self) -> http.client.HTTPConnection:
         if self._insert_conn is not None and time.monotonic() - self._insert_conn_used > FN4_IDLE_REOPEN:
@@ -809,6 +944,7 @@ class FN4Client:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock.settimeout(self.timeout[1])
             self._insert_conn = conn
+            self._insert_conn_answers = 0
         return self._insert_conn
 
     def _drop_insert_connection(self) -> None:
@@ -821,11 +957,20 @@ class FN4Client:
         self._session.close()
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        try:
-            # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-            response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-        except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+        """GET a route and return its JSON. Raises OutageError.
+
+        A GET cut off without an answer (as when the server closes an idle kept-alive connection under
+        it) is asked once more at once; a timeout is not.
+        """
+        for last_try in (False, True):
+            try:
+                # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
+                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
+                break
+            except requests.RequestException as exc:
+                if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
+                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
@@ -835,10 +980,49 @@ class FN4Client:
                               f"{_answer_text(response.content)}") from None
 
 
-def _insert_outcome(status: int) -> str:
-    """Classify fn4's answer to an insert (see README, Failure handling)."""
-    known = {200: INSERTED, 201: ALREADY_PRESENT, 409: SERVER_UNAVAILABLE, 503: SERVER_UNAVAILABLE}
+#: Errors of a kept-alive connection the server closed while it was idle (nothing of an answer came).
+_CLOSED_WHILE_IDLE = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _insert_outcome(status: int, text: str = "") -> str:
+    """Classify fn4's answer to an insert and its text (see README, Failure handling).
+
+    A 500 is the sample's fault for good when fn4 says the length is wrong, an outage when fn4 says
+    its database is unreachable, and otherwise RETRY: the caller then asks whether fn4's database
+    answers before counting it against the file. A 404 means the insert route is not there (a wrong
+    URL, a proxy): an outage, not a bad sample.
+    """
+    if status == 500 and FN4_WRONG_LENGTH in text:
+        return FAILED
+    if status == 500 and FN4_DATABASE_DOWN in text:
+        return SERVER_UNAVAILABLE
+    known = {200: INSERTED, 201: ALREADY_PRESENT, 404: SERVER_UNAVAILABLE, 408: SERVER_BUSY, 409: SERVER_BUSY,
+             429: SERVER_BUSY, 503: SERVER_UNAVAILABLE}
     return known.get(status, RETRY if status >= 500 else FAILED)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Return the seconds an answer's Retry-After asks for (seconds or an HTTP date), capped; None if absent.
+
+    A date is read against the answer's own Date header when there is one, so clock skew does not count.
+    """
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        moments = [email.utils.parsedate_to_datetime(v) if v else utcnow() for v in (value, headers.get("Date"))]
+    except (TypeError, ValueError, IndexError):
+        return None
+    until, now = (m if m.tzinfo else m.replace(tzinfo=timezone.utc) for m in moments)
+    return min(max((until - now).total_seconds(), 0.0), RETRY_AFTER_CAP)
+
+
+def _excerpt(value: Any) -> str:
+    """Return a JSON value as a short excerpt for an error line."""
+    text = json.dumps(value[:3] + ["..."] if isinstance(value, list) and len(value) > 3 else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _answer_text(body: bytes) -> str:
@@ -847,7 +1031,7 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace"))
+        text = html.unescape(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")))
     return " ".join(text.split())[:300]
 
 
@@ -923,16 +1107,19 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     return changes
 
 
-def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
+def resolve_database(database: str | None, environ: dict[str, str] | None = None,
+                     read_only: bool = False) -> sa.URL:
     """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
 
     Accepts a key into the JSON file named by DB_CONNECTION_CONFIG_FILE, a SQLAlchemy URL,
     or nothing (a SQLite file that persists). For Oracle keys, TNS_ADMIN is set from the entry.
+    ``read_only`` (status, list) makes no folder, and raises CatalogueMissing for a missing SQLite file.
     """
     environ = os.environ if environ is None else environ
     if not database:
-        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
-        return sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}")
+        if not read_only:
+            DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return _existing(sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}"), read_only)
     if "://" in database:
         text = database
     else:
@@ -942,12 +1129,20 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     except sa.exc.ArgumentError:
         raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
                           "e.g. postgresql+psycopg2://user@host/db") from None
-    _remember_secret(url.password and str(url.password))
+    _remember_secret(url.password and str(url.password), *_TYPED_PASSWORD.findall(text)[:1])
     if url.drivername in ("oracle", "oracle+cx_oracle"):
         url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
         raise ConfigError("an in-memory SQLite catalogue would be lost at restart: give a file, "
                           "e.g. sqlite:///fn4loader.sqlite")
+    return _existing(url, read_only)
+
+
+def _existing(url: sa.URL, read_only: bool) -> sa.URL:
+    """Return the URL; for a read-only command, raise CatalogueMissing if its SQLite file is missing."""
+    if read_only and url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CatalogueMissing(f"the SQLite catalogue {url.database!r} does not exist: has the loader run with it? "
+                               "Give the loader's DATABASE")
     return url
 
 
@@ -1063,9 +1258,9 @@ class LoadLogger:
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
 
     @staticmethod
-    def connect(database: str | None) -> sa.Engine:
+    def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
-        url = resolve_database(database)
+        url = resolve_database(database, read_only=read_only)
         try:
             return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -1073,9 +1268,13 @@ class LoadLogger:
                               "check the URL's dialect+driver and that the driver is installed") from None
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
-        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable."""
-        catalogue = cls(cls.connect(database), schema)
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
+                          ) -> LoadLogger:
+        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
+
+        ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        """
+        catalogue = cls(cls.connect(database, read_only), schema)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
@@ -1260,10 +1459,11 @@ class LoadLogger:
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
     def file_states(self, server_url: str, namespace: str, bucket: str,
-                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
-        """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
+                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
+        """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
         a = self.attempts.c
-        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts)
+        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts,
+                           a.batch_start_time)
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
@@ -1358,6 +1558,7 @@ class Metrics:
 
 
 _END = object()  # marks the end of the prefetch queue
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has none
 
 
 class Loader:
@@ -1385,6 +1586,11 @@ class Loader:
         self._server_count = 0
         self._next_prune: datetime | None = None
         self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
+        # (file name, etag) -> (gave_up rows, time of the latest), folded from the catalogue: the automatic retry.
+        self._given_up: dict[tuple[str, str], tuple[int, datetime]] = {}
+        self._retry_after: float | None = None  # seconds fn4 asked us to wait when it paused the last cycle
+        self.pause_reason: str | None = None  # why the last cycle paused: the pausing row's error text
+        self.last_summary: CycleSummary | None = None
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
 
@@ -1397,6 +1603,7 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self.warn_of_waiting_archive()
         while not self.stop.is_set():
             try:
                 summary = self.run_cycle()
@@ -1412,13 +1619,14 @@ class Loader:
                 self.stop.wait(wait)
                 continue
             self.cycles += 1
+            self.last_summary = summary
             self.metrics.cycle_done()
             self._prune_if_due()
             if once:
                 break
             if summary.paused or (summary.found and summary.loaded == 0):
                 failures += 1
-                wait = backoff(failures)
+                wait = max(backoff(failures), self._retry_after or 0.0)  # Retry-After is capped when read
             else:
                 failures = 0
                 wait = 0.0 if summary.found else self.settings.poll_interval
@@ -1428,16 +1636,17 @@ class Loader:
     def run_cycle(self) -> CycleSummary:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
-        self._refresh_from_catalogue()
-        archive = self.settings.archive_prefix
-        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
-                          if not (archive and o.name.startswith(archive))),
+        self._retry_after = self.pause_reason = None
+        caught_up = self._refresh_from_catalogue()
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
                          key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
         server_guids = self.fn4.guids() if reconcile else None
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        if caught_up and self._given_up:
+            self._requeue_given_up(objects, started)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
@@ -1455,11 +1664,39 @@ class Loader:
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
                  "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
-                 len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
+                 len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
                  self.catalogue.unwritten, extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def warn_of_waiting_archive(self) -> list[str]:
+        """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
+
+        They are never listed, so never loaded. Looks at up to ARCHIVE_CHECK_LIMIT of them; returns their names.
+        """
+        archive = self.settings.archive_prefix
+        if not archive:
+            return []
+        self._refresh_from_catalogue()
+        loaded = {name for (name, _), (_, outcome, _) in self._files.items() if outcome in LOADED}
+        waiting, seen = [], 0
+        try:
+            for obj in self.store.list_objects(archive):
+                seen += 1
+                if obj.name[len(archive):] not in loaded:
+                    waiting.append(obj.name)
+                if seen >= ARCHIVE_CHECK_LIMIT:
+                    break
+        except OutageError as exc:
+            log.warning("could not look under the archive prefix %r: %s", archive, exc)
+            return []
+        if waiting:
+            log.warning("%d FASTA objects%s wait under the archive prefix %r of --on-success and will never be "
+                        "loaded; move them out of it, e.g. %s", len(waiting),
+                        f" (of the first {seen} there)" if seen >= ARCHIVE_CHECK_LIMIT else "", archive,
+                        ", ".join(waiting[:5]))
+        return waiting
 
     def _prune_if_due(self) -> None:
         """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
@@ -1479,17 +1716,41 @@ class Loader:
 
     # -- working out what to load --
 
-    def _refresh_from_catalogue(self) -> None:
-        """Fold rows written since the last look (by us or by a requeue) into the file states."""
+    def _refresh_from_catalogue(self) -> bool:
+        """Fold rows written since the last look (by us or by a requeue) into the file states.
+
+        Returns True if the catalogue was read up to our own latest row.
+        """
         if self.catalogue.unwritten:
-            return  # our own rows are not all in yet; the in-memory state is newer
+            return False  # our own rows are not all in yet; the in-memory state is newer
         try:
-            for row_id, name, etag, completed, outcome, attempts in self.catalogue.file_states(
+            for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
                 self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
+                if outcome == GAVE_UP:
+                    rounds = self._given_up.get((name, etag), (0, None))[0]
+                    self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
+            return False
+        return True
+
+    def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:
+        """Re-queue listed files given up AUTO_RETRY_INTERVAL ago or more, at most AUTO_RETRY_ROUNDS times each.
+
+        A file given up during an incident of fn4 or Object Storage then loads without an operator.
+        Files that failed for good (failed, duplicate, vanished) are never re-queued automatically.
+        Called only when the catalogue is read up to our own rows, so the counts and times are current.
+        """
+        due = {key: rounds for key, (rounds, when) in self._given_up.items()
+               if rounds <= AUTO_RETRY_ROUNDS and (started - when).total_seconds() >= AUTO_RETRY_INTERVAL
+               and self._files.get(key, (0, "", 0))[:2] == (1, GAVE_UP)}
+        for obj in objects if due else ():
+            if (rounds := due.get(obj.key)) is not None:
+                self._record(obj, REQUEUED, started, failed_attempts=0,
+                             error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
+                                        f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
 
     def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
@@ -1577,7 +1838,7 @@ class Loader:
             self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
-            elif outcome == SERVER_UNAVAILABLE:
+            elif outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
                 paused = True
                 break
             elif outcome == RETRY:
@@ -1646,14 +1907,20 @@ class Loader:
                      insert_status_code=result.status_code)
         if result.outcome == INSERTED:
             self._server_count += 1
-        if result.outcome == RETRY and not self.fn4.is_up():
+        # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
+        if result.outcome == RETRY and not (self.fn4.database_answers(obj.guid) if result.status_code == 500
+                                            else self.fn4.is_up()):
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
         if result.outcome == RETRY:
             return self._record_retry(obj, f"fn4 answered: {result.message}", {**batch, **facts})
         text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
-        if result.outcome == SERVER_UNAVAILABLE:
-            text = (f"fn4 unavailable ({result.status_code or 'no answer'}): {result.message}; "
-                    "the batch pauses and the file is retried")
+        if result.outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
+            text = (f"fn4 {'busy' if result.outcome == SERVER_BUSY else 'unavailable'} "
+                    f"({result.status_code or 'no answer'}): {result.message}; the batch pauses"
+                    f"{f' {result.retry_after:.0f} s, as fn4 asked,' if result.retry_after else ''} "
+                    "and the file is retried")
+            self.pause_reason, self._retry_after = text, result.retry_after
+        facts["parse_status"] = result.parse_status
         return self._record(obj, result.outcome, error_text=text, **batch, **facts)
 
     def _record_retry(self, obj: StoredObject, reason: str, columns: dict[str, Any]) -> str:
@@ -1673,8 +1940,8 @@ class Loader:
         if outcome in LOADED and self.settings.on_success != "keep":
             if problem := self.store.archive(obj, self.settings.on_success):
                 columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
-        if columns.get("error_text"):
-            columns["error_text"] = columns["error_text"][:2000]
+        if columns.get("error_text"):  # fn4's answers and errors may quote a secret
+            columns["error_text"] = redact(columns["error_text"], _SECRETS)[:2000]
         row = AttemptRow(**{
             "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
             "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
@@ -1684,7 +1951,7 @@ class Loader:
         self.catalogue.record_attempt(row)
         self._files[obj.key] = (completed, outcome, attempts)
         self.metrics.record(outcome, row.insert_start_time, row.insert_end_time)
-        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, REQUEUED} else logging.WARNING
+        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED} else logging.WARNING
         fields = {"event": "sample", "guid": obj.guid, "file_name": obj.name, "outcome": outcome, "bytes": obj.size,
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
@@ -1713,7 +1980,8 @@ class Loader:
         self._refresh_from_catalogue()
         in_server = self.fn4.guids()
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix), key=lambda o: (o.time_created, o.name)):
+        for obj in sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                          key=lambda o: (o.time_created, o.name)):
             completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
             state = ("loaded" if obj.guid in in_server else
                      "failed" if completed and outcome not in LOADED else "pending")
@@ -1843,11 +2111,12 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+             ca_bundle: str | None, read_only: bool = False, **oci: Any
+             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once, failing with ConfigError on anything that needs fixing."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
     return store, fn4, catalogue
 
 
@@ -1861,9 +2130,9 @@ def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
 
 
 def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if value in ("keep", "delete") or (value.startswith("rename:") and len(value) > len("rename:")):
-        return value
-    raise click.BadParameter(f"{value!r}: use keep, delete, or rename:PREFIX (e.g. rename:loaded/)")
+    if problem := on_success_problem(value):
+        raise click.BadParameter(problem)
+    return value
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -1915,6 +2184,15 @@ connections = _apply([
 prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
                              help="List only objects under this prefix (upload: put them under it).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+on_success_option = click.option(
+    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
+    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
+                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
+                           "the same bucket.")
+max_object_bytes_option = click.option(
+    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
+    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
+    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
 poll_interval_option = click.option(
     "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
     envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
@@ -1929,7 +2207,7 @@ def main() -> None:
 @common
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
-              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
+              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
 @poll_interval_option
 @prefix_option
 @click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
@@ -1937,15 +2215,11 @@ def main() -> None:
               help="File-specific transient failures before a file is given up.")
 @click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
               help="Reference genome length; files of any other length fail. Default: no check.")
-@click.option("--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES,
-              show_default=True, envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-              help="Largest object, compressed or decompressed, that is loaded.")
+@max_object_bytes_option
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@click.option("--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-              show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX "
-                                     "(move it under PREFIX). Keep when other loaders read the same bucket.")
+@on_success_option
 @click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
               envvar="FN4_RETENTION_DAYS", show_envvar=True,
               help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
@@ -1967,11 +2241,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
     with _startup(log_level, log_format) as secrets:
+        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                            max_object_bytes, reconcile_interval, on_success, retention_days)
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
-    settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval, on_success, retention_days)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
@@ -1979,6 +2253,10 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     failed = False
     try:
         loader.run(once=once)
+        if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
+            failed = True
+            click.echo(f"Error: the cycle paused with files left to load: {redact(loader.pause_reason or '', secrets)}",
+                       err=True)
     except OutageError as exc:
         failed = True
         click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
@@ -2033,7 +2311,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     """
     now = utcnow()
     with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
+        catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)
         path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
         if path and not Path(path).exists():
             raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
@@ -2084,22 +2362,25 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
 @common
 @connections
 @prefix_option
+@on_success_option
 @json_option
 def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-               endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
+               endpoint: str | None, ca_bundle: str | None, prefix: str | None, on_success: str,
+               as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
     A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise.
+    pending otherwise. Give the loader's --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
+                                         auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
     try:
-        files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
+        files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:
         catalogue.close()
         fn4.close()
@@ -2114,15 +2395,20 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @oci_options
 @prefix_option
+@max_object_bytes_option
 @log_options
 def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
+           log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
-    Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
+    a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
+    Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
+    was not uploaded.
     """
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
@@ -2134,8 +2420,10 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
             problem = problem or guid_problem(guid_from_name(name))
             try:
-                if problem is None and not store.upload(name, Path(path).read_bytes()):
+                if problem is None and not store.upload(name, read_upload(path, max_object_bytes)):
                     problem = "an object of that name exists; it was not replaced"
+            except SampleError as exc:
+                problem = exc.reason
             except Exception as exc:
                 if not store._is_fault(exc):
                     raise
@@ -2183,6 +2471,34 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
     _report("downloaded", results)
 
 
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """Return a local file's bytes if the loader would load them. Raises SampleError saying why not.
+
+    Links are followed. Anything but a regular file (a FIFO, a device, a folder) is refused before
+    it is read, and so is a file above ``max_bytes``; the content must be one FASTA record, a gzip
+    file being inflated within the same bound.
+    """
+    data = b""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):  # a non-blocking open, checked again: a file swapped for a FIFO cannot block
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+                info = os.fstat(file.fileno())
+                if stat.S_ISREG(info.st_mode) and info.st_size <= max_bytes:
+                    data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise SampleError("unreadable", f"cannot read it: {exc.strerror}") from None
+    kind = info.st_mode
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind) else (
+            "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) else "a socket or other special file")
+        raise SampleError("not_a_file", f"not a regular file but {what} (after following links)")
+    if (size := max(info.st_size, len(data))) > max_bytes:
+        raise SampleError("too_large", f"it is {size} bytes; the limit (--max-object-bytes) is {max_bytes}")
+    parse_fasta(inflate([data], max_bytes))
+    return data
+
+
 def safe_file_name(name: str) -> str:
     """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
@@ -2221,16 +2537,28 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     """
     for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
         _remember_secret(os.environ.get(name))
+    _remember_secret(urlsplit(os.environ.get("FN_SENTRY_URL", "")).username)  # the DSN's key
     _configure_logging(log_level, _SECRETS, log_format)
     if os.environ.get("FN_SENTRY_URL"):
         import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
-        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20, before_send=lambda event, _hint:
-                        json.loads(redact(json.dumps(event, default=str), _SECRETS)))
+        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20,  # argv, locals, breadcrumbs: all
+                        before_send=lambda event, _hint: redact_all(event, _SECRETS),
+                        before_breadcrumb=lambda crumb, _hint: redact_all(crumb, _SECRETS))
+    _warn_of_password_in_argv()
     try:
         yield _SECRETS
     except ConfigError as exc:
         click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
         sys.exit(2)
+
+
+def _warn_of_password_in_argv() -> None:
+    """Warn when the DATABASE argument, given on the command line, holds a password: `ps` shows it to all."""
+    ctx = click.get_current_context(silent=True)
+    if (ctx is not None and ctx.get_parameter_source("database") is click.core.ParameterSource.COMMANDLINE
+            and _TYPED_PASSWORD.match(ctx.params.get("database") or "")):
+        log.warning("the DATABASE URL on the command line holds a password, which any user of this machine can "
+                    "read with ps: give it in FN4_DATABASE, a .env file or DB_CONNECTION_CONFIG_FILE instead")
 
 
 def cli() -> None:

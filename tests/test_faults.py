@@ -86,6 +86,28 @@ def test_bad_input_corpus_is_recorded_and_the_good_file_behind_it_loads(harness,
     assert len(fn4.inserts) == 1 and len(h.rows()) == len(corpus) + 1
 
 
+def test_large_bad_gzip_is_judged_by_content_in_one_download(harness, emulator, fn4):
+    """A gzip bomb and an early-corrupt gzip, both over 1 MiB compressed, fail for good at the first read."""
+    big = {name: case for name, *case in cases() if name.startswith("big-")}
+    assert sorted(big) == ["big-bomb.fasta.gz", "big-corrupt.fasta.gz"]
+    assert all(len(data) > 2**20 for data, *_ in big.values())
+    put_all(emulator, [(name, data) for name, (data, *_) in big.items()] + [("zz-good.fasta", fasta("zz-good"))])
+    h = harness()
+    h.cycle()
+    h.cycle()
+    for name, (_data, outcome, status, words) in big.items():
+        mine = [r for r in h.rows() if r["file_name"] == name]
+        assert len(mine) == 1, [(r["outcome"], r["error_text"]) for r in mine]
+        row = mine[0]
+        assert (row["outcome"], row["parse_status"], row["completed"]) == (outcome, status, 1), row["error_text"]
+        assert words in row["error_text"] and "cut off" not in row["error_text"]
+        reads = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/" + name)]
+        assert len(reads) == 1, f"{name} was downloaded {len(reads)} times"
+    [report] = h.catalogue.status(osa.utcnow())
+    assert set(report.outcomes) == {"failed", "inserted"}  # no retry, gave_up: no failed download
+    assert [i.guid for i in fn4.inserts] == ["zz-good"]
+
+
 def test_expected_length_is_checked_before_sending(harness, emulator, fn4):
     put_all(emulator, [("short.fasta", fasta("short", 299)), ("right.fasta", fasta("right", 300))])
     h = harness(expected_length=300)
@@ -124,17 +146,17 @@ def test_poison_file_is_given_up_after_max_attempts_without_blocking_others(harn
     assert {"b", "c"} <= set(fn4.guids)
 
 
-@pytest.mark.parametrize("fault", [
-    Scripted(status=409, times=-1), Scripted(status=503, times=-1), Scripted(drop=True, times=-1)],
-    ids=["409-lock", "503-busy", "refused"])
-def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault):
+@pytest.mark.parametrize("fault, outcome", [
+    (Scripted(status=409, times=-1), "server_busy"), (Scripted(status=503, times=-1), "server_unavailable"),
+    (Scripted(drop=True, times=-1), "server_unavailable")], ids=["409-lock", "503-busy", "refused"])
+def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault, outcome):
     put_all(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(6)])
     h = harness()
     fn4.script(fault)
     summary = h.cycle()
     assert summary.paused and summary.loaded == 0
     rows = h.rows()
-    assert len(rows) == 1 and rows[0]["outcome"] == "server_unavailable" and rows[0]["completed"] == 0
+    assert len(rows) == 1 and rows[0]["outcome"] == outcome and rows[0]["completed"] == 0
     assert rows[0]["failed_attempts"] == 0 and rows[0]["file_name"] == "s0.fasta"
     fn4.clear_script()
     h.cycle()
