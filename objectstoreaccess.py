@@ -8,7 +8,7 @@ waits ``--poll-interval`` seconds and looks again; it is meant to run for months
 Usage::
 
     python3 objectstoreaccess.py "http://localhost:5025" "lxxxx" "FN4-queue" "unittest_oracle"
-    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical
+    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical, 3 unknown
 
 Subcommands beside the loader (``run``, the default): ``status``, ``list``, ``upload``,
 ``download`` and ``retry-failed``. README.md is the manual: options, environment, databases,
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
 import fcntl
 import hashlib
+import html
 import http.client
 import base64
 import json
@@ -31,6 +33,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -43,7 +46,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import click
 import requests
@@ -77,6 +80,13 @@ SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before t
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
+RETRY_AFTER_CAP = 900.0                  # seconds: the longest wait a Retry-After answer from fn4 can ask for
+#: fn4's 500 text for a sequence whose length is not the reference's: the sample's fault, for good.
+FN4_WRONG_LENGTH = "sequence must of the same length as reference"
+#: fn4's 500 text when its own database is unreachable (asked before the insert lock): an outage.
+FN4_DATABASE_DOWN = "Could not connect to database"
+AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up file before only an operator can
+AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
 DB_CALL_TIMEOUT = 60                     # seconds a catalogue call may take before its connections are dropped
@@ -91,12 +101,13 @@ DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogu
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
-STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
-LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
+STATUS_WINDOW = timedelta(hours=1)       # status judges recent attempts over this window: a recovery clears in it
+LEVELS = ("ok", "warning", "critical", "unknown")  # status verdicts, by exit code
+ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandoned; loader: an unexpected error
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
-# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
-# REQUEUED finishes the file (completed = 1), so it is not tried again.
+# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
+# and REQUEUED finishes the file (completed = 1), so it is not tried again.
 INSERTED = "inserted"                    # fn4 answered 200
 ALREADY_PRESENT = "already_present"      # fn4 answered 201
 IN_SERVER = "in_server"                  # fn4 had the guid before we tried; nothing sent
@@ -105,11 +116,18 @@ DUPLICATE = "duplicate"                  # another, older object has the same gu
 VANISHED = "vanished"                    # deleted or replaced between listing and download
 GAVE_UP = "gave_up"                      # failed --max-attempts times with transient-looking errors
 RETRY = "retry"                          # transient failure of this file; tried again later
-SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; not counted against the file
-REQUEUED = "requeued"                    # an operator asked for the file to be tried again
-UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
+SERVER_UNAVAILABLE = "server_unavailable"  # fn4 or its database was down; not counted against the file
+SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 lock, 429, 408); not a failure
+REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
+UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
+# The three states of a file that list, status, the metrics and README share, by its latest outcome:
+# loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
+FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
+# Outcomes that are the fault of fn4, Object Storage or the loader, not the file's: a majority is critical.
+LOADER_FAILURES = frozenset({RETRY, GAVE_UP, SERVER_UNAVAILABLE})
+ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
 
@@ -122,6 +140,10 @@ class LoaderError(Exception):
 
 class ConfigError(LoaderError):
     """Bad configuration found at start-up; the message says what to fix."""
+
+
+class CatalogueMissing(ConfigError):
+    """A read-only command was given a SQLite catalogue that does not exist; nothing was created."""
 
 
 class SampleError(LoaderError):
@@ -142,7 +164,14 @@ class ObjectChanged(LoaderError):
 
 
 class OutageError(LoaderError):
-    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry."""
+    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry.
+
+    ``service`` names it for the metrics and the catalogue: ``fn4`` or ``object_storage``.
+    """
+
+    def __init__(self, reason: str, service: str = "fn4") -> None:
+        super().__init__(reason)
+        self.service = service
 
 
 # ---- Records ---------------------------------------------------------------------------------
@@ -208,6 +237,12 @@ class InsertResult:
     status_code: int | None
     outcome: str
     message: str
+    retry_after: float | None = None  # seconds a 429, 408, 409 or 503 answer asked us to wait, capped
+
+    @property
+    def parse_status(self) -> str:
+        """Return ``wrong_length`` when fn4 refused the sequence's length, else ``ok``."""
+        return "wrong_length" if self.status_code == 500 and FN4_WRONG_LENGTH in self.message else "ok"
 
 
 @dataclass(frozen=True)
@@ -235,8 +270,15 @@ class Settings:
     expected_length: int | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX
+    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
     retention_days: int = DEFAULT_RETENTION_DAYS
+
+    def __post_init__(self) -> None:
+        if problem := on_success_problem(self.on_success):
+            raise ConfigError(f"--on-success {problem}")
+        if self.archive_prefix and (self.prefix or "").startswith(self.archive_prefix):
+            raise ConfigError(f"--prefix {self.prefix!r} lies under the archive prefix {self.archive_prefix!r} "
+                              "of --on-success: nothing would ever be loaded")
 
     @property
     def archive_prefix(self) -> str | None:
@@ -250,11 +292,16 @@ class LoaderStatus:
     host_name: str
     server_url: str
     last_batch: datetime | None = None
-    backlog: int | None = None                 # files the last batch set out to load
+    backlog: int | None = None                 # files pending: the last cycle's to load, less those finished since
     last_activity: datetime | None = None      # the last attempt row's latest time
     last_success: datetime | None = None       # the last insert fn4 answered 200 or 201
-    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, last 24 h
+    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, STATUS_WINDOW
+    recent_files: dict[str, int] = field(default_factory=dict)  # files tried in STATUS_WINDOW, by latest outcome
     failed_files: tuple[dict[str, Any], ...] = ()            # latest rows of files failed for good
+    abandoned: str | None = None               # why the latest cycle was abandoned, if it was
+    abandoned_since: datetime | None = None    # when the cycles began to be abandoned
+    abandoned_cycles: int = 0                  # cycles abandoned since the last one that ran
+    paused: str | None = None                  # why the latest cycle paused (fn4 unavailable), if it did
     level: int = 0                             # 0 ok, 1 warning, 2 critical: the exit code of status
     problems: tuple[str, ...] = ()
 
@@ -288,6 +335,8 @@ class BatchRow:
     number_in_server: int = _column(
         sa.Integer(), "Guids in fn4: counted at full reconciliation, plus inserts since")
     reconciled: int = _column(sa.Integer(), "1 if fn4's full guid list was fetched this cycle")
+    abandon_reason: str = _column(sa.String(2000), "Why the cycle was abandoned (a service unavailable); "
+                                                   "empty for a cycle that ran")
 
 
 @dataclass(frozen=True)
@@ -317,7 +366,7 @@ class AttemptRow:
     insert_status_code: int = _column(sa.Integer(), "HTTP status fn4 answered; empty if none")
     completed: int = _column(sa.Integer(), "1 if the file is finished (loaded or failed for good)")
     outcome: str = _column(sa.String(32), "inserted, already_present, in_server, failed, duplicate, "
-                                          "vanished, gave_up, retry, server_unavailable or requeued")
+                                          "vanished, gave_up, retry, server_unavailable, server_busy or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
 
@@ -339,6 +388,36 @@ def guid_from_name(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     suffix = fasta_suffix(base)
     return base[: -len(suffix)] if suffix else base
+
+
+def on_success_problem(value: str) -> str | None:
+    """Return why an --on-success value is unusable, or None.
+
+    An archive prefix must end with '/': rename:arch would hide a waiting arch_sample7.fasta.
+    """
+    if value in ("keep", "delete"):
+        return None
+    if not value.startswith("rename:") or len(value) == len("rename:"):
+        return f"{value!r}: use keep, delete, or rename:PREFIX/ (e.g. rename:loaded/)"
+    if not value.endswith("/"):
+        return (f"{value!r}: the archive prefix must end with '/' (e.g. {value}/), or objects whose names "
+                "merely start with it would never be loaded")
+    return None
+
+
+def key_ranges(prefix: str | None, exclude: str | None) -> list[tuple[str | None, str | None]]:
+    """Return the name ranges [start, end) that cover names under ``prefix`` but none under ``exclude``.
+
+    Object Storage sorts names by their UTF-8 bytes, which is code point order, so the names under
+    ``exclude`` are exactly those from ``exclude`` up to (not including) ``exclude`` with its last
+    character raised by one: arch/ leaves out [arch/, arch0), and arch.fasta and arch_1.fasta stay.
+    """
+    prefix = prefix or ""
+    if not exclude or not (exclude.startswith(prefix) or prefix.startswith(exclude)):
+        return [(None, None)]
+    if prefix.startswith(exclude):
+        return []
+    return [(None, exclude), (exclude[:-1] + chr(ord(exclude[-1]) + 1), None)]
 
 
 def guid_problem(guid: str) -> str | None:
@@ -448,6 +527,11 @@ def parse_fasta(data: bytes | bytearray) -> tuple[str, bytes]:
     return seqid, seq
 
 
+def file_state(outcome: str | None) -> str:
+    """Return a file's state for people from its latest outcome: loaded, failed (for good) or pending."""
+    return "loaded" if outcome in LOADED else "failed" if outcome in FAILED_FOR_GOOD else "pending"
+
+
 def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
             rng: Callable[[], float] = random.random) -> float:
     """Return seconds to wait after ``failures`` consecutive failures: capped, with equal jitter."""
@@ -455,13 +539,30 @@ def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
     return ceiling / 2 + rng() * ceiling / 2
 
 
-#: Values never to show (passwords, the Sentry DSN), added as they are learnt; logs and Sentry read it.
+#: Values never to show (passwords, pass phrases, the Sentry DSN) in every form they may be written in,
+#: longest first, added as they are learnt; logs, Sentry events, catalogue rows and CLI errors are redacted with it.
 _SECRETS: list[str] = []
+#: The password of a URL as typed (percent-encoded or not), found as SQLAlchemy finds it.
+_TYPED_PASSWORD = re.compile(r"[\w+]+://[^:/]*:([^@]*)@")
 
 
-def _remember_secret(value: str | None) -> None:
-    if value and value not in _SECRETS:
-        _SECRETS.append(value)
+def secret_forms(secret: str, *typed: str) -> set[str]:
+    """Return the ways a secret may be written: as typed, decoded, percent-encoded, escaped in JSON or repr."""
+    texts = {secret, *typed, quote(secret, safe=""), quote_plus(secret),
+             re.sub(r"[:@/]", lambda m: f"%{ord(m.group()):X}", secret)}  # as SQLAlchemy renders it
+    texts |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text) for text in texts}
+    forms = set(texts)
+    for text in texts:
+        forms |= {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+                  text.replace("\\", "\\\\").replace("'", "\\'"), text.encode("unicode_escape").decode()}
+    return forms
+
+
+def _remember_secret(value: str | None, *typed: str) -> None:
+    """Redact ``value`` from now on, in every form it may be written in (``typed``: forms as the user gave it)."""
+    if value:
+        _SECRETS.extend(form for form in secret_forms(value, *typed) if form not in _SECRETS)
+        _SECRETS.sort(key=len, reverse=True)  # in place: the log filter holds this list
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -470,6 +571,17 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
+
+
+def redact_all(value: Any, secrets: Iterable[str]) -> Any:
+    """Return a structure (a Sentry event) with every string in it, keys included, redacted."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_all(k, secrets): redact_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(v, secrets) for v in value]
+    return value
 
 
 # ---- Object store ----------------------------------------------------------------------------
@@ -524,6 +636,7 @@ class ObjectStoreClient:
             if auth in ("api_key", "security_token"):
                 config = oci.config.from_file(
                     os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
+                _remember_secret(config.get("pass_phrase"))
                 if auth == "security_token":
                     token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
                     key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
@@ -562,17 +675,31 @@ class ObjectStoreClient:
                 raise
             log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
 
-    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
-        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
-        start = None
+    def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
+
+        Names under ``exclude`` (the archive prefix) are left out by key range (see key_ranges), so
+        Object Storage never sends them.
+        """
+        for start, end in key_ranges(prefix, exclude):
+            yield from self.list_range(prefix, start, end)
+
+    def list_range(self, prefix: str | None = None, start: str | None = None,
+                   end: str | None = None) -> Iterator[StoredObject]:
+        """Yield the FASTA objects under ``prefix`` whose names lie in [start, end), all pages.
+
+        ``start`` is inclusive and ``end`` exclusive, as in ListObjects; None leaves that side open.
+        Raises OutageError.
+        """
         while True:
             try:
                 page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
+                    self.namespace, self.bucket, prefix=prefix, start=start, end=end, limit=1000,
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
                 if self._is_fault(exc):
-                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
+                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}",
+                                      "object_storage") from None
                 raise
             for item in page.get("objects", ()):
                 if fasta_suffix(item["name"]):
@@ -614,20 +741,23 @@ class ObjectStoreClient:
         expected = int(response.headers.get("content-length", -1))
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
+        ended = False  # the body ended: a verdict on its content may then be due to a cut-off download
 
         def counted() -> Iterator[bytes]:
-            nonlocal received
+            nonlocal received, ended
             for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
                 received += len(chunk)
                 if received > max_bytes:
                     raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
                 digest.update(chunk)
                 yield chunk
+            ended = True
 
         try:
             data = inflate(counted(), max_bytes)
         except SampleError:
-            if 0 <= expected != received:
+            # A verdict reached mid-body (a bomb, corrupt data) stands; one reached at a short end does not.
+            if ended and 0 <= expected != received:
                 raise TransientError(f"download cut off after {received} of {expected} bytes") from None
             raise
         except Exception as exc:
@@ -771,19 +901,34 @@ class FN4Client:
         self._insert_path = (urlsplit(self.base_url).path or "") + "/api/v2/insert"
         self._insert_conn: http.client.HTTPConnection | None = None
         self._insert_conn_used = 0.0
+        self._insert_conn_answers = 0  # answers received on the current insert connection
 
     def guids(self) -> set[str]:
-        """Return every guid fn4 holds. Raises OutageError."""
-        return set(self._get_json("/api/v2/guids", self.timeout))
+        """Return every guid fn4 holds. Raises OutageError, also for an answer that is not a list of strings."""
+        value = self._get_json("/api/v2/guids", self.timeout)
+        if not isinstance(value, list) or not all(isinstance(guid, str) for guid in value):
+            raise OutageError(f"fn4 GET /api/v2/guids answered {_excerpt(value)}, not a JSON list of guids")
+        return set(value)
 
     def exists(self, guid: str) -> bool:
-        """Return True if fn4 holds the guid. Raises OutageError."""
-        return self._get_json(f"/api/v2/{quote(guid, safe='')}/exists", FN4_PROBE_TIMEOUT) is True
+        """Return True if fn4 holds the guid. Raises OutageError, also for an answer that is not true or false."""
+        path = f"/api/v2/{quote(guid, safe='')}/exists"
+        value = self._get_json(path, FN4_PROBE_TIMEOUT)
+        if not isinstance(value, bool):
+            raise OutageError(f"fn4 GET {path} answered {_excerpt(value)}, not true or false")
+        return value
 
     def is_up(self) -> bool:
-        """Return True if fn4 answers its server_time route."""
+        """Return True if fn4 answers its server_time route with a JSON object."""
         try:
-            self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
+            return isinstance(self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT), dict)
+        except OutageError:
+            return False
+
+    def database_answers(self, guid: str) -> bool:
+        """Return True if fn4 answers a route that reads its database (whether it holds ``guid``)."""
+        try:
+            self.exists(guid)
             return True
         except OutageError:
             return False
@@ -803,22 +948,38 @@ class FN4Client:
         Inserts go over one kept-alive http.client connection: it spends about a millisecond less
         per request than requests, which is 4% of a SARS-CoV-2 insert. A connection left idle for
         FN4_IDLE_REOPEN seconds is reopened first, as the server may have closed it meanwhile.
+        Servers and proxies close idle connections sooner (gunicorn's async workers after 2 s), so a
+        request that fails on a reused connection before any byte of the answer arrives is sent once
+        more, at once, on a new connection; a repeat of an insert fn4 did apply answers 201 (loaded).
         """
-        try:
-            conn = self._insert_connection()
-            conn.request("POST", self._insert_path, body, _FORM_HEADERS)
-            response = conn.getresponse()
-            answer = response.read()
-        except TimeoutError:
-            self._drop_insert_connection()
-            return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop_insert_connection()
-            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+        for last_try in (False, True):
+            reused = answered = False
+            try:
+                conn = self._insert_connection()
+                reused = self._insert_conn_answers > 0
+                conn.request("POST", self._insert_path, body, _FORM_HEADERS)
+                response = conn.getresponse()
+                answered = True
+                answer = response.read()
+            except TimeoutError:
+                self._drop_insert_connection()
+                return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_insert_connection()
+                if reused and not answered and not last_try and isinstance(exc, _CLOSED_WHILE_IDLE):
+                    log.debug("fn4 closed the kept-alive insert connection (%s); sending again on a new one",
+                              _short(exc))
+                    continue
+                return InsertResult(None, SERVER_UNAVAILABLE,
+                                    f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+            break
         self._insert_conn_used = time.monotonic()
+        self._insert_conn_answers += 1
         if response.will_close:
             self._drop_insert_connection()
-        return InsertResult(response.status, _insert_outcome(response.status), _answer_text(answer))
+        text = _answer_text(answer)
+        return InsertResult(response.status, _insert_outcome(response.status, text), text,
+                            _retry_after(response.headers))
 
     def _insert_connection(self) -> http.client.HTTPConnection:
         if self._insert_conn is not None and time.monotonic() - self._insert_conn_used > FN4_IDLE_REOPEN:
@@ -836,6 +997,7 @@ class FN4Client:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock.settimeout(self.timeout[1])
             self._insert_conn = conn
+            self._insert_conn_answers = 0
         return self._insert_conn
 
     def _drop_insert_connection(self) -> None:
@@ -848,11 +1010,20 @@ class FN4Client:
         self._session.close()
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        try:
-            # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-            response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-        except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+        """GET a route and return its JSON. Raises OutageError.
+
+        A GET cut off without an answer (as when the server closes an idle kept-alive connection under
+        it) is asked once more at once; a timeout is not.
+        """
+        for last_try in (False, True):
+            try:
+                # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
+                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
+                break
+            except requests.RequestException as exc:
+                if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
+                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
@@ -862,10 +1033,49 @@ class FN4Client:
                               f"{_answer_text(response.content)}") from None
 
 
-def _insert_outcome(status: int) -> str:
-    """Classify fn4's answer to an insert (see README, Failure handling)."""
-    known = {200: INSERTED, 201: ALREADY_PRESENT, 409: SERVER_UNAVAILABLE, 503: SERVER_UNAVAILABLE}
+#: Errors of a kept-alive connection the server closed while it was idle (nothing of an answer came).
+_CLOSED_WHILE_IDLE = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _insert_outcome(status: int, text: str = "") -> str:
+    """Classify fn4's answer to an insert and its text (see README, Failure handling).
+
+    A 500 is the sample's fault for good when fn4 says the length is wrong, an outage when fn4 says
+    its database is unreachable, and otherwise RETRY: the caller then asks whether fn4's database
+    answers before counting it against the file. A 404 means the insert route is not there (a wrong
+    URL, a proxy): an outage, not a bad sample.
+    """
+    if status == 500 and FN4_WRONG_LENGTH in text:
+        return FAILED
+    if status == 500 and FN4_DATABASE_DOWN in text:
+        return SERVER_UNAVAILABLE
+    known = {200: INSERTED, 201: ALREADY_PRESENT, 404: SERVER_UNAVAILABLE, 408: SERVER_BUSY, 409: SERVER_BUSY,
+             429: SERVER_BUSY, 503: SERVER_UNAVAILABLE}
     return known.get(status, RETRY if status >= 500 else FAILED)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Return the seconds an answer's Retry-After asks for (seconds or an HTTP date), capped; None if absent.
+
+    A date is read against the answer's own Date header when there is one, so clock skew does not count.
+    """
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        moments = [email.utils.parsedate_to_datetime(v) if v else utcnow() for v in (value, headers.get("Date"))]
+    except (TypeError, ValueError, IndexError):
+        return None
+    until, now = (m if m.tzinfo else m.replace(tzinfo=timezone.utc) for m in moments)
+    return min(max((until - now).total_seconds(), 0.0), RETRY_AFTER_CAP)
+
+
+def _excerpt(value: Any) -> str:
+    """Return a JSON value as a short excerpt for an error line."""
+    text = json.dumps(value[:3] + ["..."] if isinstance(value, list) and len(value) > 3 else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _answer_text(body: bytes) -> str:
@@ -874,7 +1084,7 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace"))
+        text = html.unescape(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")))
     return " ".join(text.split())[:300]
 
 
@@ -950,16 +1160,19 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     return changes
 
 
-def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
+def resolve_database(database: str | None, environ: dict[str, str] | None = None,
+                     read_only: bool = False) -> sa.URL:
     """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
 
     Accepts a key into the JSON file named by DB_CONNECTION_CONFIG_FILE, a SQLAlchemy URL,
     or nothing (a SQLite file that persists). For Oracle keys, TNS_ADMIN is set from the entry.
+    ``read_only`` (status, list) makes no folder, and raises CatalogueMissing for a missing SQLite file.
     """
     environ = os.environ if environ is None else environ
     if not database:
-        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
-        return sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}")
+        if not read_only:
+            DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return _existing(sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}"), read_only)
     if "://" in database:
         text = database
     else:
@@ -969,12 +1182,20 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     except sa.exc.ArgumentError:
         raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
                           "e.g. postgresql+psycopg2://user@host/db") from None
-    _remember_secret(url.password and str(url.password))
+    _remember_secret(url.password and str(url.password), *_TYPED_PASSWORD.findall(text)[:1])
     if url.drivername in ("oracle", "oracle+cx_oracle"):
         url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
         raise ConfigError("an in-memory SQLite catalogue would be lost at restart: give a file, "
                           "e.g. sqlite:///fn4loader.sqlite")
+    return _existing(url, read_only)
+
+
+def _existing(url: sa.URL, read_only: bool) -> sa.URL:
+    """Return the URL; for a read-only command, raise CatalogueMissing if its SQLite file is missing."""
+    if read_only and url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CatalogueMissing(f"the SQLite catalogue {url.database!r} does not exist: has the loader run with it? "
+                               "Give the loader's DATABASE")
     return url
 
 
@@ -1004,32 +1225,47 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
 
 def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
            server_heartbeat: datetime | None = None) -> LoaderStatus:
-    """Return the status with its level and problems: critical, warning, or OK.
+    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
 
-    Critical: no batch row nor attempt for STALE_POLLS poll intervals (unless another host's
-    loader has written for the same fn4 server since: ``server_heartbeat``), or more than
-    ``critical_share`` of the last 24 h's attempts to load failed (rows retry, gave_up and
-    server_unavailable: fn4 errors, timeouts, fn4 unavailable, failed downloads).
-    Warning: some attempt failed so, or a file failed for good, in the last 24 h.
+    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
+    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
+    abandoned, or the latest cycle paused, because a service was unavailable; or more than
+    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
+    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
+    Warning: such a failure below the share, a retry in the window, or a file whose latest state
+    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
     """
     problems: list[tuple[int, str]] = []
     heartbeat = status.heartbeat
+    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
         ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
         if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
             problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
         else:
             problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
-    counts = status.outcomes
-    insert_failures = sum(counts.get(o, 0) for o in (RETRY, GAVE_UP, SERVER_UNAVAILABLE))
-    inserted = counts.get(INSERTED, 0) + counts.get(ALREADY_PRESENT, 0)
-    if insert_failures:
-        share = insert_failures / (insert_failures + inserted)
+    if status.abandoned:
+        since = status.abandoned_since or status.last_batch
+        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
+                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
+    elif status.paused:
+        problems.append((2, f"the latest cycle paused: {status.paused}"))
+    recent = status.recent_files
+    failures = sum(recent.get(o, 0) for o in LOADER_FAILURES)
+    loaded = sum(recent.get(o, 0) for o in LOADED)
+    if failures:
+        share = failures / (failures + loaded)
         problems.append((2 if share > critical_share else 1,
-                         f"{insert_failures} failed attempts (fn4 errors or unavailable, timeouts, failed "
-                         f"downloads) against {inserted} inserts in the last 24 h"))
-    if failed := sum(counts.get(o, 0) for o in (FAILED, GAVE_UP, DUPLICATE)):
-        problems.append((1, f"{failed} files failed for good in the last 24 h"))
+                         f"{failures} of {failures + loaded} files tried in {window} failed for reasons of fn4, "
+                         "Object Storage or the loader (latest outcome retry, gave_up or server_unavailable)"))
+    if retries := status.outcomes.get(RETRY, 0):
+        problems.append((1, f"{retries} attempts to retry in {window} (fn4 errors, timeouts, failed downloads)"))
+    if status.failed_files:
+        problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
+                            f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
+    if busy := status.outcomes.get(SERVER_BUSY, 0):
+        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
+                            "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
@@ -1308,9 +1544,9 @@ class LoadLogger:
                 self._connections.add(dbapi_connection)
 
     @staticmethod
-    def connect(database: str | None) -> sa.Engine:
+    def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
-        url = resolve_database(database)
+        url = resolve_database(database, read_only=read_only)
         try:
             engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -1321,14 +1557,15 @@ class LoadLogger:
         return engine
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None, journal: Path | None = None,
-                          bucket: str | None = None) -> LoadLogger:
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False,
+                          journal: Path | None = None, bucket: str | None = None) -> LoadLogger:
         """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
 
+        ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
         With ``bucket`` (the loader), rows are journaled: in ``journal``, or by default where
         journal_path puts it; rows an earlier run left there are written before this returns.
         """
-        engine = cls.connect(database)
+        engine = cls.connect(database, read_only)
         path = (journal or journal_path(engine.url, schema, bucket)) if bucket else None
         catalogue = cls(engine, schema, journal=path)
         try:
@@ -1568,43 +1805,86 @@ class LoadLogger:
         return batches.rowcount, attempts.rowcount
 
     def status_queries(self, since: datetime, server: str | None = None) -> dict[str, sa.Select[Any]]:
-        """Return the queries behind ``status``, portable to every supported database."""
+        """Return the queries behind ``status``, portable to every supported database.
+
+        A file is an object name in a bucket: its state is its latest row's outcome, so a file
+        tried five times counts once, and one re-queued and loaded is no longer failed.
+        """
         b, a = self.batches.c, self.attempts.c
-        last = sa.select(sa.func.max(b.bl_int_id).label("id")).group_by(b.host_name, b.findneighbour_server_url)
-        latest = sa.select(sa.func.max(a.gp_int_id)).group_by(
-            a.findneighbour_server_url, a.oci_namespace, a.bucket_name, a.file_name, a.object_etag)
-        pair = (a.host_name, a.findneighbour_server_url)
+        loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
+        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
+        ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
+               .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
+        abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
+                     .join(ran, sa.and_(ran.c.host_name == b.host_name,
+                                        ran.c.findneighbour_server_url == b.findneighbour_server_url), isouter=True)
+                     .where(b.abandon_reason.is_not(None), b.bl_int_id > sa.func.coalesce(ran.c.id, 0))
+                     .group_by(*loader))
+        finished = (sa.select(sa.func.count()).where(  # files of that cycle loaded or failed for good since
+            a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
+            a.oci_namespace == b.oci_namespace, a.bucket_name == b.bucket_name, a.batch_start_time == b.check_time,
+            a.batch_sample_number.is_not(None), a.completed == 1).scalar_subquery())
+        latest_of_loader = sa.select(sa.func.max(a.gp_int_id)).group_by(*pair)
+        latest_of_file = sa.select(sa.func.max(a.gp_int_id)).group_by(*bucket, a.file_name)
+        recent_of_file = (sa.select(sa.func.max(a.gp_int_id)).where(a.batch_start_time >= _naive_utc(since))
+                          .group_by(*bucket, a.file_name))
         queries = {
-            "batches": sa.select(b.host_name, b.findneighbour_server_url, b.check_time, b.batch_size)
-                         .where(b.bl_int_id.in_(last)),
+            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
+                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
             "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
                          a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
                          sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
                        .group_by(*pair),
+            "latest": sa.select(*pair, a.outcome, a.batch_start_time, a.error_text)
+                        .where(a.gp_int_id.in_(latest_of_loader)),
             "outcomes": sa.select(*pair, a.outcome, sa.func.count()).where(a.batch_start_time >= _naive_utc(since))
                           .group_by(*pair, a.outcome),
+            "recent": sa.select(*pair, a.outcome, sa.func.count()).where(a.gp_int_id.in_(recent_of_file))
+                        .group_by(*pair, a.outcome),
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
-                        .where(a.gp_int_id.in_(latest), a.outcome.in_(sorted(REQUEUEABLE)))
+                        .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
+            "abandoned": abandoned,
         }
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        where = [sa.literal_column("bucket_name").is_not(None)]
-        if server:  # as the loader records it: FN4Client drops a trailing slash
-            where.append(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
-        return {name: query.where(*where) for name, query in queries.items()}
+        for name, query in queries.items():
+            table = b if name in ("batches", "backlog", "abandoned") else a
+            query = query.where(table.bucket_name.is_not(None))
+            if server:  # as the loader records it: FN4Client drops a trailing slash
+                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
+            queries[name] = query
+        return queries
+
+    def has_tables(self) -> bool:
+        """Return True if both catalogue tables exist. Raises SQLAlchemyError if the database cannot be read."""
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return all(inspector.has_table(t.name, schema=t.schema) for t in (self.batches, self.attempts))
 
     def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
-        """Read each loader's latest batch, last insert, recent outcomes and failed files."""
+        """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
         found: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
             rows = {name: conn.execute(query).all()
                     for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
-        for host, url, check_time, size in rows["batches"]:
-            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), backlog=size)
+        for host, url, check_time, reason in rows["batches"]:
+            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), abandoned=reason)
+        for host, url, backlog in rows["backlog"]:
+            found.setdefault((host, url), {})["backlog"] = None if backlog is None else max(backlog, 0)
+        for host, url, since, count in rows["abandoned"]:
+            found.setdefault((host, url), {}).update(abandoned_since=_aware(since), abandoned_cycles=count)
         for host, url, active, success in rows["times"]:
             found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
-        for host, url, outcome, count in rows["outcomes"]:
-            found.setdefault((host, url), {}).setdefault("outcomes", {})[outcome or "none"] = count
+        for host, url, outcome, started, error in rows["latest"]:
+            facts = found.setdefault((host, url), {})
+            ran = facts.get("last_batch") if not facts.get("abandoned") else None
+            if outcome == SERVER_UNAVAILABLE and ran and started and _aware(started) >= ran:
+                facts["paused"] = error or outcome  # the latest cycle that ran paused on it
+        for name in ("outcomes", "recent"):
+            for host, url, outcome, count in rows[name]:
+                found.setdefault((host, url), {}).setdefault(name if name == "outcomes" else "recent_files", {})[
+                    outcome or "none"] = count
         for host, url, name, outcome, parse_status, error, when in rows["failed"]:
             found.setdefault((host, url), {}).setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
@@ -1613,11 +1893,21 @@ class LoadLogger:
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
-    def file_states(self, server_url: str, namespace: str, bucket: str,
-                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
-        """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
+    def last_success(self, server_url: str, namespace: str, bucket: str) -> datetime | None:
+        """Return the time of this loader's last insert fn4 answered 200 or 201, or None."""
         a = self.attempts.c
-        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts)
+        query = sa.select(sa.func.max(a.insert_end_time)).where(
+            a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket,
+            a.outcome.in_([INSERTED, ALREADY_PRESENT]))
+        with self.engine.connect() as conn:
+            return _aware(conn.execute(query).scalar())
+
+    def file_states(self, server_url: str, namespace: str, bucket: str,
+                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
+        """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
+        a = self.attempts.c
+        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts,
+                           a.batch_start_time)
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
@@ -1638,17 +1928,22 @@ class Metrics:
                  ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = CollectorRegistry()
-        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome", ["outcome"],
-                                registry=self.registry)
+        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome; a cycle abandoned "
+                                "because fn4 or Object Storage was unavailable counts as server_unavailable",
+                                ["outcome"], registry=self.registry)
         self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
                                         buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
-        self.backlog = Gauge("fn4loader_backlog", "Files of the current batch not yet tried",
+        self.backlog = Gauge("fn4loader_backlog", "Files pending: listed, neither loaded nor failed for good",
                              registry=self.registry)
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
+                                 "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
         for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
             self.attempts.labels(outcome)
+        for service in ABANDON_SERVICES:
+            self.abandoned.labels(service)
         self.clock = clock
         self.max_age = max_age
         self.last_progress = clock()
@@ -1661,6 +1956,11 @@ class Metrics:
             if outcome in (INSERTED, ALREADY_PRESENT):
                 self.last_success.set(insert_end.timestamp())
         self.last_progress = self.clock()
+
+    def cycle_abandoned(self, service: str) -> None:
+        self.abandoned.labels(service).inc()
+        if service != "loader":
+            self.attempts.labels(SERVER_UNAVAILABLE).inc()
 
     def cycle_done(self) -> None:
         self.cycles.inc()
@@ -1712,6 +2012,7 @@ class Metrics:
 
 
 _END = object()  # marks the end of the prefetch queue
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has none
 
 
 class Loader:
@@ -1739,6 +2040,11 @@ class Loader:
         self._server_count = 0
         self._next_prune: datetime | None = None
         self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
+        # (file name, etag) -> (gave_up rows, time of the latest), folded from the catalogue: the automatic retry.
+        self._given_up: dict[tuple[str, str], tuple[int, datetime]] = {}
+        self._retry_after: float | None = None  # seconds fn4 asked us to wait when it paused the last cycle
+        self.pause_reason: str | None = None  # why the last cycle paused: the pausing row's error text
+        self.last_summary: CycleSummary | None = None
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
 
@@ -1751,12 +2057,15 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self._seed_last_success()
+        self.warn_of_waiting_archive()
         while not self.stop.is_set():
             try:
                 summary = self.run_cycle()
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
                 wait = backoff(failures)
+                self._record_abandoned(exc)
                 if isinstance(exc, OutageError):
                     log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
                 else:
@@ -1766,13 +2075,14 @@ class Loader:
                 self.stop.wait(wait)
                 continue
             self.cycles += 1
+            self.last_summary = summary
             self.metrics.cycle_done()
             self._prune_if_due()
             if once:
                 break
             if summary.paused or (summary.found and summary.loaded == 0):
                 failures += 1
-                wait = backoff(failures)
+                wait = max(backoff(failures), self._retry_after or 0.0)  # Retry-After is capped when read
             else:
                 failures = 0
                 wait = 0.0 if summary.found else self.settings.poll_interval
@@ -1782,16 +2092,17 @@ class Loader:
     def run_cycle(self) -> CycleSummary:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
-        self._refresh_from_catalogue()
-        archive = self.settings.archive_prefix
-        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
-                          if not (archive and o.name.startswith(archive))),
+        self._retry_after = self.pause_reason = None
+        caught_up = self._refresh_from_catalogue()
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
                          key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
         server_guids = self.fn4.guids() if reconcile else None
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        if caught_up and self._given_up:
+            self._requeue_given_up(objects, started)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
@@ -1809,11 +2120,59 @@ class Loader:
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
                  "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
-                 len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
+                 len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
                  self.catalogue.unwritten, extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def _record_abandoned(self, exc: Exception) -> None:
+        """Write a batch row that says why the cycle was abandoned, and count it."""
+        service = exc.service if isinstance(exc, OutageError) else "loader"
+        reason = str(exc) if isinstance(exc, OutageError) else f"unexpected error: {_short(exc)}"
+        self.catalogue.record_batch(BatchRow(
+            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
+            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=self.clock(),
+            abandon_reason=reason[:2000] or type(exc).__name__))
+        self.metrics.cycle_abandoned(service)
+
+    def _seed_last_success(self) -> None:
+        """Start the last-success metric from the catalogue, so a restart does not reset it to 0."""
+        try:
+            last = self.catalogue.last_success(self.fn4.base_url, self.store.namespace, self.store.bucket)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the last success from the catalogue (%s)", _short(exc))
+            return
+        if last is not None:
+            self.metrics.last_success.set(last.timestamp())
+
+    def warn_of_waiting_archive(self) -> list[str]:
+        """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
+
+        They are never listed, so never loaded. Looks at up to ARCHIVE_CHECK_LIMIT of them; returns their names.
+        """
+        archive = self.settings.archive_prefix
+        if not archive:
+            return []
+        self._refresh_from_catalogue()
+        loaded = {name for (name, _), (_, outcome, _) in self._files.items() if outcome in LOADED}
+        waiting, seen = [], 0
+        try:
+            for obj in self.store.list_objects(archive):
+                seen += 1
+                if obj.name[len(archive):] not in loaded:
+                    waiting.append(obj.name)
+                if seen >= ARCHIVE_CHECK_LIMIT:
+                    break
+        except OutageError as exc:
+            log.warning("could not look under the archive prefix %r: %s", archive, exc)
+            return []
+        if waiting:
+            log.warning("%d FASTA objects%s wait under the archive prefix %r of --on-success and will never be "
+                        "loaded; move them out of it, e.g. %s", len(waiting),
+                        f" (of the first {seen} there)" if seen >= ARCHIVE_CHECK_LIMIT else "", archive,
+                        ", ".join(waiting[:5]))
+        return waiting
 
     def _prune_if_due(self) -> None:
         """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
@@ -1833,8 +2192,11 @@ class Loader:
 
     # -- working out what to load --
 
-    def _refresh_from_catalogue(self) -> None:
-        """Fold rows written since the last look (by us or by a requeue) into the file states."""
+    def _refresh_from_catalogue(self) -> bool:
+        """Fold rows written since the last look (by us or by a requeue) into the file states.
+
+        Returns True if the catalogue was read up to our own latest row.
+        """
         if self.catalogue.unwritten:
             if not self._files:  # at start: rows replayed from the journal are the newest known
                 for row in self.catalogue.pending_attempts():
@@ -1842,14 +2204,35 @@ class Loader:
                             self.fn4.base_url, self.store.namespace, self.store.bucket):
                         self._files[(row["file_name"], row["object_etag"])] = (
                             row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
-            return  # our own rows are not all in yet; the in-memory state is newer
+            return False  # our own rows are not all in yet; the in-memory state is newer
         try:
-            for row_id, name, etag, completed, outcome, attempts in self.catalogue.file_states(
+            for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
                 self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
+                if outcome == GAVE_UP:
+                    rounds = self._given_up.get((name, etag), (0, None))[0]
+                    self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
+            return False
+        return True
+
+    def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:
+        """Re-queue listed files given up AUTO_RETRY_INTERVAL ago or more, at most AUTO_RETRY_ROUNDS times each.
+
+        A file given up during an incident of fn4 or Object Storage then loads without an operator.
+        Files that failed for good (failed, duplicate, vanished) are never re-queued automatically.
+        Called only when the catalogue is read up to our own rows, so the counts and times are current.
+        """
+        due = {key: rounds for key, (rounds, when) in self._given_up.items()
+               if rounds <= AUTO_RETRY_ROUNDS and (started - when).total_seconds() >= AUTO_RETRY_INTERVAL
+               and self._files.get(key, (0, "", 0))[:2] == (1, GAVE_UP)}
+        for obj in objects if due else ():
+            if (rounds := due.get(obj.key)) is not None:
+                self._record(obj, REQUEUED, started, failed_attempts=0,
+                             error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
+                                        f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
 
     def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
@@ -1934,16 +2317,16 @@ class Loader:
             if self.stop.is_set():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
-            self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
-            elif outcome == SERVER_UNAVAILABLE:
+            elif outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
                 paused = True
                 break
             elif outcome == RETRY:
                 retried += 1
             else:
                 failed += 1
+            self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
         abandon.set()
         while item is not _END and not self.stop.is_set():
             item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
@@ -2006,14 +2389,20 @@ class Loader:
                      insert_status_code=result.status_code)
         if result.outcome == INSERTED:
             self._server_count += 1
-        if result.outcome == RETRY and not self.fn4.is_up():
+        # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
+        if result.outcome == RETRY and not (self.fn4.database_answers(obj.guid) if result.status_code == 500
+                                            else self.fn4.is_up()):
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
         if result.outcome == RETRY:
             return self._record_retry(obj, f"fn4 answered: {result.message}", {**batch, **facts})
         text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
-        if result.outcome == SERVER_UNAVAILABLE:
-            text = (f"fn4 unavailable ({result.status_code or 'no answer'}): {result.message}; "
-                    "the batch pauses and the file is retried")
+        if result.outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
+            text = (f"fn4 {'busy' if result.outcome == SERVER_BUSY else 'unavailable'} "
+                    f"({result.status_code or 'no answer'}): {result.message}; the batch pauses"
+                    f"{f' {result.retry_after:.0f} s, as fn4 asked,' if result.retry_after else ''} "
+                    "and the file is retried")
+            self.pause_reason, self._retry_after = text, result.retry_after
+        facts["parse_status"] = result.parse_status
         return self._record(obj, result.outcome, error_text=text, **batch, **facts)
 
     def _record_retry(self, obj: StoredObject, reason: str, columns: dict[str, Any]) -> str:
@@ -2033,8 +2422,8 @@ class Loader:
         if outcome in LOADED and self.settings.on_success != "keep":
             if problem := self.store.archive(obj, self.settings.on_success):
                 columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
-        if columns.get("error_text"):
-            columns["error_text"] = columns["error_text"][:2000]
+        if columns.get("error_text"):  # fn4's answers and errors may quote a secret
+            columns["error_text"] = redact(columns["error_text"], _SECRETS)[:2000]
         row = AttemptRow(**{
             "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
             "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
@@ -2044,7 +2433,7 @@ class Loader:
         self.catalogue.record_attempt(row)
         self._files[obj.key] = (completed, outcome, attempts)
         self.metrics.record(outcome, row.insert_start_time, row.insert_end_time)
-        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, REQUEUED} else logging.WARNING
+        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED} else logging.WARNING
         fields = {"event": "sample", "guid": obj.guid, "file_name": obj.name, "outcome": outcome, "bytes": obj.size,
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
@@ -2069,16 +2458,22 @@ class Loader:
         return requeued
 
     def inventory(self) -> list[dict[str, Any]]:
-        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError."""
+        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError.
+
+        The state is the one the catalogue records (see file_state), or, for a file without a
+        row, the one the next cycle will record: a guid fn4 holds is loaded, a duplicate failed.
+        """
         self._refresh_from_catalogue()
-        in_server = self.fn4.guids()
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                         key=lambda o: (o.time_created, o.name))
+        todo, settled = self._plan(objects, self.fn4.guids())
+        planned = {obj.key: outcome for obj, outcome, _ in settled} | {obj.key: "" for obj in todo}
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix), key=lambda o: (o.time_created, o.name)):
-            completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
-            state = ("loaded" if obj.guid in in_server else
-                     "failed" if completed and outcome not in LOADED else "pending")
-            files.append({"state": state, "name": obj.name, "guid": obj.guid, "size": obj.size,
-                          "time_created": obj.time_created, "outcome": outcome or None, "failed_attempts": attempts})
+        for obj in objects:
+            _, outcome, attempts = self._files.get(obj.key, (0, "", 0))
+            files.append({"state": file_state(planned.get(obj.key, outcome)), "name": obj.name, "guid": obj.guid,
+                          "size": obj.size, "time_created": obj.time_created, "outcome": outcome or None,
+                          "failed_attempts": attempts})
         return files
 
 
@@ -2203,12 +2598,12 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, journaled: bool = False, journal: Path | None = None,
+             ca_bundle: str | None, read_only: bool = False, journaled: bool = False, journal: Path | None = None,
              **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once, failing with ConfigError on anything that needs fixing."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, journal, bucket if journaled else None)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
     return store, fn4, catalogue
 
 
@@ -2222,9 +2617,9 @@ def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
 
 
 def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if value in ("keep", "delete") or (value.startswith("rename:") and len(value) > len("rename:")):
-        return value
-    raise click.BadParameter(f"{value!r}: use keep, delete, or rename:PREFIX (e.g. rename:loaded/)")
+    if problem := on_success_problem(value):
+        raise click.BadParameter(problem)
+    return value
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -2276,6 +2671,15 @@ connections = _apply([
 prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
                              help="List only objects under this prefix (upload: put them under it).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+on_success_option = click.option(
+    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
+    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
+                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
+                           "the same bucket.")
+max_object_bytes_option = click.option(
+    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
+    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
+    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
 poll_interval_option = click.option(
     "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
     envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
@@ -2290,7 +2694,7 @@ def main() -> None:
 @common
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
-              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
+              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
 @poll_interval_option
 @prefix_option
 @click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
@@ -2298,15 +2702,11 @@ def main() -> None:
               help="File-specific transient failures before a file is given up.")
 @click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
               help="Reference genome length; files of any other length fail. Default: no check.")
-@click.option("--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES,
-              show_default=True, envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-              help="Largest object, compressed or decompressed, that is loaded.")
+@max_object_bytes_option
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@click.option("--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-              show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX "
-                                     "(move it under PREFIX). Keep when other loaders read the same bucket.")
+@on_success_option
 @click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
               envvar="FN4_RETENTION_DAYS", show_envvar=True,
               help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
@@ -2332,13 +2732,13 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
     with _startup(log_level, log_format) as secrets:
+        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                            max_object_bytes, reconcile_interval, on_success, retention_days)
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, journaled=True,
                                          journal=journal, auth=auth, config_file=config_file, profile=profile,
                                          endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
     catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
-    settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval, on_success, retention_days)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
@@ -2346,6 +2746,10 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     failed = False
     try:
         loader.run(once=once)
+        if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
+            failed = True
+            click.echo(f"Error: the cycle paused with files left to load: {redact(loader.pause_reason or '', secrets)}",
+                       err=True)
     except OutageError as exc:
         failed = True
         click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
@@ -2390,42 +2794,59 @@ def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None
 @poll_interval_option
 @click.option("--critical-failure-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               envvar="FN4_CRITICAL_FAILURE_SHARE", show_envvar=True,
-              help="Critical when more than this share of the last 24 h's load attempts failed.")
+              help="Critical when more than this share of the files tried in the last hour failed for "
+                   "reasons of fn4, Object Storage or the loader.")
 @json_option
 def status(database: str | None, db_schema: str | None, log_level: str, log_format: str, server: str | None,
            poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
-    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical.
+    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical, 3 unknown.
 
-    Critical: no batch and no attempt for 3 poll intervals (unless another host now loads the same
-    fn4 server), or more than the critical share of the last 24 h's load attempts failed (fn4
-    errors or unavailable, timeouts, failed downloads). Warning: such an attempt failed, or a file
-    failed for good.
+    Critical: no cycle and no attempt for 3 poll intervals (unless another host now loads the same
+    fn4 server); the latest cycles were abandoned or paused because fn4 or Object Storage was
+    unavailable; or more than the critical share of the files tried in the last hour failed for
+    reasons of fn4, Object Storage or the loader. Warning: such a failure, a retry in the last
+    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read.
     """
     now = utcnow()
-    with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
-        path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
-        if path and not Path(path).exists():
-            raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
+    reason = None
+    with _startup(log_level, log_format):
         try:
-            found = catalogue.status(now, server)
-            newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
-                                        default=None) for r in found}
-            reports = [assess(r, now, poll_interval, critical_failure_share, newest[r.server_url]) for r in found]
-        except sa.exc.SQLAlchemyError as exc:
-            error = catalogue.unusable(exc)
-            if "column" in str(exc).lower():
-                error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
-            raise error from None
-        catalogue.engine.dispose()
-    level = max((r.level for r in reports), default=2)
+            reports = _read_status(database, db_schema, server, now, poll_interval, critical_failure_share)
+        except ConfigError as exc:
+            reason, reports = redact(str(exc), _SECRETS), []
+    level = 3 if reason else max((r.level for r in reports), default=2)
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
+                               **({"reason": reason} if reason else {}),
                                "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
                               default=_json_value, indent=2))
+    elif reason:
+        click.echo(f"Error: {reason}", err=True)
     else:
         click.echo(_status_text(reports, now, level, server))
     sys.exit(level)
+
+
+def _read_status(database: str | None, db_schema: str | None, server: str | None, now: datetime,
+                 poll_interval: float, critical_share: float) -> list[LoaderStatus]:
+    """Read and assess every loader's status. Raises ConfigError when the catalogue cannot be read."""
+    catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)  # CatalogueMissing
+    url = catalogue.engine.url
+    try:
+        if not catalogue.has_tables():
+            raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
+                              f"{' in schema ' + db_schema if db_schema else ''}: has the loader run with it?")
+        found = catalogue.status(now, server)
+    except sa.exc.SQLAlchemyError as exc:
+        error = catalogue.unusable(exc)
+        if "column" in str(exc).lower():
+            error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
+        raise error from None
+    finally:
+        catalogue.engine.dispose()
+    newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
+                                default=None) for r in found}
+    return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found]
 
 
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
@@ -2437,9 +2858,13 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
                            _when(r.last_success)] for r in reports])]
+    window = f"last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
-                  "  last 24 h: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "no attempts")]
+                  f"  files tried in the {window}, by latest outcome: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.recent_files.items())) or "none"),
+                  f"  attempts in the {window}: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "none")]
         lines += [f"  {problem}" for problem in r.problems]
         if r.failed_files:
             lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
@@ -2454,22 +2879,27 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
 @common
 @connections
 @prefix_option
+@on_success_option
 @json_option
 def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-               endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
+               endpoint: str | None, ca_bundle: str | None, prefix: str | None, on_success: str,
+               as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
-    A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise.
+    The state is the file's latest outcome in the catalogue, as status counts it: loaded
+    (inserted, already_present, in_server), failed (failed, duplicate, vanished, gave_up) or
+    pending; a file not yet tried shows the state the next cycle will record. Give the loader's
+    --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
+                                         auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
     try:
-        files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
+        files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:
         catalogue.close()
         fn4.close()
@@ -2484,15 +2914,20 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @oci_options
 @prefix_option
+@max_object_bytes_option
 @log_options
 def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
+           log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
-    Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
+    a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
+    Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
+    was not uploaded.
     """
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
@@ -2504,8 +2939,10 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
             problem = problem or guid_problem(guid_from_name(name))
             try:
-                if problem is None and not store.upload(name, Path(path).read_bytes()):
+                if problem is None and not store.upload(name, read_upload(path, max_object_bytes)):
                     problem = "an object of that name exists; it was not replaced"
+            except SampleError as exc:
+                problem = exc.reason
             except Exception as exc:
                 if not store._is_fault(exc):
                     raise
@@ -2553,6 +2990,34 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
     _report("downloaded", results)
 
 
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """Return a local file's bytes if the loader would load them. Raises SampleError saying why not.
+
+    Links are followed. Anything but a regular file (a FIFO, a device, a folder) is refused before
+    it is read, and so is a file above ``max_bytes``; the content must be one FASTA record, a gzip
+    file being inflated within the same bound.
+    """
+    data = b""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):  # a non-blocking open, checked again: a file swapped for a FIFO cannot block
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+                info = os.fstat(file.fileno())
+                if stat.S_ISREG(info.st_mode) and info.st_size <= max_bytes:
+                    data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise SampleError("unreadable", f"cannot read it: {exc.strerror}") from None
+    kind = info.st_mode
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind) else (
+            "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) else "a socket or other special file")
+        raise SampleError("not_a_file", f"not a regular file but {what} (after following links)")
+    if (size := max(info.st_size, len(data))) > max_bytes:
+        raise SampleError("too_large", f"it is {size} bytes; the limit (--max-object-bytes) is {max_bytes}")
+    parse_fasta(inflate([data], max_bytes))
+    return data
+
+
 def safe_file_name(name: str) -> str:
     """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
@@ -2591,16 +3056,28 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     """
     for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
         _remember_secret(os.environ.get(name))
+    _remember_secret(urlsplit(os.environ.get("FN_SENTRY_URL", "")).username)  # the DSN's key
     _configure_logging(log_level, _SECRETS, log_format)
     if os.environ.get("FN_SENTRY_URL"):
         import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
-        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20, before_send=lambda event, _hint:
-                        json.loads(redact(json.dumps(event, default=str), _SECRETS)))
+        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20,  # argv, locals, breadcrumbs: all
+                        before_send=lambda event, _hint: redact_all(event, _SECRETS),
+                        before_breadcrumb=lambda crumb, _hint: redact_all(crumb, _SECRETS))
+    _warn_of_password_in_argv()
     try:
         yield _SECRETS
     except ConfigError as exc:
         click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
         sys.exit(2)
+
+
+def _warn_of_password_in_argv() -> None:
+    """Warn when the DATABASE argument, given on the command line, holds a password: `ps` shows it to all."""
+    ctx = click.get_current_context(silent=True)
+    if (ctx is not None and ctx.get_parameter_source("database") is click.core.ParameterSource.COMMANDLINE
+            and _TYPED_PASSWORD.match(ctx.params.get("database") or "")):
+        log.warning("the DATABASE URL on the command line holds a password, which any user of this machine can "
+                    "read with ps: give it in FN4_DATABASE, a .env file or DB_CONNECTION_CONFIG_FILE instead")
 
 
 def cli() -> None:

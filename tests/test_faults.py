@@ -1,6 +1,5 @@
 """Faults and bad input: every file ends loaded or finished with a reason, and nothing blocks the queue."""
 import gzip
-import os
 import threading
 from datetime import timedelta
 
@@ -86,6 +85,28 @@ def test_bad_input_corpus_is_recorded_and_the_good_file_behind_it_loads(harness,
     assert len(fn4.inserts) == 1 and len(h.rows()) == len(corpus) + 1
 
 
+def test_large_bad_gzip_is_judged_by_content_in_one_download(harness, emulator, fn4):
+    """A gzip bomb and an early-corrupt gzip, both over 1 MiB compressed, fail for good at the first read."""
+    big = {name: case for name, *case in cases() if name.startswith("big-")}
+    assert sorted(big) == ["big-bomb.fasta.gz", "big-corrupt.fasta.gz"]
+    assert all(len(data) > 2**20 for data, *_ in big.values())
+    put_all(emulator, [(name, data) for name, (data, *_) in big.items()] + [("zz-good.fasta", fasta("zz-good"))])
+    h = harness()
+    h.cycle()
+    h.cycle()
+    for name, (_data, outcome, status, words) in big.items():
+        mine = [r for r in h.rows() if r["file_name"] == name]
+        assert len(mine) == 1, [(r["outcome"], r["error_text"]) for r in mine]
+        row = mine[0]
+        assert (row["outcome"], row["parse_status"], row["completed"]) == (outcome, status, 1), row["error_text"]
+        assert words in row["error_text"] and "cut off" not in row["error_text"]
+        reads = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/" + name)]
+        assert len(reads) == 1, f"{name} was downloaded {len(reads)} times"
+    [report] = h.catalogue.status(osa.utcnow())
+    assert set(report.outcomes) == {"failed", "inserted"}  # no retry, gave_up: no failed download
+    assert [i.guid for i in fn4.inserts] == ["zz-good"]
+
+
 def test_expected_length_is_checked_before_sending(harness, emulator, fn4):
     put_all(emulator, [("short.fasta", fasta("short", 299)), ("right.fasta", fasta("right", 300))])
     h = harness(expected_length=300)
@@ -124,17 +145,17 @@ def test_poison_file_is_given_up_after_max_attempts_without_blocking_others(harn
     assert {"b", "c"} <= set(fn4.guids)
 
 
-@pytest.mark.parametrize("fault", [
-    Scripted(status=409, times=-1), Scripted(status=503, times=-1), Scripted(drop=True, times=-1)],
-    ids=["409-lock", "503-busy", "refused"])
-def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault):
+@pytest.mark.parametrize("fault, outcome", [
+    (Scripted(status=409, times=-1), "server_busy"), (Scripted(status=503, times=-1), "server_unavailable"),
+    (Scripted(drop=True, times=-1), "server_unavailable")], ids=["409-lock", "503-busy", "refused"])
+def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault, outcome):
     put_all(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(6)])
     h = harness()
     fn4.script(fault)
     summary = h.cycle()
     assert summary.paused and summary.loaded == 0
     rows = h.rows()
-    assert len(rows) == 1 and rows[0]["outcome"] == "server_unavailable" and rows[0]["completed"] == 0
+    assert len(rows) == 1 and rows[0]["outcome"] == outcome and rows[0]["completed"] == 0
     assert rows[0]["failed_attempts"] == 0 and rows[0]["file_name"] == "s0.fasta"
     fn4.clear_script()
     h.cycle()
@@ -202,15 +223,17 @@ def test_throttling_and_5xx_from_object_storage_are_retried_by_the_sdk(harness, 
     assert [r.status for r in emulator.requests if r.method == "GET"].count(429) == 2
 
 
-def test_listing_that_keeps_failing_abandons_the_cycle_without_a_batch_row(harness, emulator, fn4):
+def test_listing_that_keeps_failing_abandons_the_cycle_with_a_batch_row_that_says_why(harness, emulator, fn4):
     put_all(emulator, [("a.fasta", fasta("a"))])
     emulator.add_fault(Fault(method="GET", path_contains="/o", kind="status", status=503, times=-1))
     h = harness()
     with pytest.raises(osa.OutageError, match="listing bucket 'FN4-queue' failed: Object Storage answered 503"):
         h.loader.run(once=True)
     assert h.catalogue.flush(30) and not h.rows() and not fn4.inserts
+    b = h.catalogue.batches.c
     with h.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(h.catalogue.batches)).scalar() == 0
+        [row] = conn.execute(sa.select(b.batch_size, b.abandon_reason)).all()
+    assert row.batch_size is None and "listing bucket 'FN4-queue' failed" in row.abandon_reason
     emulator.clear_faults()
     h.cycle()
     assert list(fn4.guids) == ["a"]
@@ -346,15 +369,12 @@ def test_idle_cycle_does_not_fetch_the_guid_list(harness, emulator, fn4):
     assert any(r.path == "/api/v2/new/exists" for r in fn4.requests)
 
 
-@pytest.mark.skipif(not os.environ.get("FN4_TEST_POSTGRES_URL"), reason="FN4_TEST_POSTGRES_URL is not set")
-def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4):
-    url = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"])
+def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4, postgres_schema):
+    url, schema = postgres_schema
+    url = sa.make_url(url)
     with TCPProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
         h = harness(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-                    retry_cap=0.2)
-        with h.engine.begin() as conn:
-            conn.execute(h.catalogue.attempts.delete())
-            conn.execute(h.catalogue.batches.delete())
+                    schema=schema, retry_cap=0.2)
         total = osa.MAX_UNWRITTEN_ROWS + 15
         put_all(emulator, [(f"s{i:03d}.fasta", fasta(f"s{i:03d}")) for i in range(total)])
         proxy.cut()
