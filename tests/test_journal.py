@@ -76,6 +76,28 @@ def attempt(i, host="loader-1"):
                           completed=1, outcome="inserted", failed_attempts=0, parse_status="ok")
 
 
+def _server_databases():
+    for name, var in (("postgresql", "FN4_TEST_POSTGRES_URL"), ("mariadb", "FN4_TEST_MARIADB_URL")):
+        marks = [] if os.environ.get(var) else [pytest.mark.skip(reason=f"{var} is not set")]
+        yield pytest.param(os.environ.get(var), id=name, marks=marks)
+
+
+@pytest.fixture(params=list(_server_databases()))
+def server_database(request):
+    """(URL, schema) of a fresh schema (a database on MariaDB) on a database server, dropped after the test."""
+    url, schema = request.param, f"t_{uuid.uuid4().hex[:12]}"
+    kind = "SCHEMA" if url.startswith("postgresql") else "DATABASE"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE {kind} {schema}"))
+    try:
+        yield url, schema
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP {kind} {schema}" + (" CASCADE" if kind == "SCHEMA" else "")))
+        engine.dispose()
+
+
 def proxied(url, proxy):
     return sa.make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
 
@@ -83,12 +105,12 @@ def proxied(url, proxy):
 # ---- bounds on every catalogue call (finding 6) ----
 
 
-@needs_pg
-def test_a_black_holed_catalogue_connection_is_dropped_and_loading_goes_on(store, fn4, emulator, pg_schema,
+def test_a_black_holed_catalogue_connection_is_dropped_and_loading_goes_on(store, fn4, emulator, server_database,
                                                                            caplog):
-    url = sa.make_url(PG)
+    server, schema = server_database
+    url = sa.make_url(server)
     with TCPProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
-        catalogue = osa.LoadLogger(osa.LoadLogger.connect(proxied(PG, proxy)), pg_schema, retry_cap=0.2,
+        catalogue = osa.LoadLogger(osa.LoadLogger.connect(proxied(server, proxy)), schema, retry_cap=0.2,
                                    call_timeout=1.0)
         catalogue.create_tables()
         catalogue.start()
@@ -112,7 +134,7 @@ def test_a_black_holed_catalogue_connection_is_dropped_and_loading_goes_on(store
             stop.set()
             catalogue.close(1.0)
             client.close()
-    rows = attempt_rows(PG, pg_schema)
+    rows = attempt_rows(server, schema)
     names = [r["file_name"] for r in rows]
     assert len(names) == len(set(names)) == 5 + osa.MAX_UNWRITTEN_ROWS + 10
     assert {r["outcome"] for r in rows} == {"inserted"} and len(fn4.inserts) == len(rows)
