@@ -8,7 +8,7 @@ waits ``--poll-interval`` seconds and looks again; it is meant to run for months
 Usage::
 
     python3 objectstoreaccess.py "http://localhost:5025" "lxxxx" "FN4-queue" "unittest_oracle"
-    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical
+    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical, 3 unknown
 
 Subcommands beside the loader (``run``, the default): ``status``, ``list``, ``upload``,
 ``download`` and ``retry-failed``. README.md is the manual: options, environment, databases,
@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import html
 import http.client
@@ -40,6 +41,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 import zlib
 from array import array
 from collections import deque
@@ -94,6 +96,10 @@ AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up fil
 AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
+DB_CALL_TIMEOUT = 60                     # seconds a catalogue call may take before its connections are dropped
+DB_KEEPALIVE = 30                        # seconds idle before TCP keepalive probes on a catalogue connection
+ONCE_CATALOGUE_PATIENCE = 30.0           # seconds --once waits for a catalogue that refuses writes, then exits 1
+JOURNAL_COMPACT_BYTES = 1 << 20          # a journal larger than this is rewritten without its committed rows
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
@@ -109,8 +115,9 @@ DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogu
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
-STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
-LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
+STATUS_WINDOW = timedelta(hours=1)       # status judges recent attempts over this window: a recovery clears in it
+LEVELS = ("ok", "warning", "critical", "unknown")  # status verdicts, by exit code
+ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandoned; loader: an unexpected error
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
@@ -128,7 +135,12 @@ SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 
 REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
-REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
+# The three states of a file that list, status, the metrics and README share, by its latest outcome:
+# loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
+FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
+# Outcomes that are the fault of fn4, Object Storage or the loader, not the file's: a majority is critical.
+LOADER_FAILURES = frozenset({RETRY, GAVE_UP, SERVER_UNAVAILABLE})
 ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
@@ -166,7 +178,14 @@ class ObjectChanged(LoaderError):
 
 
 class OutageError(LoaderError):
-    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry."""
+    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry.
+
+    ``service`` names it for the metrics and the catalogue: ``fn4`` or ``object_storage``.
+    """
+
+    def __init__(self, reason: str, service: str = "fn4") -> None:
+        super().__init__(reason)
+        self.service = service
 
 
 # ---- Records ---------------------------------------------------------------------------------
@@ -298,11 +317,16 @@ class LoaderStatus:
     host_name: str
     server_url: str
     last_batch: datetime | None = None
-    backlog: int | None = None                 # files the last batch set out to load
+    backlog: int | None = None                 # files pending: the last cycle's to load, less those finished since
     last_activity: datetime | None = None      # the last attempt row's latest time
     last_success: datetime | None = None       # the last insert fn4 answered 200 or 201
-    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, last 24 h
+    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, STATUS_WINDOW
+    recent_files: dict[str, int] = field(default_factory=dict)  # files tried in STATUS_WINDOW, by latest outcome
     failed_files: tuple[dict[str, Any], ...] = ()            # latest rows of files failed for good
+    abandoned: str | None = None               # why the latest cycle was abandoned, if it was
+    abandoned_since: datetime | None = None    # when the cycles began to be abandoned
+    abandoned_cycles: int = 0                  # cycles abandoned since the last one that ran
+    paused: str | None = None                  # why the latest cycle paused (fn4 unavailable), if it did
     level: int = 0                             # 0 ok, 1 warning, 2 critical: the exit code of status
     problems: tuple[str, ...] = ()
 
@@ -336,6 +360,8 @@ class BatchRow:
     number_in_server: int = _column(
         sa.Integer(), "Guids in fn4: counted at full reconciliation, plus inserts since")
     reconciled: int = _column(sa.Integer(), "1 if fn4's full guid list was fetched this cycle")
+    abandon_reason: str = _column(sa.String(2000), "Why the cycle was abandoned (a service unavailable); "
+                                                   "empty for a cycle that ran")
 
 
 @dataclass(frozen=True)
@@ -573,6 +599,11 @@ def parse_fasta(data: bytes | bytearray) -> tuple[str, bytes]:
     words = header.split(maxsplit=1)
     seqid = words[0].decode("utf-8", "replace") if words else ""
     return seqid, seq
+
+
+def file_state(outcome: str | None) -> str:
+    """Return a file's state for people from its latest outcome: loaded, failed (for good) or pending."""
+    return "loaded" if outcome in LOADED else "failed" if outcome in FAILED_FOR_GOOD else "pending"
 
 
 def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
@@ -827,10 +858,12 @@ class ObjectStoreClient:
                                        limit=LIST_PAGE_SIZE, fields="name,size,etag,md5,timeCreated").data
         except Exception as exc:
             if self._is_fault(exc):
-                raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
+                raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}",
+                                  "object_storage") from None
             raise
         if not isinstance(page, dict) or not isinstance(page.get("objects", []), list):
-            raise OutageError(f"listing bucket {self.bucket!r} answered something that is not a listing")
+            raise OutageError(f"listing bucket {self.bucket!r} answered something that is not a listing",
+                              "object_storage")
         return page
 
     def read_object(self, obj: StoredObject, max_bytes: int) -> bytearray:
@@ -856,7 +889,7 @@ class ObjectStoreClient:
             response = self._get_object(obj.name, obj.etag)
         except oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
-                raise ObjectChanged(f"object was deleted or replaced after listing ({exc.status})") from None
+                raise self._confirm_change(obj, exc.status) from None
             raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
         except Exception as exc:
             if _is_network_error(exc):
@@ -974,6 +1007,27 @@ class ObjectStoreClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _confirm_change(self, obj: StoredObject, status: int) -> LoaderError:
+        """Return ObjectChanged if a fresh listing confirms a 404/412 on a read, else TransientError.
+
+        A listing, not a HEAD, confirms: HEAD needs the same permission as GET, and Object Storage
+        answers 404 when access is refused, so only the listing that queued the file can tell.
+        """
+        try:
+            page = self._client.list_objects(self.namespace, self.bucket, prefix=obj.name, start=obj.name,
+                                             limit=1, fields="name,etag").data
+        except Exception as exc:
+            if not self._is_fault(exc):
+                raise
+            return TransientError(f"Object Storage answered {status} and the listing to confirm it failed: "
+                                  f"{_oci_reason(exc)}")
+        listed = next((item for item in page.get("objects", ()) if item.get("name") == obj.name), None)
+        if listed is None:
+            return ObjectChanged(f"object was deleted after listing (read answered {status}; no longer listed)")
+        if listed.get("etag") != obj.etag:
+            return ObjectChanged(f"object was replaced after listing (read answered {status}; its etag changed)")
+        return TransientError(f"Object Storage answered {status}, but the object is still listed unchanged")
 
     def archive(self, obj: StoredObject, on_success: str) -> str | None:
         """Delete a loaded object, or rename it to PREFIX + name, only if it is unchanged since listing.
@@ -1538,32 +1592,47 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
 
 def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
            server_heartbeat: datetime | None = None) -> LoaderStatus:
-    """Return the status with its level and problems: critical, warning, or OK.
+    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
 
-    Critical: no batch row nor attempt for STALE_POLLS poll intervals (unless another host's
-    loader has written for the same fn4 server since: ``server_heartbeat``), or more than
-    ``critical_share`` of the last 24 h's attempts to load failed (rows retry, gave_up and
-    server_unavailable: fn4 errors, timeouts, fn4 unavailable, failed downloads).
-    Warning: some attempt failed so, or a file failed for good, in the last 24 h.
+    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
+    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
+    abandoned, or the latest cycle paused, because a service was unavailable; or more than
+    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
+    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
+    Warning: such a failure below the share, a retry in the window, or a file whose latest state
+    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
     """
     problems: list[tuple[int, str]] = []
     heartbeat = status.heartbeat
+    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
         ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
         if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
             problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
         else:
             problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
-    counts = status.outcomes
-    insert_failures = sum(counts.get(o, 0) for o in (RETRY, GAVE_UP, SERVER_UNAVAILABLE))
-    inserted = counts.get(INSERTED, 0) + counts.get(ALREADY_PRESENT, 0)
-    if insert_failures:
-        share = insert_failures / (insert_failures + inserted)
+    if status.abandoned:
+        since = status.abandoned_since or status.last_batch
+        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
+                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
+    elif status.paused:
+        problems.append((2, f"the latest cycle paused: {status.paused}"))
+    recent = status.recent_files
+    failures = sum(recent.get(o, 0) for o in LOADER_FAILURES)
+    loaded = sum(recent.get(o, 0) for o in LOADED)
+    if failures:
+        share = failures / (failures + loaded)
         problems.append((2 if share > critical_share else 1,
-                         f"{insert_failures} failed attempts (fn4 errors or unavailable, timeouts, failed "
-                         f"downloads) against {inserted} inserts in the last 24 h"))
-    if failed := sum(counts.get(o, 0) for o in (FAILED, GAVE_UP, DUPLICATE)):
-        problems.append((1, f"{failed} files failed for good in the last 24 h"))
+                         f"{failures} of {failures + loaded} files tried in {window} failed for reasons of fn4, "
+                         "Object Storage or the loader (latest outcome retry, gave_up or server_unavailable)"))
+    if retries := status.outcomes.get(RETRY, 0):
+        problems.append((1, f"{retries} attempts to retry in {window} (fn4 errors, timeouts, failed downloads)"))
+    if status.failed_files:
+        problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
+                            f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
+    if busy := status.outcomes.get(SERVER_BUSY, 0):
+        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
+                            "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
@@ -1585,17 +1654,25 @@ def _hide_password(text: str) -> str:
 
 
 def _connect_args(url: sa.URL) -> dict[str, Any]:
-    """Return driver options that put a timeout on connecting (and, where possible, on queries)."""
+    """Return driver options that bound connecting and every call, so a half-open connection fails.
+
+    SQLite: the busy timeout. PostgreSQL (libpq): keepalives while idle, tcp_user_timeout for sent
+    data never acknowledged, and statement_timeout. MariaDB/MySQL: read and write timeouts. Oracle:
+    expire_time (keepalive probes, minutes); call_timeout is set on each connection (LoadLogger.connect).
+    """
     backend = url.get_backend_name()
     if backend == "sqlite":
         return {"timeout": DB_CONNECT_TIMEOUT}
     if backend == "postgresql":
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "options": "-c statement_timeout=60000"}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": DB_KEEPALIVE,
+                "keepalives_interval": DB_KEEPALIVE // 3, "keepalives_count": 3,
+                "tcp_user_timeout": DB_CALL_TIMEOUT * 1000, "options": f"-c statement_timeout={DB_CALL_TIMEOUT * 1000}"}
     if backend in ("mysql", "mariadb"):
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": 60, "write_timeout": 60}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": DB_CALL_TIMEOUT,
+                "write_timeout": DB_CALL_TIMEOUT}
     if backend == "oracle":
         tns_admin = os.environ.get("TNS_ADMIN")
-        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT}
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}
         if tns_admin:
             args.update(config_dir=tns_admin, wallet_location=tns_admin)
             if os.environ.get("WALLET_PASSWORD"):
@@ -1604,49 +1681,270 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
     return {}
 
 
+def _bound_oracle_calls(dbapi_connection: Any, _record: Any) -> None:
+    """Give each new Oracle connection a call timeout (python-oracledb sets it per connection, in ms)."""
+    dbapi_connection.call_timeout = DB_CALL_TIMEOUT * 1000
+
+
+def _shut_socket(dbapi_connection: Any) -> None:
+    """Shut down a driver connection's socket, so a call blocked on it returns with an error at once."""
+    fileno = getattr(dbapi_connection, "fileno", None)  # libpq drivers
+    sock = getattr(dbapi_connection, "_sock", None)     # PyMySQL
+    try:
+        if callable(fileno):
+            with socket.socket(fileno=os.dup(fileno())) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        elif isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # noqa: BLE001  a connection already closed: nothing left to shut
+        pass
+
+
+#: The columns that identify a row, so a row that may already be written is written only if missing.
+_ROW_KEYS = {
+    "fn4batchload": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "check_time"),
+    "fn4loadattempt": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "file_name",
+                       "object_etag", "batch_start_time", "outcome"),
+}
+_TIME_COLUMNS = frozenset(f.name for record in (BatchRow, AttemptRow) for f in dataclasses.fields(record)
+                          if f.metadata["type"] is TIMESTAMP)
+
+
+def _key_value(value: Any) -> Any:
+    """Return a key column's value as comparable across databases (Oracle stores '' as NULL)."""
+    return None if value == "" else value
+
+
+def journal_path(url: sa.URL, schema: str | None, bucket: str) -> Path:
+    """Return where ``run`` journals catalogue rows by default: beside a SQLite file, else in the state folder."""
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database)
+        return database.with_name(f"{database.name}.{safe_file_name(bucket)}.journal")
+    name = "-".join(str(part) for part in (url.get_backend_name(), url.host, url.port, url.database, schema) if part)
+    return DEFAULT_SQLITE_PATH.parent / f"{safe_file_name(name)}.{safe_file_name(bucket)}.journal"
+
+
+class RowJournal:
+    """A local append-only file of the catalogue rows not yet committed, so a dead process loses none.
+
+    Each row is one JSON line, written with one write() before it is queued for the database (no
+    fsync: it must outlive the process, not the machine); a line ``{"done": N}`` says rows up to N
+    are committed, and the file is emptied once every row in it is. ``open`` returns the rows to
+    replay; a torn last line is skipped. A ``.lock`` file beside it keeps a second loader out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.next_id = 1
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._size = 0
+        self._failed = False
+
+    def open(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """Lock the journal and return its uncommitted rows as (id, table name, values). Raises ConfigError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the journal {self.path}: {exc.strerror}; "
+                              "choose another --journal") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise ConfigError(f"the journal {self.path} is in use by another loader: give each loader "
+                              "its own --journal") from None
+        try:
+            entries = self._read()
+            self._rewrite(entries)  # drops committed rows and a torn line, so appends start on a new line
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"cannot use the journal {self.path}: {exc.strerror}; choose another --journal") from None
+        return entries
+
+    def _read(self) -> list[tuple[int, str, dict[str, Any]]]:
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        rows: dict[int, tuple[int, str, dict[str, Any]]] = {}
+        done = 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if "done" in entry:
+                    done = max(done, int(entry["done"]))
+                else:
+                    values = {k: datetime.fromisoformat(v) if k in _TIME_COLUMNS and v else v
+                              for k, v in entry["row"].items()}
+                    rows[int(entry["n"])] = (int(entry["n"]), str(entry["table"]), values)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                if number == len(lines):
+                    log.warning("skipped the torn last line of the journal %s (the process died writing it)",
+                                self.path)
+                else:
+                    log.warning("skipped unreadable line %d of the journal %s", number, self.path)
+        self.next_id = max([done, *rows]) + 1
+        return [rows[n] for n in sorted(rows) if n > done]
+
+    def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+        """Replace the file with these rows only: written beside it, then renamed over it in one step."""
+        lines = b"".join(self._line(n, table, values) for n, table, values in entries)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(lines)
+        os.replace(temporary, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(lines)
+
+    @staticmethod
+    def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
+        return json.dumps({"n": n, "table": table, "row": values}, default=_json_value).encode() + b"\n"
+
+    def append(self, n: int, table: str, values: dict[str, Any]) -> bool:
+        """Add one row in one write(); return False, once warned, if it could not be written."""
+        return self._write(self._line(n, table, values))
+
+    def committed(self, through: int, pending: deque[tuple[int, sa.Table, dict[str, Any], float]]) -> None:
+        """Note that rows up to ``through`` are in the database; ``pending`` is the writer's queue after them."""
+        if self._fd is None:
+            return
+        if not pending:
+            self._truncate()
+        elif self._size > JOURNAL_COMPACT_BYTES:
+            try:
+                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
+            except OSError as exc:
+                self._warn(exc)
+        else:
+            self._write(json.dumps({"done": through}).encode() + b"\n")
+
+    def _truncate(self) -> None:
+        try:
+            os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
+            self._size = 0
+        except OSError as exc:
+            self._warn(exc)
+
+    def _write(self, line: bytes) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                os.ftruncate(self._fd, self._size)  # never leave half a line for the next one to join
+                raise OSError(28, "short write (is the disk full?)")
+        except OSError as exc:
+            self._warn(exc)
+            return False
+        self._size += written
+        if self._failed:
+            log.warning("the journal %s can be written again", self.path)
+            self._failed = False
+        return True
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._failed:
+            log.warning("cannot write the journal %s (%s): rows not yet in the catalogue would be lost if the "
+                        "process died now", self.path, exc.strerror or exc)
+            self._failed = True
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # closing the lock file's descriptor releases the lock
+        self._fd = self._lock_fd = None
+
+
 class LoadLogger:
     """The catalogue: write batch and attempt rows, and read back which files are finished.
 
     Rows are queued and written by a background thread, in order, so an insert never waits for
     the database. When the database is down, rows stay queued and are retried with a capped
-    backoff; ``unwritten`` tells the loader how many wait.
+    backoff; ``unwritten`` tells the loader how many wait. With a ``journal`` each row is also
+    kept in a local file until committed, and rows left there by an earlier process are replayed.
+    A call that takes longer than ``call_timeout`` seconds (a half-open connection) has the
+    engine's connections shut under it, and is retried on a new one.
     """
 
-    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0) -> None:
+    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0,
+                 journal: Path | None = None, call_timeout: float = DB_CALL_TIMEOUT) -> None:
         self.engine = engine
         self.retry_cap = retry_cap
+        self.call_timeout = call_timeout
+        self.patience: float | None = None  # set for --once: seconds of refused writes before giving up
         self.metadata, self.batches, self.attempts = build_tables(schema)
-        self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
+        # (id, table, values, monotonic time queued), in the order written
+        self._pending: deque[tuple[int, sa.Table, dict[str, Any], float]] = deque()
         self._changed = threading.Condition()
         self._closing = False
         self._urgent = 0  # callers waiting for rows to be written: write at once
-        self._outage_since: float | None = None
+        self._outage_since: float | None = None  # when writes began to fail; None while they succeed
+        self._last_error = ""
+        self._waited_warning = False
+        self._next_id = 1
+        self._uncertain_through = 0  # rows up to this id may be in the database already: write the missing
+        self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
+        self._unjournaled_ids: set[int] = set()
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
+        self._connections_lock = threading.Lock()
+        sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
+        self.journal = RowJournal(journal) if journal else None
+        if self.journal:
+            tables = {t.name: t for t in (self.batches, self.attempts)}
+            replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
+            self._next_id = self.journal.next_id
+            self._pending.extend((n, table, values, time.monotonic()) for n, table, values in replay)
+            self._uncertain_through = replay[-1][0] if replay else 0
+            if replay:
+                log.warning("replaying %d catalogue rows left in the journal %s by an earlier run", len(replay),
+                            self.journal.path)
+
+    def _track(self, dbapi_connection: Any, _record: Any) -> None:
+        if callable(getattr(dbapi_connection, "fileno", None)) or hasattr(dbapi_connection, "_sock"):
+            with self._connections_lock:
+                self._connections.add(dbapi_connection)
 
     @staticmethod
     def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
         url = resolve_database(database, read_only=read_only)
         try:
-            return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
             raise ConfigError(f"no database driver for {url.render_as_string(hide_password=True)}: {_short(exc)}; "
                               "check the URL's dialect+driver and that the driver is installed") from None
+        if url.get_backend_name() == "oracle":
+            sa.event.listen(engine, "connect", _bound_oracle_calls)
+        return engine
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
-                          ) -> LoadLogger:
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False,
+                          journal: Path | None = None, bucket: str | None = None) -> LoadLogger:
         """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
 
         ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        With ``bucket`` (the loader), rows are journaled: in ``journal``, or by default where
+        journal_path puts it; rows an earlier run left there are written before this returns.
         """
-        catalogue = cls(cls.connect(database, read_only), schema)
+        engine = cls.connect(database, read_only)
+        path = (journal or journal_path(engine.url, schema, bucket)) if bucket else None
+        catalogue = cls(engine, schema, journal=path)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
+            catalogue.close(0)
             raise catalogue.unusable(exc) from None
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
-        return catalogue.start()
+        catalogue.start()
+        if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT, until_failure=True):
+            log.warning("%d rows from the journal are not yet written; they are retried", catalogue.unwritten)
+        return catalogue
 
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
@@ -1681,31 +1979,56 @@ class LoadLogger:
     def record_attempt(self, row: AttemptRow) -> None:
         self._enqueue(self.attempts, row)
 
+    @property
+    def failing(self) -> bool:
+        """True while the catalogue refuses writes (the last write failed)."""
+        return self._outage_since is not None
+
     def _enqueue(self, table: sa.Table, row: Any) -> None:
         values = {f.name: _naive_utc(v) if isinstance(v := getattr(row, f.name), datetime) else v
                   for f in dataclasses.fields(row)}
         with self._changed:
-            self._pending.append((table, values))
+            n, self._next_id = self._next_id, self._next_id + 1
+            if self.journal and not self.journal.append(n, table.name, values):  # first the journal, then the queue
+                self._unjournaled_ids.add(n)
+            self._pending.append((n, table, values, time.monotonic()))
             self._changed.notify_all()
 
+    def pending_attempts(self) -> list[dict[str, Any]]:
+        """Return the values of the attempt rows not yet written, oldest first (rows replayed at start)."""
+        with self._changed:
+            return [values for _, table, values, _ in self._pending if table is self.attempts]
+
     def wait_until_below(self, limit: int, stop: threading.Event) -> None:
-        """Block while more than ``limit`` rows are unwritten, unless stop is set."""
+        """Block while more than ``limit`` rows are unwritten, unless stop is set.
+
+        Raises OutageError if ``patience`` is set and writes have failed for longer than that.
+        """
         with self._changed:
             if len(self._pending) <= limit:
                 return  # the common case: do not hurry the writer, which gathers rows
             self._urgent += 1
             self._changed.notify_all()
-            while len(self._pending) > limit and not stop.is_set():
-                self._changed.wait(0.5)
-            self._urgent -= 1
+            try:
+                while len(self._pending) > limit and not stop.is_set():
+                    if (self.patience is not None and self._outage_since is not None
+                            and time.monotonic() - self._outage_since > self.patience):
+                        raise OutageError(f"the catalogue database refused writes for {self.patience:g} s "
+                                          f"({self._last_error}); {len(self._pending)} rows wait")
+                    self._changed.wait(0.5)
+            finally:
+                self._urgent -= 1
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
+    def flush(self, timeout: float, until_failure: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were.
+
+        With ``until_failure``, stop waiting as soon as a write fails.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             self._urgent += 1
             self._changed.notify_all()
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and time.monotonic() < deadline and not (until_failure and self._outage_since):
                 self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
             self._urgent -= 1
             return not self._pending
@@ -1716,9 +2039,62 @@ class LoadLogger:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-            left = [values for _, values in self._pending]
+            left = [values for _, _, values, _ in self._pending]
+            self.unjournaled = [values for n, _, values, _ in self._pending
+                                if self.journal is None or n in self._unjournaled_ids]
+            if self.journal:
+                self.journal.close()
         self.engine.dispose()
         return left
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a catalogue call: every ``call_timeout`` seconds it has not ended, shut its connections.
+
+        Again and again, not once: the driver may reconnect by itself (pool pre-ping) and the new
+        connection can go half-open too.
+        """
+        ended = threading.Event()
+
+        def watch() -> None:
+            while not ended.wait(self.call_timeout):
+                self._drop_connections(what)
+
+        watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            ended.set()
+            watcher.join(self.call_timeout)
+
+    def _drop_connections(self, what: str) -> None:
+        log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
+                    "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            _shut_socket(connection)
+
+    def _warn_if_waiting(self) -> None:
+        """Warn once when the oldest unwritten row has waited longer than ``call_timeout``."""
+        with self._changed:
+            waited = time.monotonic() - self._pending[0][3] if self._pending else 0.0
+        if waited > self.call_timeout and not self._waited_warning:
+            self._waited_warning = True
+            log.warning("%d catalogue rows have waited %.0f s to be written (%s); the writer keeps trying%s",
+                        len(self._pending), waited, self._last_error or "no answer",
+                        f"; they are kept in the journal {self.journal.path}" if self.journal else "")
+
+    def _missing(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return the rows not yet in the table, found by their key columns (_ROW_KEYS)."""
+        keys = _ROW_KEYS[table.name]
+        moment = "check_time" if table is self.batches else "batch_start_time"
+        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in rows})))
+        if table is self.attempts:
+            query = query.where(table.c.file_name.in_(list({r["file_name"] for r in rows})))
+        found = {tuple(map(_key_value, row)) for row in conn.execute(query)}
+        return [r for r in rows if tuple(_key_value(r[k]) for k in keys) not in found]
 
     def _write_forever(self) -> None:
         failures = 0
@@ -1732,20 +2108,32 @@ class LoadLogger:
                                        timeout=WRITE_BATCH_DELAY)
                 if self._closing:
                     return
-                table = self._pending[0][0]
-                batch = []
-                for queued_table, values in self._pending:
+                table = self._pending[0][1]
+                batch, ids = [], []
+                for n, queued_table, values, _ in self._pending:
                     if queued_table is not table or len(batch) >= 200:
                         break
                     batch.append(values)
+                    ids.append(n)
+                # A write that failed may have been committed all the same (the answer was lost):
+                # such rows, and rows replayed from the journal, are written only if missing.
+                uncertain = self._pending[0][0] <= self._uncertain_through
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(table.insert(), batch)
+                with self._deadline("write"), self.engine.begin() as conn:
+                    rows = self._missing(conn, table, batch) if uncertain else batch
+                    if rows:
+                        conn.execute(table.insert(), rows)
             except sa.exc.SQLAlchemyError as exc:
                 failures += 1
+                with self._changed:
+                    self._uncertain_through = max(self._uncertain_through, ids[-1])
+                    self._outage_since = self._outage_since or time.monotonic()
+                    self._last_error = _short(getattr(exc, "orig", None) or exc)
+                    self._changed.notify_all()
                 if failures == 1:
                     log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
-                                len(self._pending), _short(getattr(exc, "orig", None) or exc))
+                                len(self._pending), self._last_error)
+                self._warn_if_waiting()
                 with self._changed:
                     self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
                 continue
@@ -1755,6 +2143,11 @@ class LoadLogger:
             with self._changed:
                 for _ in batch:
                     self._pending.popleft()
+                self._outage_since = None
+                self._waited_warning = False
+                self._unjournaled_ids.difference_update(ids)
+                if self.journal:
+                    self.journal.committed(ids[-1], self._pending)
                 self._changed.notify_all()
 
     def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
@@ -1769,7 +2162,7 @@ class LoadLogger:
         mine = sa.and_(a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket)
         latest = (sa.select(sa.func.max(a.gp_int_id).label("id")).where(mine)
                   .group_by(a.file_name, a.object_etag).subquery())
-        with self.engine.begin() as conn:
+        with self._deadline("removal of old rows"), self.engine.begin() as conn:
             batches = conn.execute(self.batches.delete().where(
                 b.findneighbour_server_url == server_url, b.oci_namespace == namespace, b.bucket_name == bucket,
                 b.check_time < before))
@@ -1779,43 +2172,86 @@ class LoadLogger:
         return batches.rowcount, attempts.rowcount
 
     def status_queries(self, since: datetime, server: str | None = None) -> dict[str, sa.Select[Any]]:
-        """Return the queries behind ``status``, portable to every supported database."""
+        """Return the queries behind ``status``, portable to every supported database.
+
+        A file is an object name in a bucket: its state is its latest row's outcome, so a file
+        tried five times counts once, and one re-queued and loaded is no longer failed.
+        """
         b, a = self.batches.c, self.attempts.c
-        last = sa.select(sa.func.max(b.bl_int_id).label("id")).group_by(b.host_name, b.findneighbour_server_url)
-        latest = sa.select(sa.func.max(a.gp_int_id)).group_by(
-            a.findneighbour_server_url, a.oci_namespace, a.bucket_name, a.file_name, a.object_etag)
-        pair = (a.host_name, a.findneighbour_server_url)
+        loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
+        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
+        ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
+               .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
+        abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
+                     .join(ran, sa.and_(ran.c.host_name == b.host_name,
+                                        ran.c.findneighbour_server_url == b.findneighbour_server_url), isouter=True)
+                     .where(b.abandon_reason.is_not(None), b.bl_int_id > sa.func.coalesce(ran.c.id, 0))
+                     .group_by(*loader))
+        finished = (sa.select(sa.func.count()).where(  # files of that cycle loaded or failed for good since
+            a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
+            a.oci_namespace == b.oci_namespace, a.bucket_name == b.bucket_name, a.batch_start_time == b.check_time,
+            a.batch_sample_number.is_not(None), a.completed == 1).scalar_subquery())
+        latest_of_loader = sa.select(sa.func.max(a.gp_int_id)).group_by(*pair)
+        latest_of_file = sa.select(sa.func.max(a.gp_int_id)).group_by(*bucket, a.file_name)
+        recent_of_file = (sa.select(sa.func.max(a.gp_int_id)).where(a.batch_start_time >= _naive_utc(since))
+                          .group_by(*bucket, a.file_name))
         queries = {
-            "batches": sa.select(b.host_name, b.findneighbour_server_url, b.check_time, b.batch_size)
-                         .where(b.bl_int_id.in_(last)),
+            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
+                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
             "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
                          a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
                          sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
                        .group_by(*pair),
+            "latest": sa.select(*pair, a.outcome, a.batch_start_time, a.error_text)
+                        .where(a.gp_int_id.in_(latest_of_loader)),
             "outcomes": sa.select(*pair, a.outcome, sa.func.count()).where(a.batch_start_time >= _naive_utc(since))
                           .group_by(*pair, a.outcome),
+            "recent": sa.select(*pair, a.outcome, sa.func.count()).where(a.gp_int_id.in_(recent_of_file))
+                        .group_by(*pair, a.outcome),
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
-                        .where(a.gp_int_id.in_(latest), a.outcome.in_(sorted(REQUEUEABLE)))
+                        .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
+            "abandoned": abandoned,
         }
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        where = [sa.literal_column("bucket_name").is_not(None)]
-        if server:  # as the loader records it: FN4Client drops a trailing slash
-            where.append(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
-        return {name: query.where(*where) for name, query in queries.items()}
+        for name, query in queries.items():
+            table = b if name in ("batches", "backlog", "abandoned") else a
+            query = query.where(table.bucket_name.is_not(None))
+            if server:  # as the loader records it: FN4Client drops a trailing slash
+                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
+            queries[name] = query
+        return queries
+
+    def has_tables(self) -> bool:
+        """Return True if both catalogue tables exist. Raises SQLAlchemyError if the database cannot be read."""
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return all(inspector.has_table(t.name, schema=t.schema) for t in (self.batches, self.attempts))
 
     def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
-        """Read each loader's latest batch, last insert, recent outcomes and failed files."""
+        """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
         found: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
             rows = {name: conn.execute(query).all()
                     for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
-        for host, url, check_time, size in rows["batches"]:
-            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), backlog=size)
+        for host, url, check_time, reason in rows["batches"]:
+            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), abandoned=reason)
+        for host, url, backlog in rows["backlog"]:
+            found.setdefault((host, url), {})["backlog"] = None if backlog is None else max(backlog, 0)
+        for host, url, since, count in rows["abandoned"]:
+            found.setdefault((host, url), {}).update(abandoned_since=_aware(since), abandoned_cycles=count)
         for host, url, active, success in rows["times"]:
             found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
-        for host, url, outcome, count in rows["outcomes"]:
-            found.setdefault((host, url), {}).setdefault("outcomes", {})[outcome or "none"] = count
+        for host, url, outcome, started, error in rows["latest"]:
+            facts = found.setdefault((host, url), {})
+            ran = facts.get("last_batch") if not facts.get("abandoned") else None
+            if outcome == SERVER_UNAVAILABLE and ran and started and _aware(started) >= ran:
+                facts["paused"] = error or outcome  # the latest cycle that ran paused on it
+        for name in ("outcomes", "recent"):
+            for host, url, outcome, count in rows[name]:
+                found.setdefault((host, url), {}).setdefault(name if name == "outcomes" else "recent_files", {})[
+                    outcome or "none"] = count
         for host, url, name, outcome, parse_status, error, when in rows["failed"]:
             found.setdefault((host, url), {}).setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
@@ -1823,6 +2259,15 @@ class LoadLogger:
         return [LoaderStatus(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
+
+    def last_success(self, server_url: str, namespace: str, bucket: str) -> datetime | None:
+        """Return the time of this loader's last insert fn4 answered 200 or 201, or None."""
+        a = self.attempts.c
+        query = sa.select(sa.func.max(a.insert_end_time)).where(
+            a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket,
+            a.outcome.in_([INSERTED, ALREADY_PRESENT]))
+        with self.engine.connect() as conn:
+            return _aware(conn.execute(query).scalar())
 
     def file_states(self, server_url: str, namespace: str, bucket: str,
                     after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
@@ -1833,7 +2278,7 @@ class LoadLogger:
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
-        with self.engine.connect() as conn:
+        with self._deadline("read"), self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
 
 
@@ -1850,17 +2295,22 @@ class Metrics:
                  ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = CollectorRegistry()
-        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome", ["outcome"],
-                                registry=self.registry)
+        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome; a cycle abandoned "
+                                "because fn4 or Object Storage was unavailable counts as server_unavailable",
+                                ["outcome"], registry=self.registry)
         self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
                                         buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
-        self.backlog = Gauge("fn4loader_backlog", "Files of the current batch not yet tried",
+        self.backlog = Gauge("fn4loader_backlog", "Files pending: listed, neither loaded nor failed for good",
                              registry=self.registry)
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
+                                 "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
         for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
             self.attempts.labels(outcome)
+        for service in ABANDON_SERVICES:
+            self.abandoned.labels(service)
         self.clock = clock
         self.max_age = max_age
         self.last_progress = clock()
@@ -1873,6 +2323,11 @@ class Metrics:
             if outcome in (INSERTED, ALREADY_PRESENT):
                 self.last_success.set(insert_end.timestamp())
         self.last_progress = self.clock()
+
+    def cycle_abandoned(self, service: str) -> None:
+        self.abandoned.labels(service).inc()
+        if service != "loader":
+            self.attempts.labels(SERVER_UNAVAILABLE).inc()
 
     def cycle_done(self) -> None:
         self.cycles.inc()
@@ -1975,6 +2430,9 @@ class FileStates:
             self._whole[key] = state
             self._recent.pop(hashed, None)
 
+    def __bool__(self) -> bool:
+        return bool(self._whole or self._recent or self._packed)
+
     def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, str, int]]]:
         """Yield the files kept whole: every file not loaded at its first attempt."""
         return iter(list(self._whole.items()))
@@ -2038,6 +2496,7 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self._seed_last_success()
         self.warn_of_waiting_archive()
         while not self.stop.is_set():
             try:
@@ -2045,6 +2504,7 @@ class Loader:
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
                 wait = backoff(failures)
+                self._record_abandoned(exc)
                 if isinstance(exc, OutageError):
                     log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
                 else:
@@ -2103,6 +2563,26 @@ class Loader:
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def _record_abandoned(self, exc: Exception) -> None:
+        """Write a batch row that says why the cycle was abandoned, and count it."""
+        service = exc.service if isinstance(exc, OutageError) else "loader"
+        reason = str(exc) if isinstance(exc, OutageError) else f"unexpected error: {_short(exc)}"
+        self.catalogue.record_batch(BatchRow(
+            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
+            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=self.clock(),
+            abandon_reason=reason[:2000] or type(exc).__name__))
+        self.metrics.cycle_abandoned(service)
+
+    def _seed_last_success(self) -> None:
+        """Start the last-success metric from the catalogue, so a restart does not reset it to 0."""
+        try:
+            last = self.catalogue.last_success(self.fn4.base_url, self.store.namespace, self.store.bucket)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the last success from the catalogue (%s)", _short(exc))
+            return
+        if last is not None:
+            self.metrics.last_success.set(last.timestamp())
 
     def warn_of_waiting_archive(self) -> list[str]:
         """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
@@ -2247,6 +2727,12 @@ class Loader:
         Returns True if the catalogue was read up to our own latest row.
         """
         if self.catalogue.unwritten:
+            if not self._files:  # at start: rows replayed from the journal are the newest known
+                for row in self.catalogue.pending_attempts():
+                    if (row["findneighbour_server_url"], row["oci_namespace"], row["bucket_name"]) == (
+                            self.fn4.base_url, self.store.namespace, self.store.bucket):
+                        self._files[(row["file_name"], row["object_etag"])] = (
+                            row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
             return False  # our own rows are not all in yet; the in-memory state is newer
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
@@ -2360,7 +2846,6 @@ class Loader:
             if self.stop.is_set():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
-            self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
             elif outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
@@ -2370,6 +2855,7 @@ class Loader:
                 retried += 1
             else:
                 failed += 1
+            self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
         abandon.set()
         while item is not _END and not self.stop.is_set():
             item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
@@ -2501,17 +2987,22 @@ class Loader:
         return requeued
 
     def inventory(self) -> list[dict[str, Any]]:
-        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError."""
+        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError.
+
+        The state is the one the catalogue records (see file_state), or, for a file without a
+        row, the one the next cycle will record: a guid fn4 holds is loaded, a duplicate failed.
+        """
         self._refresh_from_catalogue()
-        in_server = self.fn4.guids()
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                         key=lambda o: (o.time_created, o.name))
+        todo, settled = self._plan(objects, self.fn4.guids())
+        planned = {obj.key: outcome for obj, outcome, _ in settled} | {obj.key: "" for obj in todo}
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
-                          key=lambda o: (o.time_created, o.name)):
-            completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
-            state = ("loaded" if obj.guid in in_server else
-                     "failed" if completed and outcome not in LOADED else "pending")
-            files.append({"state": state, "name": obj.name, "guid": obj.guid, "size": obj.size,
-                          "time_created": obj.time_created, "outcome": outcome or None, "failed_attempts": attempts})
+        for obj in objects:
+            _, outcome, attempts = self._files.get(obj.key, (0, "", 0))
+            files.append({"state": file_state(planned.get(obj.key, outcome)), "name": obj.name, "guid": obj.guid,
+                          "size": obj.size, "time_created": obj.time_created, "outcome": outcome or None,
+                          "failed_attempts": attempts})
         return files
 
 
@@ -2636,12 +3127,12 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, read_only: bool = False, **oci: Any
-             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+             ca_bundle: str | None, read_only: bool = False, journaled: bool = False, journal: Path | None = None,
+             **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once, failing with ConfigError on anything that needs fixing."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
     return store, fn4, catalogue
 
 
@@ -2755,11 +3246,16 @@ def main() -> None:
 @click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
               envvar="FN4_LIST_WORKERS", show_envvar=True,
               help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
+              help="Local file that keeps catalogue rows until the database has them; rows left there are "
+                   "written at the next start. Default: beside a SQLite catalogue, else in "
+                   "~/.local/state/fn4loader/.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, list_workers: int) -> None:
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, list_workers: int,
+        journal: Path | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -2771,9 +3267,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     with _startup(log_level, log_format) as secrets:
         settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
                             max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, journaled=True,
+                                         journal=journal, auth=auth, config_file=config_file, profile=profile,
+                                         endpoint=endpoint)
         server = metrics.serve(*metrics_port) if metrics_port else None
+    catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
@@ -2789,8 +3287,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         failed = True
         click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
     finally:
-        left = catalogue.close(timeout=3.0 if stop.is_set() else 30.0)
-        for row in left:
+        left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
+        if kept := len(left) - len(catalogue.unjournaled):
+            log.error("%d catalogue rows not written: kept in the journal %s, they are written at the next start",
+                      kept, catalogue.journal.path if catalogue.journal else None)
+        for row in catalogue.unjournaled:
             log.error("catalogue row not written: %s", json.dumps(row, default=str))
         fn4.close()
         restore_signals()
@@ -2805,7 +3306,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
-    """Re-queue failed, given-up and duplicate files so the loader tries them again."""
+    """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
     with _startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
@@ -2826,42 +3327,59 @@ def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None
 @poll_interval_option
 @click.option("--critical-failure-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               envvar="FN4_CRITICAL_FAILURE_SHARE", show_envvar=True,
-              help="Critical when more than this share of the last 24 h's load attempts failed.")
+              help="Critical when more than this share of the files tried in the last hour failed for "
+                   "reasons of fn4, Object Storage or the loader.")
 @json_option
 def status(database: str | None, db_schema: str | None, log_level: str, log_format: str, server: str | None,
            poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
-    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical.
+    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical, 3 unknown.
 
-    Critical: no batch and no attempt for 3 poll intervals (unless another host now loads the same
-    fn4 server), or more than the critical share of the last 24 h's load attempts failed (fn4
-    errors or unavailable, timeouts, failed downloads). Warning: such an attempt failed, or a file
-    failed for good.
+    Critical: no cycle and no attempt for 3 poll intervals (unless another host now loads the same
+    fn4 server); the latest cycles were abandoned or paused because fn4 or Object Storage was
+    unavailable; or more than the critical share of the files tried in the last hour failed for
+    reasons of fn4, Object Storage or the loader. Warning: such a failure, a retry in the last
+    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read.
     """
     now = utcnow()
-    with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)
-        path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
-        if path and not Path(path).exists():
-            raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
+    reason = None
+    with _startup(log_level, log_format):
         try:
-            found = catalogue.status(now, server)
-            newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
-                                        default=None) for r in found}
-            reports = [assess(r, now, poll_interval, critical_failure_share, newest[r.server_url]) for r in found]
-        except sa.exc.SQLAlchemyError as exc:
-            error = catalogue.unusable(exc)
-            if "column" in str(exc).lower():
-                error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
-            raise error from None
-        catalogue.engine.dispose()
-    level = max((r.level for r in reports), default=2)
+            reports = _read_status(database, db_schema, server, now, poll_interval, critical_failure_share)
+        except ConfigError as exc:
+            reason, reports = redact(str(exc), _SECRETS), []
+    level = 3 if reason else max((r.level for r in reports), default=2)
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
+                               **({"reason": reason} if reason else {}),
                                "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
                               default=_json_value, indent=2))
+    elif reason:
+        click.echo(f"Error: {reason}", err=True)
     else:
         click.echo(_status_text(reports, now, level, server))
     sys.exit(level)
+
+
+def _read_status(database: str | None, db_schema: str | None, server: str | None, now: datetime,
+                 poll_interval: float, critical_share: float) -> list[LoaderStatus]:
+    """Read and assess every loader's status. Raises ConfigError when the catalogue cannot be read."""
+    catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)  # CatalogueMissing
+    url = catalogue.engine.url
+    try:
+        if not catalogue.has_tables():
+            raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
+                              f"{' in schema ' + db_schema if db_schema else ''}: has the loader run with it?")
+        found = catalogue.status(now, server)
+    except sa.exc.SQLAlchemyError as exc:
+        error = catalogue.unusable(exc)
+        if "column" in str(exc).lower():
+            error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
+        raise error from None
+    finally:
+        catalogue.engine.dispose()
+    newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
+                                default=None) for r in found}
+    return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found]
 
 
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
@@ -2873,9 +3391,13 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
                            _when(r.last_success)] for r in reports])]
+    window = f"last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
-                  "  last 24 h: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "no attempts")]
+                  f"  files tried in the {window}, by latest outcome: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.recent_files.items())) or "none"),
+                  f"  attempts in the {window}: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "none")]
         lines += [f"  {problem}" for problem in r.problems]
         if r.failed_files:
             lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
@@ -2898,8 +3420,10 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
                as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
-    A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise. Give the loader's --on-success, so that archived objects are left out.
+    The state is the file's latest outcome in the catalogue, as status counts it: loaded
+    (inserted, already_present, in_server), failed (failed, duplicate, vanished, gave_up) or
+    pending; a file not yet tried shows the state the next cycle will record. Give the loader's
+    --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
         settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)

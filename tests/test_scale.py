@@ -230,6 +230,10 @@ def test_file_states_answer_as_a_dict_would():
              if not (state[0] and not state[2] and state[1] in ("inserted", "already_present", "in_server"))}
     assert dict(states.items()) == whole
     assert states.get(("other.fasta", "e")) is None
+    assert states and not osa.FileStates()
+    one = osa.FileStates()
+    one[("a.fasta", "e")] = (1, "inserted", 0)  # kept compactly, still there
+    assert one and one.loaded_by_name("a.fasta") and not one.loaded_by_name("b.fasta")
 
 
 # ---- Downloads straight over one connection, signed by the SDK's signer ----
