@@ -16,6 +16,17 @@ failure handling, metrics, deployment and monitoring SQL.
 """
 from __future__ import annotations
 
+import signal
+if __name__ == "__main__":
+    # Run as a script, the imports below take half a second. Stop signals that arrive meanwhile are
+    # held here and honoured by the command line once its own handlers are in (_install_signal_handlers).
+    # Imported as a module, nothing is installed.
+    _EARLY_SIGNALS: list[int] = []
+    _EARLY_HANDLERS = {signum: signal.signal(signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+                       for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+else:
+    _EARLY_SIGNALS, _EARLY_HANDLERS = [], {}
+
 import contextlib
 import dataclasses
 import hashlib
@@ -27,7 +38,6 @@ import os
 import queue
 import random
 import re
-import signal
 import socket
 import ssl
 import sys
@@ -64,6 +74,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
+PREFETCH_JOIN_TIMEOUT = 2.0              # seconds a batch waits for the prefetcher to end when it stops early
 PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 WRITE_BATCH_ROWS = 16                    # catalogue rows gathered before a write (below MAX_UNWRITTEN_ROWS)
@@ -71,6 +82,7 @@ WRITE_BATCH_DELAY = 1.0                  # seconds the writer waits for more row
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
@@ -1552,10 +1564,9 @@ class Loader:
 
     def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
         """Insert each prepared sample while the next ones download; return counts and paused."""
-        loaded = failed = retried = 0
         self.metrics.backlog.set(len(todo))
         if not todo:
-            return loaded, failed, retried, False
+            return 0, 0, 0, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
         abandon = threading.Event()
         # While the prefetcher runs Python code, fn4's answer waits for the GIL up to the switch
@@ -1564,7 +1575,17 @@ class Loader:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         producer = threading.Thread(target=self._prefetch, args=(todo, prepared, abandon),
                                     name="prefetch", daemon=True)
-        producer.start()
+        try:  # whatever happens in the batch, the prefetcher ends and the switch interval is put back
+            producer.start()
+            return self._insert_each(todo, started, prepared)
+        finally:
+            self._end_prefetch(producer, prepared, abandon)
+            sys.setswitchinterval(switch_interval)
+
+    def _insert_each(self, todo: list[StoredObject], started: datetime, prepared: queue.Queue[Any]
+                     ) -> tuple[int, int, int, bool]:
+        """Insert samples as the prefetcher hands them over, until the end, a stop or an outage."""
+        loaded = failed = retried = 0
         number = 0
         paused = False
         while (item := prepared.get()) is not _END:
@@ -1584,12 +1605,17 @@ class Loader:
                 retried += 1
             else:
                 failed += 1
-        abandon.set()
-        while item is not _END and not self.stop.is_set():
-            item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
-            prepared.task_done()
-        sys.setswitchinterval(switch_interval)
         return loaded, failed, retried, paused
+
+    def _end_prefetch(self, producer: threading.Thread, prepared: queue.Queue[Any], abandon: threading.Event) -> None:
+        """Tell the prefetcher to stop and join it, bounded; a download in flight ends it a little later."""
+        with prepared.all_tasks_done:
+            abandon.set()
+            prepared.all_tasks_done.notify_all()
+        if producer.ident is not None:
+            producer.join(PREFETCH_JOIN_TIMEOUT)
+        if producer.is_alive():
+            log.debug("the prefetcher is still reading a sample; it ends when the read does")
 
     def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
                   abandon: threading.Event) -> None:
@@ -1602,10 +1628,13 @@ class Loader:
             for obj in todo:
                 if abandon.is_set() or self.stop.is_set():
                     break
-                prepared.put(self._prepare(obj))
-                prepared.join()
+                prepared.put(self._prepare(obj))  # the queue is empty here: this never blocks
+                with prepared.all_tasks_done:  # wait until the inserter takes it, or abandons the batch
+                    while prepared.unfinished_tasks and not abandon.is_set():
+                        prepared.all_tasks_done.wait()
         finally:
-            prepared.put(_END)
+            if not abandon.is_set():  # an abandoning inserter reads no more, and a full queue would block
+                prepared.put(_END)
 
     def _prepare(self, obj: StoredObject) -> Prepared:
         """Download, parse and validate one object; failures become part of the result."""
@@ -1787,10 +1816,11 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT: finish the current sample and exit; second: exit at once.
+    """First SIGTERM/SIGINT/SIGHUP: finish the current sample and exit; second: exit at once.
 
-    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later.
-    Returns a function that disarms it and puts the previous handlers back.
+    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later. A signal
+    held while the script imported its libraries counts as a first signal. Returns a function that
+    disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
         log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
@@ -1808,7 +1838,10 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         deadline.start()
         log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: _EARLY_HANDLERS.pop(signum, signal.signal(signum, handle)) for signum in STOP_SIGNALS}
+    if _EARLY_SIGNALS:
+        handle(_EARLY_SIGNALS[0], None)
+        _EARLY_SIGNALS.clear()
 
     def restore() -> None:
         deadline.cancel()
@@ -1816,6 +1849,14 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
             signal.signal(signum, handler)
 
     return restore
+
+
+def _release_early_signals() -> None:
+    """Put back the handlers the script found at start and deliver a stop signal held since (commands but run)."""
+    for signum in list(_EARLY_HANDLERS):
+        signal.signal(signum, _EARLY_HANDLERS.pop(signum))
+    if _EARLY_SIGNALS:
+        signal.raise_signal(_EARLY_SIGNALS.pop(0))
 
 
 class DefaultGroup(click.Group):
@@ -1921,8 +1962,11 @@ poll_interval_option = click.option(
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first."""
+    if ctx.invoked_subcommand != "run":  # run installs its own handlers; the others stop as usual
+        _release_early_signals()
 
 
 @main.command()
@@ -1967,13 +2011,17 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
     with _startup(log_level, log_format) as secrets:
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
-        server = metrics.serve(*metrics_port) if metrics_port else None
+        restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
+        try:
+            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
+                                             config_file=config_file, profile=profile, endpoint=endpoint)
+            server = metrics.serve(*metrics_port) if metrics_port else None
+        except BaseException:
+            restore_signals()
+            raise
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
                         max_object_bytes, reconcile_interval, on_success, retention_days)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
-    restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
