@@ -99,6 +99,9 @@ RETENTION_INTERVAL = 86400               # seconds between removals of old rows:
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
 STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
 LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
+METRICS_WORKERS = 4                      # threads answering /metrics and /healthz; more clients wait their turn
+METRICS_TIMEOUT = 5.0                    # seconds a metrics client has to send its request (and to read the answer)
+METRICS_BACKLOG = 128                    # connections the kernel holds for the metrics port: a scrape burst
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
@@ -1332,12 +1335,20 @@ class Metrics:
                                       "max_age": self.max_age, "cycles": self.completed_cycles}
 
     def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from a daemon thread; return the server. Raises ConfigError."""
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+
+        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
+        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
+        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
+        away early is logged at DEBUG only.
+        """
+        from http.server import BaseHTTPRequestHandler, HTTPServer
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = METRICS_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -1356,12 +1367,52 @@ class Metrics:
             def log_message(self, *_args: Any) -> None:
                 pass
 
+        class Server(HTTPServer):
+            request_queue_size = METRICS_BACKLOG
+
+            def __init__(self, address: tuple[str, int]) -> None:
+                super().__init__(address, Handler)
+                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
+                self.closing = threading.Event()
+                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
+                                for n in range(METRICS_WORKERS)]
+                for worker in self.workers:
+                    worker.start()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # Waits while every worker is busy, so that further clients wait in the backlog.
+                while not self.closing.is_set():
+                    try:
+                        self.accepted.put((request, client_address), timeout=0.5)
+                        return
+                    except queue.Full:
+                        continue
+                self.shutdown_request(request)
+
+            def work(self) -> None:
+                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
+                    try:
+                        self.finish_request(*item)
+                    except Exception:
+                        self.handle_error(*item)
+                    finally:
+                        self.shutdown_request(item[0])
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
+
+            def shutdown(self) -> None:
+                self.closing.set()
+                super().shutdown()
+                for _ in self.workers:
+                    with contextlib.suppress(queue.Full):
+                        self.accepted.put_nowait(None)
+
         try:
-            server = ThreadingHTTPServer((host, port), Handler)
+            server = Server((host, port))
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
                               "choose another --metrics-port") from None
-        server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 

@@ -2,10 +2,10 @@
 unexpected error inside a batch, and a metrics port under a flood of idle or rude clients."""
 import json
 import os
-import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -76,8 +76,7 @@ def test_a_signal_during_the_imports_is_a_clean_stop(fn4, emulator, oci_config, 
     assert fn4.guids == {}
 
 
-def test_an_unexpected_error_inside_the_insert_step_leaves_no_thread_nor_setting_behind(emulator, store, fn4,
-                                                                                         tmp_path):
+def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator, store, fn4, tmp_path):
     """An fn4 answer that raises where nothing expects it ends the batch; the prefetcher ends, the GIL
     switch interval is back, and the loader loads everything in the next cycle."""
     upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(3)])
@@ -102,3 +101,103 @@ def test_an_unexpected_error_inside_the_insert_step_leaves_no_thread_nor_setting
         sys.setswitchinterval(before)  # do not let a failure here slow every later test
         catalogue.close()
         client.close()
+
+
+# ---- the metrics port --------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_with_metrics(fn4, emulator, oci_config, tmp_path, port, *extra, max_files=None):
+    """Start the loader with --metrics-port, optionally limited to ``max_files`` open descriptors."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, f"sqlite:///{tmp_path / 'c.sqlite'}",
+         "--config-file", str(oci_config), "--endpoint", emulator.endpoint, "--poll-interval", "1",
+         "--metrics-port", f"127.0.0.1:{port}", *extra],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=limit if max_files else None)
+
+
+def get(url, proc, condition=lambda r: r.status_code == 200, seconds=30):
+    """GET url until condition(answer) holds; fail at the deadline or if the process has ended."""
+    deadline, tick = time.monotonic() + seconds, threading.Event()
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            answer = requests.get(url, timeout=3)
+            if condition(answer):
+                return answer
+        except requests.RequestException:
+            pass
+        tick.wait(0.05)
+    raise AssertionError(f"{url} never answered as expected (loader exit code {proc.poll()})")
+
+
+def open_descriptors(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to count descriptors")
+def test_idle_connections_to_the_metrics_port_do_not_starve_the_loader(fn4, emulator, oci_config, tmp_path):
+    """300 idle clients on --metrics-port, with the loader limited to 128 descriptors: it keeps few of them
+    open, keeps inserting, and answers /metrics again once they are gone."""
+    port = free_port()
+    proc = start_with_metrics(fn4, emulator, oci_config, tmp_path, port, max_files=128)
+    idle = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        get(base + "/healthz", proc, lambda r: r.status_code == 200 and r.json()["cycles"] >= 1)
+        for _ in range(300):  # until the server neither accepts nor has room in its backlog
+            sock = socket.socket()
+            sock.settimeout(3)  # a first SYN dropped by a full backlog is sent again after 1 s
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                break
+            idle.append(sock)
+        assert len(idle) > 100
+        upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(5)])
+        wait_for(lambda: len(fn4.guids) == 5 or proc.poll() is not None, seconds=30)
+        assert len(fn4.guids) == 5, proc.poll()
+        assert open_descriptors(proc.pid) < 64
+        for sock in idle:
+            sock.close()
+        idle = []
+        text = get(base + "/metrics", proc).text
+        assert 'fn4loader_attempts_total{outcome="inserted"} 5.0' in text
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Too many open files" not in err and "Traceback" not in err
+
+
+def test_clients_that_go_away_early_leave_the_json_log_clean(fn4, emulator, oci_config, tmp_path):
+    """Clients that reset the connection mid-request, or before reading the answer, log nothing:
+    every line on stderr stays JSON, and no traceback."""
+    port = free_port()
+    proc = start_with_metrics(fn4, emulator, oci_config, tmp_path, port, "--log-format", "json")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        get(base + "/healthz", proc, lambda r: r.status_code == 200 and r.json()["cycles"] >= 1)
+        for request in (b"GET /metrics HTTP/1.1\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") * 5:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(request)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # closed with a zero linger time: the server sees a reset, not an orderly end
+        assert "fn4loader_cycles_total" in get(base + "/metrics", proc).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    for line in err.splitlines():
+        json.loads(line)
