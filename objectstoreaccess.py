@@ -555,21 +555,29 @@ class ObjectStoreClient:
                               "check --config-file, --profile and --auth") from None
         return cls(client, namespace, bucket)
 
+    @property
+    def endpoint(self) -> str:
+        return str(self._client.base_client.endpoint)
+
     def check_access(self) -> None:
-        """Read one listing entry. Raises ConfigError for a missing bucket or refused credentials."""
+        """Read one listing entry, once, without the SDK's retries (a start-up check answers at once).
+
+        Raises ConfigError for a missing bucket or refused credentials, OutageError if Object Storage
+        does not answer or answers with an error.
+        """
         try:
-            self._client.list_objects(self.namespace, self.bucket, limit=1)
+            self._client.list_objects(self.namespace, self.bucket, limit=1,
+                                      retry_strategy=self._oci.retry.NoneRetryStrategy())
         except self._oci.exceptions.ServiceError as exc:
             if exc.status in (401, 403, 404):
                 raise ConfigError(
                     f"Object Storage answered {exc.status} {exc.code} for bucket {self.bucket!r} in "
                     f"namespace {self.namespace!r}: check the names and the credentials' policies") from None
-            log.warning("Object Storage check at start failed (%s %s); will retry in the loop",
-                        exc.status, exc.code)
+            raise OutageError(f"Object Storage at {self.endpoint} answered {exc.status} {exc.code}") from None
         except Exception as exc:  # connection faults at start are outages, not configuration
             if not _is_network_error(exc):
                 raise
-            log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
+            raise OutageError(f"Object Storage at {self.endpoint} is not answering: {_network_cause(exc)}") from None
 
     def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
         """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
@@ -712,7 +720,7 @@ def _oci_reason(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return f"Object Storage answered {status} {getattr(exc, 'code', '')}: {_short(getattr(exc, 'message', ''))}"
-    return _short(exc)
+    return f"Object Storage is not answering: {_network_cause(exc)}" if _is_network_error(exc) else _short(exc)
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -733,6 +741,37 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, requests.RequestException)) or bool(names & {
         "RequestException", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout",
         "ProtocolError", "HTTPError", "ChunkedEncodingError", "IncompleteRead", "ReadTimeoutError"})
+
+
+def _network_cause(exc: BaseException) -> str:
+    """Return the root cause of a network fault in a few words, e.g. 'connection refused'.
+
+    Looks through the chain of wrapped errors (requests, urllib3 and the OCI SDK each wrap the
+    socket's error in their own) for the first one that says what happened.
+    """
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, socket.gaierror):
+            return f"host name not found ({error.strerror or error})"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted: {error.verify_message or error}"
+        if isinstance(error, ConnectionResetError):
+            return "connection reset"
+        if isinstance(error, TimeoutError) or name in ("ConnectTimeoutError", "ConnectTimeout"):
+            return "timed out"
+        if name in ("ReadTimeoutError", "ReadTimeout"):
+            return "no answer in time"
+        reason = getattr(error, "reason", None)
+        stack += [error.__cause__, error.__context__, reason if isinstance(reason, BaseException) else None]
+        stack += [arg for arg in error.args if isinstance(arg, BaseException)]
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:
@@ -767,6 +806,10 @@ class FN4Client:
     def exists(self, guid: str) -> bool:
         """Return True if fn4 holds the guid. Raises OutageError."""
         return self._get_json(f"/api/v2/{quote(guid, safe='')}/exists", FN4_PROBE_TIMEOUT) is True
+
+    def check(self) -> None:
+        """Ask fn4 for its time, as a start-up check. Raises OutageError if it does not answer properly."""
+        self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
 
     def is_up(self) -> bool:
         """Return True if fn4 answers its server_time route."""
@@ -840,7 +883,7 @@ class FN4Client:
             # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
             response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
         except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+            raise OutageError(f"fn4 at {self.base_url} is not answering: {_network_cause(exc)}") from None
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
@@ -862,7 +905,10 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace"))
+        page = body.decode("utf-8", "replace")
+        if re.search(r"<h1\b", page, re.I):  # the heading repeats the title (Flask, Werkzeug and nginx pages)
+            page = re.sub(r"<title\b.*?</title\s*>", " ", page, flags=re.I | re.S)
+        text = re.sub(r"<[^>]*>", " ", page)
     return " ".join(text.split())[:300]
 
 
@@ -1516,12 +1562,14 @@ class Loader:
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
+        # rows are written a moment after they are made: only rows the database does not take now are news
+        unwritten = 0 if self.catalogue.flush(WRITE_BATCH_DELAY) else self.catalogue.unwritten
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
-                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
+                 "%d failed, %d to retry%s%s", self.cycles + 1, len(objects),
                  len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
-                 self.catalogue.unwritten, extra={"fields": {
+                 f"; {unwritten} catalogue rows waiting to be written" if unwritten else "", extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
-                     "settled": len(settled), **dataclasses.asdict(summary)}})
+                     "settled": len(settled), "unwritten": unwritten, **dataclasses.asdict(summary)}})
         return summary
 
     def _prune_if_due(self) -> None:
@@ -1562,6 +1610,7 @@ class Loader:
         """
         owners: dict[str, StoredObject] = {}
         candidates, settled = [], []
+        skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
         for obj in objects:  # oldest first, so the oldest object owns its guid
             completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
             owner = owners.get(obj.guid)
@@ -1571,6 +1620,10 @@ class Loader:
                 if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
                     log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
                     candidates.append(obj)
+                else:
+                    skipped[outcome] = skipped.get(outcome, 0) + 1
+                    if outcome not in LOADED:
+                        log.debug("skipping %s: finished earlier as %s", obj.name, outcome)
                 continue
             if owner is not None and owner.name != obj.name:
                 settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
@@ -1578,6 +1631,10 @@ class Loader:
                 settled.append((obj, FAILED, problem))
             else:
                 candidates.append(obj)
+        if skipped:
+            loaded = sum(n for outcome, n in skipped.items() if outcome in LOADED)
+            log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
+                      "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
             server_guids = self.fn4.guids()
             self._server_count = len(server_guids)
@@ -1693,8 +1750,13 @@ class Loader:
         sample: Sample | None = None
         error: LoaderError | None = None
         try:
-            # No name holds the downloaded text: it is freed as soon as it is parsed (peak memory).
-            seqid, seq = parse_fasta(self.store.read_object(obj, self.settings.max_object_bytes))
+            began = time.monotonic()
+            content = self.store.read_object(obj, self.settings.max_object_bytes)
+            downloaded = time.monotonic()
+            seqid, seq = parse_fasta(content)
+            del content  # the downloaded text is freed as soon as it is parsed (peak memory)
+            log.debug("read %s: %d bytes downloaded in %.0f ms, parsed in %.0f ms: %d bases", obj.name, obj.size,
+                      (downloaded - began) * 1000, (time.monotonic() - downloaded) * 1000, len(seq))
             expected = self.settings.expected_length
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
@@ -1724,6 +1786,8 @@ class Loader:
         result = self.fn4.post_insert(sample.form)
         facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
                      insert_status_code=result.status_code)
+        log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name, len(sample.form),
+                  result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
         if result.outcome == INSERTED:
             self._server_count += 1
         if result.outcome == RETRY and not self.fn4.is_up():
@@ -1769,7 +1833,8 @@ class Loader:
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
                   "status": row.insert_status_code, "error": row.error_text}
-        log.log(level, "%s %s: %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.size,
+        log.log(level, "%s %s: %s, %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.name,
+                obj.size,
                 *("-" if fields[k] is None else fields[k] for k in ("read_ms", "insert_ms", "status")),
                 f" ({row.error_text})" if row.error_text else "", extra={"fields": fields})
         return outcome
@@ -1864,6 +1929,13 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
     root.setLevel(level.upper())
     for noisy in ("oci", "urllib3", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    if log_format == "json":  # so that every line on stderr is JSON: warnings and tracebacks go through logging
+        logging.captureWarnings(True)
+        sys.excepthook = lambda kind, error, trace: log.critical("unexpected error: %s", _short(error),
+                                                                 exc_info=(kind, error, trace))
+        threading.excepthook = lambda args: log.error(
+            "unexpected error in thread %s: %s", args.thread.name if args.thread else "?",
+            _short(args.exc_value or Exception()), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
@@ -1911,12 +1983,63 @@ def _release_early_signals() -> None:
 
 
 class DefaultGroup(click.Group):
-    """A group that runs ``run`` when the first word is not a subcommand, and shows its help."""
+    """A group that runs ``run`` when the first word is not a subcommand, and shows its help.
+
+    With no words at all it runs ``run`` if FN4_URL, OCI_NAMESPACE or OCI_BUCKET is set (in the
+    environment or .env), and shows help otherwise. Errors are one line (see ``main``).
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args.insert(0, "run")
+        elif not args and any(os.environ.get(name) for name in ("FN4_URL", "OCI_NAMESPACE", "OCI_BUCKET")):
+            args.insert(0, "run")
         return super().parse_args(ctx, args)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the command line; a usage error or a ClickException is one line on stderr, 'Error: ...'
+        (JSON under --log-format json), with exit code 2 for usage errors and 1 for the others."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            code = super().main(words, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            if not _logs_are_json() and _json_wanted(words):
+                _configure_logging("INFO", _SECRETS, "json")
+            _print_error(_error_message(exc))
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _print_error("interrupted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _json_wanted(words: list[str]) -> bool:
+    """Return True if the command line or FN4_LOG_FORMAT asks for JSON logs (read before options are parsed)."""
+    pairs = zip(words, words[1:] + [""])
+    return os.environ.get("FN4_LOG_FORMAT") == "json" or any(
+        word == "--log-format=json" or (word, following) == ("--log-format", "json") for word, following in pairs)
+
+
+def _error_message(exc: click.ClickException) -> str:
+    """Return a click error as one line that names an environment variable only if the value came from it."""
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.BadParameter) and exc.param is not None and ctx is not None and not exc.param_hint:
+        param = exc.param
+        hint = (click.Parameter.get_error_hint(param, ctx) if isinstance(param, click.Option)
+                else param.get_error_hint(ctx))
+        envvar = param.envvar if isinstance(param.envvar, str) else None
+        if envvar and ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.ENVIRONMENT:
+            hint += f" (from {envvar})"
+        elif envvar and isinstance(exc, click.MissingParameter):
+            hint += f" (give it, or set {envvar})"
+        exc.param_hint = hint
+    message = exc.format_message()
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         run = self.commands["run"]
@@ -1927,20 +2050,34 @@ class DefaultGroup(click.Group):
 
 
 def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
-           endpoint: str | None) -> ObjectStoreClient:
-    """Build the Object Storage client and check the bucket can be read. Raises ConfigError."""
+           endpoint: str | None, fail_fast: bool = True) -> ObjectStoreClient:
+    """Build the Object Storage client and check the bucket can be read (see _check_service)."""
     store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
-    store.check_access()
+    _check_service(store.check_access, fail_fast)
     return store
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
-    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
+             ca_bundle: str | None, fail_fast: bool = True, **oci: Any
+             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+    """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
-    store = _store(namespace, bucket, **oci)
+    _check_service(fn4.check, fail_fast)
+    store = _store(namespace, bucket, fail_fast=fail_fast, **oci)
     catalogue = LoadLogger.from_database_arg(database, db_schema)
     return store, fn4, catalogue
+
+
+def _check_service(check: Callable[[], None], fail_fast: bool) -> None:
+    """Run a start-up check. ConfigError (a thing to fix) passes through; a service that does not answer
+    raises OutageError if ``fail_fast`` (--once, list, upload, download), else it is a warning: the
+    daemon starts anyway, and its loop retries with backoff until the service answers."""
+    try:
+        check()
+    except OutageError as exc:
+        if fail_fast:
+            raise
+        log.warning("%s; loading starts once it answers", exc, extra={"fields": {"event": "unavailable"}})
 
 
 def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -2061,11 +2198,12 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     """
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
-    with _startup(log_level, log_format) as secrets:
+    with _startup(log_level, log_format):
         restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
         try:
-            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                             config_file=config_file, profile=profile, endpoint=endpoint)
+            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
+                                             fail_fast=once, auth=auth, config_file=config_file, profile=profile,
+                                             endpoint=endpoint)
             server = metrics.serve(*metrics_port) if metrics_port else None
         except BaseException:
             restore_signals()
@@ -2080,7 +2218,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         loader.run(once=once)
     except OutageError as exc:
         failed = True
-        click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
+        _print_error(str(exc))
     finally:
         left = catalogue.close(timeout=3.0 if stop.is_set() else 30.0)
         for row in left:
@@ -2226,8 +2364,7 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
     results = []
-    with click.progressbar(files, label="uploading", item_show_func=lambda p: p and Path(p).name,
-                           file=sys.stderr) as bar:
+    with _progress(files, "uploading", item_show_func=lambda p: p and Path(p).name) as bar:
         for path in bar:
             name = (prefix or "") + Path(path).name
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
@@ -2265,7 +2402,7 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
         except OSError as exc:
             raise ConfigError(f"cannot make the folder {str(folder)!r}: {exc.strerror}") from None
     results = []
-    with click.progressbar(names, label="downloading", file=sys.stderr) as bar:
+    with _progress(names, "downloading") as bar:
         for name in bar:
             target = folder / safe_file_name(name)
             try:
@@ -2328,8 +2465,32 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     try:
         yield _SECRETS
     except ConfigError as exc:
-        click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
+        _print_error(str(exc))
         sys.exit(2)
+    except OutageError as exc:  # a service did not answer a start-up check (see _check_service)
+        _print_error(str(exc))
+        sys.exit(1)
+
+
+def _print_error(message: str) -> None:
+    """Print a fatal error as one line on stderr: 'Error: ...', or a JSON entry when logs are JSON."""
+    line = "Error: " + redact(" ".join(message.split()), _SECRETS)
+    if _logs_are_json():
+        log.critical("%s", line, extra={"fields": {"event": "fatal"}})
+    else:
+        click.echo(line, err=True)
+
+
+def _logs_are_json() -> bool:
+    return any(isinstance(h, _StderrHandler) and isinstance(h.formatter, _JsonFormatter)
+               for h in logging.getLogger().handlers)
+
+
+def _progress(items: Iterable[Any], label: str, **options: Any) -> Any:
+    """Return a progress bar over items on stderr; under JSON logs, just the items (stderr stays JSON)."""
+    if _logs_are_json():
+        return contextlib.nullcontext(items)
+    return click.progressbar(items, label=label, file=sys.stderr, **options)
 
 
 def cli() -> None:
