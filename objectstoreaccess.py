@@ -761,7 +761,7 @@ def _network_cause(exc: BaseException) -> str:
         if isinstance(error, socket.gaierror):
             return f"host name not found ({error.strerror or error})"
         if isinstance(error, ssl.SSLCertVerificationError):
-            return f"its TLS certificate is not trusted: {error.verify_message or error}"
+            return f"its TLS certificate is not trusted ({error.reason}: {error.verify_message or error})"
         if isinstance(error, ConnectionResetError):
             return "connection reset"
         if isinstance(error, TimeoutError) or name in ("ConnectTimeoutError", "ConnectTimeout"):
@@ -2005,6 +2005,9 @@ class DefaultGroup(click.Group):
         words = sys.argv[1:] if args is None else list(args)
         try:
             code = super().main(words, prog_name, complete_var, False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # no words, nothing set: help (click 8.2+)
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as exc:
             if not _logs_are_json() and _json_wanted(words):
                 _configure_logging("INFO", _SECRETS, "json")
@@ -2014,6 +2017,13 @@ class DefaultGroup(click.Group):
             _print_error("interrupted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        run = self.commands["run"]
+        with click.Context(run, info_name=ctx.info_name, parent=None,
+                           help_option_names=ctx.help_option_names) as run_ctx:
+            run.format_help(run_ctx, formatter)
+        self.format_commands(ctx, formatter)
 
 
 def _json_wanted(words: list[str]) -> bool:
@@ -2040,13 +2050,6 @@ def _error_message(exc: click.ClickException) -> str:
     if isinstance(exc, click.UsageError) and ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
     return message
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        run = self.commands["run"]
-        with click.Context(run, info_name=ctx.info_name, parent=None,
-                           help_option_names=ctx.help_option_names) as run_ctx:
-            run.format_help(run_ctx, formatter)
-        self.format_commands(ctx, formatter)
 
 
 def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
@@ -2351,16 +2354,23 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, metavar="FILES...", type=click.Path(exists=True, dir_okay=False))
 @oci_options
 @prefix_option
 @log_options
-def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+@click.pass_context
+def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ...], auth: str,
+           config_file: str | None, profile: str | None, endpoint: str | None, prefix: str | None, log_level: str,
+           log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
     Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, files = _bucket_words(ctx, namespace, bucket, files, "FILES...")
+    for path in files:
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path!r} is not a file", param_hint="'FILES...'")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
     results = []
@@ -2382,19 +2392,22 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
 
 @main.command()
 @bucket_arguments
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, metavar="NAMES...")
 @click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the files into (made if missing); existing files are never replaced.")
 @oci_options
 @log_options
-def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
+@click.pass_context
+def download(ctx: click.Context, namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
              config_file: str | None, profile: str | None, endpoint: str | None, log_level: str,
              log_format: str) -> None:
     """Download objects, as stored, into a folder under safe local names.
 
     An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
     become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
+    NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, names = _bucket_words(ctx, namespace, bucket, names, "NAMES...")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
         try:
@@ -2417,6 +2430,23 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
                     raise
                 results.append((name, _oci_reason(exc)))
     _report("downloaded", results)
+
+
+def _bucket_words(ctx: click.Context, namespace: str, bucket: str, items: tuple[str, ...], metavar: str
+                  ) -> tuple[str, str, tuple[str, ...]]:
+    """Return (namespace, bucket, items), NAMESPACE and BUCKET left out when OCI_NAMESPACE and OCI_BUCKET are set.
+
+    click gives the first words to NAMESPACE and BUCKET; when both variables are set and those words
+    are not their values, the words are items (files or object names), as in ``upload a.fasta b.fasta``.
+    """
+    given = [value for name, value in (("namespace", namespace), ("bucket", bucket))
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    named = (os.environ.get("OCI_NAMESPACE"), os.environ.get("OCI_BUCKET"))
+    if named[0] and named[1] and given and tuple(given) != named:
+        namespace, bucket, items = named[0], named[1], (*given, *items)
+    if not items:
+        raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
+    return namespace, bucket, items
 
 
 def safe_file_name(name: str) -> str:

@@ -201,7 +201,8 @@ def test_log_lines_say_what_happened(fn4, emulator, oci_config, tmp_path):
 def test_bucket_commands_read_namespace_and_bucket_from_a_dot_env(emulator, oci_config, fn4, tmp_path):
     """upload, download and list take NAMESPACE and BUCKET from .env, as run does."""
     (tmp_path / ".env").write_text(f"OCI_NAMESPACE={NAMESPACE}\nOCI_BUCKET={BUCKET}\n"
-                                   f"OCI_CLI_CONFIG_FILE={oci_config}\nOCI_OBJECT_STORAGE_ENDPOINT={emulator.endpoint}\n"
+                                   f"OCI_CLI_CONFIG_FILE={oci_config}\n"
+                                   f"OCI_OBJECT_STORAGE_ENDPOINT={emulator.endpoint}\n"
                                    f"FN4_URL={fn4.url}\nFN4_DATABASE={db(tmp_path)}\n")
     sample = tmp_path / "a.fasta"
     sample.write_bytes(fasta("a"))
@@ -212,11 +213,10 @@ def test_bucket_commands_read_namespace_and_bucket_from_a_dot_env(emulator, oci_
     done, _ = loader("list", cwd=tmp_path)
     assert done.returncode == 0 and "1 FASTA files: 0 loaded, 1 pending" in done.stdout, done.stderr
     done, _ = loader("upload", NAMESPACE, BUCKET, sample, cwd=tmp_path)  # the names may still be given
-    assert done.returncode == 0 and "0 uploaded, 1 not" in done.stdout and "exists" in done.stdout, done.stdout
+    assert done.returncode == 1 and "0 uploaded, 1 not" in done.stdout and "exists" in done.stdout, done.stdout
 
 
-def test_a_bare_script_runs_the_loader_from_the_environment_and_shows_help_without(emulator, oci_config, fn4,
-                                                                                    tmp_path):
+def test_a_bare_script_runs_the_loader_from_the_environment_or_shows_help(emulator, oci_config, fn4, tmp_path):
     upload_series(emulator, [("a.fasta", fasta("a"))], start=T0)
     env = clean_env(FN4_URL=fn4.url, OCI_NAMESPACE=NAMESPACE, OCI_BUCKET=BUCKET, FN4_DATABASE=db(tmp_path),
                     OCI_CLI_CONFIG_FILE=str(oci_config), OCI_OBJECT_STORAGE_ENDPOINT=emulator.endpoint, FN4_ONCE="1")
