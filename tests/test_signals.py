@@ -76,6 +76,19 @@ def test_a_signal_during_the_imports_is_a_clean_stop(fn4, emulator, oci_config, 
     assert fn4.guids == {}
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the imports happen")
+def test_a_signal_held_during_the_imports_still_stops_other_commands(tmp_path):
+    """Only run turns a held signal into a warm stop; status, say, is ended by it as usual, not made deaf."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "status", f"sqlite:///{tmp_path / 'none.sqlite'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    tick, deadline = threading.Event(), time.monotonic() + 10
+    while not _third_party_code_loaded(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        tick.wait(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
+
+
 def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator, store, fn4, tmp_path):
     """An fn4 answer that raises where nothing expects it ends the batch; the prefetcher ends, the GIL
     switch interval is back, and the loader loads everything in the next cycle."""
