@@ -199,7 +199,7 @@ def test_log_lines_say_what_happened(fn4, emulator, oci_config, tmp_path):
 
 
 def test_bucket_commands_read_namespace_and_bucket_from_a_dot_env(emulator, oci_config, fn4, tmp_path):
-    """upload, download and list take NAMESPACE and BUCKET from .env, as run does."""
+    """upload, download, run and list take NAMESPACE and BUCKET (and the rest) from .env."""
     (tmp_path / ".env").write_text(f"OCI_NAMESPACE={NAMESPACE}\nOCI_BUCKET={BUCKET}\n"
                                    f"OCI_CLI_CONFIG_FILE={oci_config}\n"
                                    f"OCI_OBJECT_STORAGE_ENDPOINT={emulator.endpoint}\n"
@@ -210,8 +210,10 @@ def test_bucket_commands_read_namespace_and_bucket_from_a_dot_env(emulator, oci_
     assert done.returncode == 0 and "1 uploaded, 0 not" in done.stdout, done.stdout + done.stderr
     done, _ = loader("download", "a.fasta", "--to", tmp_path / "out", cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "out" / "a.fasta").read_bytes() == fasta("a"), done.stderr
+    done, _ = loader(cwd=tmp_path, env=clean_env(FN4_ONCE="1"))  # the bare script: run, configured by .env
+    assert done.returncode == 0 and sorted(fn4.guids) == ["a"], done.stderr
     done, _ = loader("list", cwd=tmp_path)
-    assert done.returncode == 0 and "1 FASTA files: 0 loaded, 1 pending" in done.stdout, done.stderr
+    assert done.returncode == 0 and "1 FASTA files: 1 loaded, 0 pending" in done.stdout, done.stderr
     done, _ = loader("upload", NAMESPACE, BUCKET, sample, cwd=tmp_path)  # the names may still be given
     assert done.returncode == 1 and "0 uploaded, 1 not" in done.stdout and "exists" in done.stdout, done.stdout
 
