@@ -2339,9 +2339,11 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     """First SIGTERM/SIGINT/SIGHUP: finish the current sample and exit; second: exit at once.
 
-    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later. A signal
-    held while the script imported its libraries counts as a first signal. Returns a function that
-    disarms the deadline and puts the previous handlers back.
+    The handler interrupts the main thread wherever it is, perhaps inside a lock that logging or
+    Sentry holds, so it takes no lock and logs nothing: it writes the signal's number to a pipe. A
+    small thread reads it, sets ``stop``, logs, and arms a deadline that ends the process
+    SHUTDOWN_GRACE seconds later. A signal held while the script imported its libraries counts as a
+    first signal. Returns a function that disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
         log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
@@ -2351,23 +2353,42 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
 
     deadline = threading.Timer(SHUTDOWN_GRACE, give_up_waiting)
     deadline.daemon = True
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
     def handle(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        if stop.is_set():  # reads a flag: no lock
             os._exit(128 + signum)
-        stop.set()  # first, so that a second signal arriving during this handler exits at once
-        deadline.start()
-        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            os.write(write_end, bytes([signum]))
 
+    def watch() -> None:
+        received = 0
+        with open(read_end, "rb", buffering=0) as pipe:
+            while (data := pipe.read(1)) and data[0]:  # a 0 byte: restore() ends the watch
+                received += 1
+                if received > 1:  # a second signal came before the first was acted on
+                    os._exit(128 + data[0])
+                stop.set()
+                deadline.start()
+                log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
+
+    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher.start()
     previous = {signum: _EARLY_HANDLERS.pop(signum, signal.signal(signum, handle)) for signum in STOP_SIGNALS}
-    if _EARLY_SIGNALS:
+    if _EARLY_SIGNALS:  # held during the imports: acted on now, before anything is loaded
         handle(_EARLY_SIGNALS[0], None)
         _EARLY_SIGNALS.clear()
+        stop.wait(1.0)
 
     def restore() -> None:
         deadline.cancel()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"\0")
+        watcher.join(1.0)
+        os.close(write_end)
 
     return restore
 

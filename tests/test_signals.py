@@ -80,6 +80,28 @@ def test_a_signal_during_the_imports_is_a_clean_stop(fn4, emulator, oci_config, 
     assert fn4.guids == {}
 
 
+HOLD_THE_LOCK = """
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import objectstoreaccess as osa
+stop = threading.Event()
+restore = osa._install_signal_handlers(stop)
+with stop._cond:  # the Event's own lock, which the main thread holds for a moment inside stop.wait()
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, in this thread, before the lock is let go
+print("handler returned", flush=True)
+print("stopped" if stop.wait(5) else "not stopped", flush=True)
+restore()
+"""
+
+
+def test_a_signal_that_lands_while_the_main_thread_holds_a_lock_does_not_hang_it():
+    """A handler that took a lock (the stop Event's, logging's, Sentry's) could wait for ever on its own thread:
+    a SIGTERM during the idle wait of a loader polling every second hung it. The handler takes none."""
+    done = subprocess.run([sys.executable, "-c", HOLD_THE_LOCK, str(SCRIPT.parent)], capture_output=True, text=True,
+                          timeout=20, env=clean_env())
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["handler returned", "stopped"], done
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the imports happen")
 def test_a_signal_held_during_the_imports_still_stops_other_commands(tmp_path):
     """Only run turns a held signal into a warm stop; status, say, is ended by it as usual, not made deaf."""
