@@ -30,6 +30,7 @@ else:
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import html
 import http.client
@@ -46,6 +47,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -99,6 +101,10 @@ AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up fil
 AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
+DB_CALL_TIMEOUT = 60                     # seconds a catalogue call may take before its connections are dropped
+DB_KEEPALIVE = 30                        # seconds idle before TCP keepalive probes on a catalogue connection
+ONCE_CATALOGUE_PATIENCE = 30.0           # seconds --once waits for a catalogue that refuses writes, then exits 1
+JOURNAL_COMPACT_BYTES = 1 << 20          # a journal larger than this is rewritten without its committed rows
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
@@ -130,7 +136,7 @@ SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 
 REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
-REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
 # The three states of a file that list, status, the metrics and README share, by its latest outcome:
 # loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
 FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
@@ -749,7 +755,7 @@ class ObjectStoreClient:
             response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
         except oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
-                raise ObjectChanged(f"object was deleted or replaced after listing ({exc.status})") from None
+                raise self._confirm_change(obj, exc.status) from None
             raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
         except Exception as exc:
             if _is_network_error(exc):
@@ -785,6 +791,27 @@ class ObjectStoreClient:
             response.data.close()
         _check_body(response.headers, received, digest, obj.md5)
         return data
+
+    def _confirm_change(self, obj: StoredObject, status: int) -> LoaderError:
+        """Return ObjectChanged if a fresh listing confirms a 404/412 on a read, else TransientError.
+
+        A listing, not a HEAD, confirms: HEAD needs the same permission as GET, and Object Storage
+        answers 404 when access is refused, so only the listing that queued the file can tell.
+        """
+        try:
+            page = self._client.list_objects(self.namespace, self.bucket, prefix=obj.name, start=obj.name,
+                                             limit=1, fields="name,etag").data
+        except Exception as exc:
+            if not self._is_fault(exc):
+                raise
+            return TransientError(f"Object Storage answered {status} and the listing to confirm it failed: "
+                                  f"{_oci_reason(exc)}")
+        listed = next((item for item in page.get("objects", ()) if item.get("name") == obj.name), None)
+        if listed is None:
+            return ObjectChanged(f"object was deleted after listing (read answered {status}; no longer listed)")
+        if listed.get("etag") != obj.etag:
+            return ObjectChanged(f"object was replaced after listing (read answered {status}; its etag changed)")
+        return TransientError(f"Object Storage answered {status}, but the object is still listed unchanged")
 
     def archive(self, obj: StoredObject, on_success: str) -> str | None:
         """Delete a loaded object, or rename it to PREFIX + name, only if it is unchanged since listing.
@@ -1321,17 +1348,25 @@ def _hide_password(text: str) -> str:
 
 
 def _connect_args(url: sa.URL) -> dict[str, Any]:
-    """Return driver options that put a timeout on connecting (and, where possible, on queries)."""
+    """Return driver options that bound connecting and every call, so a half-open connection fails.
+
+    SQLite: the busy timeout. PostgreSQL (libpq): keepalives while idle, tcp_user_timeout for sent
+    data never acknowledged, and statement_timeout. MariaDB/MySQL: read and write timeouts. Oracle:
+    expire_time (keepalive probes, minutes); call_timeout is set on each connection (LoadLogger.connect).
+    """
     backend = url.get_backend_name()
     if backend == "sqlite":
         return {"timeout": DB_CONNECT_TIMEOUT}
     if backend == "postgresql":
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "options": "-c statement_timeout=60000"}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": DB_KEEPALIVE,
+                "keepalives_interval": DB_KEEPALIVE // 3, "keepalives_count": 3,
+                "tcp_user_timeout": DB_CALL_TIMEOUT * 1000, "options": f"-c statement_timeout={DB_CALL_TIMEOUT * 1000}"}
     if backend in ("mysql", "mariadb"):
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": 60, "write_timeout": 60}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": DB_CALL_TIMEOUT,
+                "write_timeout": DB_CALL_TIMEOUT}
     if backend == "oracle":
         tns_admin = os.environ.get("TNS_ADMIN")
-        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT}
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}
         if tns_admin:
             args.update(config_dir=tns_admin, wallet_location=tns_admin)
             if os.environ.get("WALLET_PASSWORD"):
@@ -1340,49 +1375,270 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
     return {}
 
 
+def _bound_oracle_calls(dbapi_connection: Any, _record: Any) -> None:
+    """Give each new Oracle connection a call timeout (python-oracledb sets it per connection, in ms)."""
+    dbapi_connection.call_timeout = DB_CALL_TIMEOUT * 1000
+
+
+def _shut_socket(dbapi_connection: Any) -> None:
+    """Shut down a driver connection's socket, so a call blocked on it returns with an error at once."""
+    fileno = getattr(dbapi_connection, "fileno", None)  # libpq drivers
+    sock = getattr(dbapi_connection, "_sock", None)     # PyMySQL
+    try:
+        if callable(fileno):
+            with socket.socket(fileno=os.dup(fileno())) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        elif isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # noqa: BLE001  a connection already closed: nothing left to shut
+        pass
+
+
+#: The columns that identify a row, so a row that may already be written is written only if missing.
+_ROW_KEYS = {
+    "fn4batchload": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "check_time"),
+    "fn4loadattempt": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "file_name",
+                       "object_etag", "batch_start_time", "outcome"),
+}
+_TIME_COLUMNS = frozenset(f.name for record in (BatchRow, AttemptRow) for f in dataclasses.fields(record)
+                          if f.metadata["type"] is TIMESTAMP)
+
+
+def _key_value(value: Any) -> Any:
+    """Return a key column's value as comparable across databases (Oracle stores '' as NULL)."""
+    return None if value == "" else value
+
+
+def journal_path(url: sa.URL, schema: str | None, bucket: str) -> Path:
+    """Return where ``run`` journals catalogue rows by default: beside a SQLite file, else in the state folder."""
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database)
+        return database.with_name(f"{database.name}.{safe_file_name(bucket)}.journal")
+    name = "-".join(str(part) for part in (url.get_backend_name(), url.host, url.port, url.database, schema) if part)
+    return DEFAULT_SQLITE_PATH.parent / f"{safe_file_name(name)}.{safe_file_name(bucket)}.journal"
+
+
+class RowJournal:
+    """A local append-only file of the catalogue rows not yet committed, so a dead process loses none.
+
+    Each row is one JSON line, written with one write() before it is queued for the database (no
+    fsync: it must outlive the process, not the machine); a line ``{"done": N}`` says rows up to N
+    are committed, and the file is emptied once every row in it is. ``open`` returns the rows to
+    replay; a torn last line is skipped. A ``.lock`` file beside it keeps a second loader out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.next_id = 1
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._size = 0
+        self._failed = False
+
+    def open(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """Lock the journal and return its uncommitted rows as (id, table name, values). Raises ConfigError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the journal {self.path}: {exc.strerror}; "
+                              "choose another --journal") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise ConfigError(f"the journal {self.path} is in use by another loader: give each loader "
+                              "its own --journal") from None
+        try:
+            entries = self._read()
+            self._rewrite(entries)  # drops committed rows and a torn line, so appends start on a new line
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"cannot use the journal {self.path}: {exc.strerror}; choose another --journal") from None
+        return entries
+
+    def _read(self) -> list[tuple[int, str, dict[str, Any]]]:
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        rows: dict[int, tuple[int, str, dict[str, Any]]] = {}
+        done = 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if "done" in entry:
+                    done = max(done, int(entry["done"]))
+                else:
+                    values = {k: datetime.fromisoformat(v) if k in _TIME_COLUMNS and v else v
+                              for k, v in entry["row"].items()}
+                    rows[int(entry["n"])] = (int(entry["n"]), str(entry["table"]), values)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                if number == len(lines):
+                    log.warning("skipped the torn last line of the journal %s (the process died writing it)",
+                                self.path)
+                else:
+                    log.warning("skipped unreadable line %d of the journal %s", number, self.path)
+        self.next_id = max([done, *rows]) + 1
+        return [rows[n] for n in sorted(rows) if n > done]
+
+    def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+        """Replace the file with these rows only: written beside it, then renamed over it in one step."""
+        lines = b"".join(self._line(n, table, values) for n, table, values in entries)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(lines)
+        os.replace(temporary, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(lines)
+
+    @staticmethod
+    def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
+        return json.dumps({"n": n, "table": table, "row": values}, default=_json_value).encode() + b"\n"
+
+    def append(self, n: int, table: str, values: dict[str, Any]) -> bool:
+        """Add one row in one write(); return False, once warned, if it could not be written."""
+        return self._write(self._line(n, table, values))
+
+    def committed(self, through: int, pending: deque[tuple[int, sa.Table, dict[str, Any], float]]) -> None:
+        """Note that rows up to ``through`` are in the database; ``pending`` is the writer's queue after them."""
+        if self._fd is None:
+            return
+        if not pending:
+            self._truncate()
+        elif self._size > JOURNAL_COMPACT_BYTES:
+            try:
+                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
+            except OSError as exc:
+                self._warn(exc)
+        else:
+            self._write(json.dumps({"done": through}).encode() + b"\n")
+
+    def _truncate(self) -> None:
+        try:
+            os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
+            self._size = 0
+        except OSError as exc:
+            self._warn(exc)
+
+    def _write(self, line: bytes) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                os.ftruncate(self._fd, self._size)  # never leave half a line for the next one to join
+                raise OSError(28, "short write (is the disk full?)")
+        except OSError as exc:
+            self._warn(exc)
+            return False
+        self._size += written
+        if self._failed:
+            log.warning("the journal %s can be written again", self.path)
+            self._failed = False
+        return True
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._failed:
+            log.warning("cannot write the journal %s (%s): rows not yet in the catalogue would be lost if the "
+                        "process died now", self.path, exc.strerror or exc)
+            self._failed = True
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # closing the lock file's descriptor releases the lock
+        self._fd = self._lock_fd = None
+
+
 class LoadLogger:
     """The catalogue: write batch and attempt rows, and read back which files are finished.
 
     Rows are queued and written by a background thread, in order, so an insert never waits for
     the database. When the database is down, rows stay queued and are retried with a capped
-    backoff; ``unwritten`` tells the loader how many wait.
+    backoff; ``unwritten`` tells the loader how many wait. With a ``journal`` each row is also
+    kept in a local file until committed, and rows left there by an earlier process are replayed.
+    A call that takes longer than ``call_timeout`` seconds (a half-open connection) has the
+    engine's connections shut under it, and is retried on a new one.
     """
 
-    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0) -> None:
+    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0,
+                 journal: Path | None = None, call_timeout: float = DB_CALL_TIMEOUT) -> None:
         self.engine = engine
         self.retry_cap = retry_cap
+        self.call_timeout = call_timeout
+        self.patience: float | None = None  # set for --once: seconds of refused writes before giving up
         self.metadata, self.batches, self.attempts = build_tables(schema)
-        self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
+        # (id, table, values, monotonic time queued), in the order written
+        self._pending: deque[tuple[int, sa.Table, dict[str, Any], float]] = deque()
         self._changed = threading.Condition()
         self._closing = False
         self._urgent = 0  # callers waiting for rows to be written: write at once
-        self._outage_since: float | None = None
+        self._outage_since: float | None = None  # when writes began to fail; None while they succeed
+        self._last_error = ""
+        self._waited_warning = False
+        self._next_id = 1
+        self._uncertain_through = 0  # rows up to this id may be in the database already: write the missing
+        self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
+        self._unjournaled_ids: set[int] = set()
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
+        self._connections_lock = threading.Lock()
+        sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
+        self.journal = RowJournal(journal) if journal else None
+        if self.journal:
+            tables = {t.name: t for t in (self.batches, self.attempts)}
+            replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
+            self._next_id = self.journal.next_id
+            self._pending.extend((n, table, values, time.monotonic()) for n, table, values in replay)
+            self._uncertain_through = replay[-1][0] if replay else 0
+            if replay:
+                log.warning("replaying %d catalogue rows left in the journal %s by an earlier run", len(replay),
+                            self.journal.path)
+
+    def _track(self, dbapi_connection: Any, _record: Any) -> None:
+        if callable(getattr(dbapi_connection, "fileno", None)) or hasattr(dbapi_connection, "_sock"):
+            with self._connections_lock:
+                self._connections.add(dbapi_connection)
 
     @staticmethod
     def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
         url = resolve_database(database, read_only=read_only)
         try:
-            return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
             raise ConfigError(f"no database driver for {url.render_as_string(hide_password=True)}: {_short(exc)}; "
                               "check the URL's dialect+driver and that the driver is installed") from None
+        if url.get_backend_name() == "oracle":
+            sa.event.listen(engine, "connect", _bound_oracle_calls)
+        return engine
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
-                          ) -> LoadLogger:
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False,
+                          journal: Path | None = None, bucket: str | None = None) -> LoadLogger:
         """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
 
         ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        With ``bucket`` (the loader), rows are journaled: in ``journal``, or by default where
+        journal_path puts it; rows an earlier run left there are written before this returns.
         """
-        catalogue = cls(cls.connect(database, read_only), schema)
+        engine = cls.connect(database, read_only)
+        path = (journal or journal_path(engine.url, schema, bucket)) if bucket else None
+        catalogue = cls(engine, schema, journal=path)
         try:
             catalogue.create_tables()
         except sa.exc.SQLAlchemyError as exc:
+            catalogue.close(0)
             raise catalogue.unusable(exc) from None
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
-        return catalogue.start()
+        catalogue.start()
+        if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT, until_failure=True):
+            log.warning("%d rows from the journal are not yet written; they are retried", catalogue.unwritten)
+        return catalogue
 
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
@@ -1417,31 +1673,56 @@ class LoadLogger:
     def record_attempt(self, row: AttemptRow) -> None:
         self._enqueue(self.attempts, row)
 
+    @property
+    def failing(self) -> bool:
+        """True while the catalogue refuses writes (the last write failed)."""
+        return self._outage_since is not None
+
     def _enqueue(self, table: sa.Table, row: Any) -> None:
         values = {f.name: _naive_utc(v) if isinstance(v := getattr(row, f.name), datetime) else v
                   for f in dataclasses.fields(row)}
         with self._changed:
-            self._pending.append((table, values))
+            n, self._next_id = self._next_id, self._next_id + 1
+            if self.journal and not self.journal.append(n, table.name, values):  # first the journal, then the queue
+                self._unjournaled_ids.add(n)
+            self._pending.append((n, table, values, time.monotonic()))
             self._changed.notify_all()
 
+    def pending_attempts(self) -> list[dict[str, Any]]:
+        """Return the values of the attempt rows not yet written, oldest first (rows replayed at start)."""
+        with self._changed:
+            return [values for _, table, values, _ in self._pending if table is self.attempts]
+
     def wait_until_below(self, limit: int, stop: threading.Event) -> None:
-        """Block while more than ``limit`` rows are unwritten, unless stop is set."""
+        """Block while more than ``limit`` rows are unwritten, unless stop is set.
+
+        Raises OutageError if ``patience`` is set and writes have failed for longer than that.
+        """
         with self._changed:
             if len(self._pending) <= limit:
                 return  # the common case: do not hurry the writer, which gathers rows
             self._urgent += 1
             self._changed.notify_all()
-            while len(self._pending) > limit and not stop.is_set():
-                self._changed.wait(0.5)
-            self._urgent -= 1
+            try:
+                while len(self._pending) > limit and not stop.is_set():
+                    if (self.patience is not None and self._outage_since is not None
+                            and time.monotonic() - self._outage_since > self.patience):
+                        raise OutageError(f"the catalogue database refused writes for {self.patience:g} s "
+                                          f"({self._last_error}); {len(self._pending)} rows wait")
+                    self._changed.wait(0.5)
+            finally:
+                self._urgent -= 1
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
+    def flush(self, timeout: float, until_failure: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were.
+
+        With ``until_failure``, stop waiting as soon as a write fails.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             self._urgent += 1
             self._changed.notify_all()
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and time.monotonic() < deadline and not (until_failure and self._outage_since):
                 self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
             self._urgent -= 1
             return not self._pending
@@ -1452,9 +1733,62 @@ class LoadLogger:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-            left = [values for _, values in self._pending]
+            left = [values for _, _, values, _ in self._pending]
+            self.unjournaled = [values for n, _, values, _ in self._pending
+                                if self.journal is None or n in self._unjournaled_ids]
+            if self.journal:
+                self.journal.close()
         self.engine.dispose()
         return left
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a catalogue call: every ``call_timeout`` seconds it has not ended, shut its connections.
+
+        Again and again, not once: the driver may reconnect by itself (pool pre-ping) and the new
+        connection can go half-open too.
+        """
+        ended = threading.Event()
+
+        def watch() -> None:
+            while not ended.wait(self.call_timeout):
+                self._drop_connections(what)
+
+        watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            ended.set()
+            watcher.join(self.call_timeout)
+
+    def _drop_connections(self, what: str) -> None:
+        log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
+                    "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            _shut_socket(connection)
+
+    def _warn_if_waiting(self) -> None:
+        """Warn once when the oldest unwritten row has waited longer than ``call_timeout``."""
+        with self._changed:
+            waited = time.monotonic() - self._pending[0][3] if self._pending else 0.0
+        if waited > self.call_timeout and not self._waited_warning:
+            self._waited_warning = True
+            log.warning("%d catalogue rows have waited %.0f s to be written (%s); the writer keeps trying%s",
+                        len(self._pending), waited, self._last_error or "no answer",
+                        f"; they are kept in the journal {self.journal.path}" if self.journal else "")
+
+    def _missing(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return the rows not yet in the table, found by their key columns (_ROW_KEYS)."""
+        keys = _ROW_KEYS[table.name]
+        moment = "check_time" if table is self.batches else "batch_start_time"
+        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in rows})))
+        if table is self.attempts:
+            query = query.where(table.c.file_name.in_(list({r["file_name"] for r in rows})))
+        found = {tuple(map(_key_value, row)) for row in conn.execute(query)}
+        return [r for r in rows if tuple(_key_value(r[k]) for k in keys) not in found]
 
     def _write_forever(self) -> None:
         failures = 0
@@ -1468,20 +1802,32 @@ class LoadLogger:
                                        timeout=WRITE_BATCH_DELAY)
                 if self._closing:
                     return
-                table = self._pending[0][0]
-                batch = []
-                for queued_table, values in self._pending:
+                table = self._pending[0][1]
+                batch, ids = [], []
+                for n, queued_table, values, _ in self._pending:
                     if queued_table is not table or len(batch) >= 200:
                         break
                     batch.append(values)
+                    ids.append(n)
+                # A write that failed may have been committed all the same (the answer was lost):
+                # such rows, and rows replayed from the journal, are written only if missing.
+                uncertain = self._pending[0][0] <= self._uncertain_through
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(table.insert(), batch)
+                with self._deadline("write"), self.engine.begin() as conn:
+                    rows = self._missing(conn, table, batch) if uncertain else batch
+                    if rows:
+                        conn.execute(table.insert(), rows)
             except sa.exc.SQLAlchemyError as exc:
                 failures += 1
+                with self._changed:
+                    self._uncertain_through = max(self._uncertain_through, ids[-1])
+                    self._outage_since = self._outage_since or time.monotonic()
+                    self._last_error = _short(getattr(exc, "orig", None) or exc)
+                    self._changed.notify_all()
                 if failures == 1:
                     log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
-                                len(self._pending), _short(getattr(exc, "orig", None) or exc))
+                                len(self._pending), self._last_error)
+                self._warn_if_waiting()
                 with self._changed:
                     self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
                 continue
@@ -1491,6 +1837,11 @@ class LoadLogger:
             with self._changed:
                 for _ in batch:
                     self._pending.popleft()
+                self._outage_since = None
+                self._waited_warning = False
+                self._unjournaled_ids.difference_update(ids)
+                if self.journal:
+                    self.journal.committed(ids[-1], self._pending)
                 self._changed.notify_all()
 
     def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
@@ -1505,7 +1856,7 @@ class LoadLogger:
         mine = sa.and_(a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket)
         latest = (sa.select(sa.func.max(a.gp_int_id).label("id")).where(mine)
                   .group_by(a.file_name, a.object_etag).subquery())
-        with self.engine.begin() as conn:
+        with self._deadline("removal of old rows"), self.engine.begin() as conn:
             batches = conn.execute(self.batches.delete().where(
                 b.findneighbour_server_url == server_url, b.oci_namespace == namespace, b.bucket_name == bucket,
                 b.check_time < before))
@@ -1621,7 +1972,7 @@ class LoadLogger:
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
-        with self.engine.connect() as conn:
+        with self._deadline("read"), self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
 
 
@@ -1958,6 +2309,12 @@ class Loader:
         Returns True if the catalogue was read up to our own latest row.
         """
         if self.catalogue.unwritten:
+            if not self._files:  # at start: rows replayed from the journal are the newest known
+                for row in self.catalogue.pending_attempts():
+                    if (row["findneighbour_server_url"], row["oci_namespace"], row["bucket_name"]) == (
+                            self.fn4.base_url, self.store.namespace, self.store.bucket):
+                        self._files[(row["file_name"], row["object_etag"])] = (
+                            row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
             return False  # our own rows are not all in yet; the in-memory state is newer
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
@@ -2480,13 +2837,13 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, fail_fast: bool = True, read_only: bool = False, **oci: Any
-             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+             ca_bundle: str | None, fail_fast: bool = True, read_only: bool = False, journaled: bool = False,
+             journal: Path | None = None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     _check_service(fn4.check, fail_fast)
     store = _store(namespace, bucket, fail_fast=fail_fast, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
     return store, fn4, catalogue
 
 
@@ -2612,11 +2969,15 @@ def main(ctx: click.Context) -> None:
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
+              help="Local file that keeps catalogue rows until the database has them; rows left there are "
+                   "written at the next start. Default: beside a SQLite catalogue, else in "
+                   "~/.local/state/fn4loader/.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None) -> None:
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, journal: Path | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -2631,12 +2992,13 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
             settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
                                 max_object_bytes, reconcile_interval, on_success, retention_days)
             store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
-                                             fail_fast=once, auth=auth, config_file=config_file, profile=profile,
-                                             endpoint=endpoint)
+                                             fail_fast=once, journaled=True, journal=journal, auth=auth,
+                                             config_file=config_file, profile=profile, endpoint=endpoint)
             server = metrics.serve(*metrics_port) if metrics_port else None
         except BaseException:
             restore_signals()
             raise
+    catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
@@ -2650,8 +3012,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         failed = True
         _print_error(str(exc))
     finally:
-        left = catalogue.close(timeout=3.0 if stop.is_set() else 30.0)
-        for row in left:
+        left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
+        if kept := len(left) - len(catalogue.unjournaled):
+            log.error("%d catalogue rows not written: kept in the journal %s, they are written at the next start",
+                      kept, catalogue.journal.path if catalogue.journal else None)
+        for row in catalogue.unjournaled:
             log.error("catalogue row not written: %s", json.dumps(row, default=str))
         fn4.close()
         restore_signals()
@@ -2666,7 +3031,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
-    """Re-queue failed, given-up and duplicate files so the loader tries them again."""
+    """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
     with _startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)

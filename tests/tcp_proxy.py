@@ -8,6 +8,7 @@ Usage::
         proxy.cut()        # live connections are closed; new ones are accepted then reset
         proxy.cut(refuse=True)   # ... or: stop listening, so new connections are refused
         proxy.restore()    # same port, connections are relayed again
+        proxy.blackhole()  # live connections stay open but every byte is dropped; new ones are relayed
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Link:
 
     def __init__(self, proxy: "TCPProxy", client: socket.socket, upstream: socket.socket):
         self.proxy, self.client, self.upstream = proxy, client, upstream
+        self.blackholed = False  # set by TCPProxy.blackhole(): read and drop, like a dead network path
         self._pending = 2
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._pump, args=(client, upstream), daemon=True),
@@ -68,7 +70,8 @@ class _Link:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if not self.blackholed:
+                    dst.sendall(data)
         except OSError:
             _shutdown(src)
         finally:
@@ -158,6 +161,15 @@ class TCPProxy:
         if refuse and self._thread is not None:
             self._closed.wait(timeout=5)   # the accept loop closes its own listener
         self._kill_links()
+
+    def blackhole(self) -> int:
+        """Drop every byte of the live connections from now on, both ways, leaving them open (a half-open
+        path, as when a firewall forgets a connection); new connections are relayed. Returns how many."""
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.blackholed = True
+        return len(links)
 
     def restore(self) -> None:
         """Relay connections again, on the same port."""

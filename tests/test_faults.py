@@ -266,11 +266,11 @@ def test_fn4_answering_201_finishes_the_file_as_already_present(harness, emulato
 
 def test_object_deleted_after_listing_is_recorded(harness, emulator, fn4):
     put_all(emulator, [("gone.fasta", fasta("gone")), ("b.fasta", fasta("b"))])
-    emulator.add_fault(Fault(method="GET", path_contains="gone.fasta", kind="status", status=404, times=-1))
+    emulator.add_fault(Fault(method="GET", path_contains="gone.fasta", kind="delete"))
     h = harness()
     h.cycle()
     row = h.latest()["gone.fasta"]
-    assert (row["outcome"], row["completed"]) == ("vanished", 1) and "deleted or replaced" in row["error_text"]
+    assert (row["outcome"], row["completed"]) == ("vanished", 1) and "deleted after listing" in row["error_text"]
     assert list(fn4.guids) == ["b"]
 
 
