@@ -3079,7 +3079,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
                                "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
                               default=_json_value, indent=2))
     elif reason:
-        click.echo(f"Error: {reason}", err=True)
+        _print_error(reason)
     else:
         click.echo(_status_text(reports, now, level, server))
     sys.exit(level)
