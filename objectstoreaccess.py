@@ -18,6 +18,17 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import signal
+if __name__ == "__main__":
+    # Run as a script, the imports below take half a second. Stop signals that arrive meanwhile are
+    # held here and honoured by the command line once its own handlers are in (_install_signal_handlers).
+    # Imported as a module, nothing is installed.
+    _EARLY_SIGNALS: list[int] = []
+    _EARLY_HANDLERS = {signum: signal.signal(signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+                       for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+else:
+    _EARLY_SIGNALS, _EARLY_HANDLERS = [], {}
+
 import contextlib
 import dataclasses
 import email.utils
@@ -34,7 +45,6 @@ import os
 import queue
 import random
 import re
-import signal
 import socket
 import ssl
 import stat
@@ -76,6 +86,7 @@ DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
 SETTLE_WHILE_LISTING = 10000             # above this many unknown files in fn4, record them as pages arrive
+PREFETCH_JOIN_TIMEOUT = 2.0              # seconds a batch waits for the prefetcher to end when it stops early
 PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 WRITE_BATCH_ROWS = 16                    # catalogue rows gathered before a write (below MAX_UNWRITTEN_ROWS)
@@ -83,6 +94,7 @@ WRITE_BATCH_DELAY = 1.0                  # seconds the writer waits for more row
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
@@ -118,6 +130,9 @@ STALE_POLLS = 3                          # poll intervals without progress befor
 STATUS_WINDOW = timedelta(hours=1)       # status judges recent attempts over this window: a recovery clears in it
 LEVELS = ("ok", "warning", "critical", "unknown")  # status verdicts, by exit code
 ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandoned; loader: an unexpected error
+METRICS_WORKERS = 4                      # threads answering /metrics and /healthz; more clients wait their turn
+METRICS_TIMEOUT = 5.0                    # seconds a metrics client has to send its request (and to read the answer)
+METRICS_BACKLOG = 128                    # connections the kernel holds for the metrics port: a scrape burst
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
@@ -743,21 +758,29 @@ class ObjectStoreClient:
         return cls(_lean(client), namespace, bucket,
                    lambda: _lean(oci.object_storage.ObjectStorageClient(config, **kwargs)))
 
+    @property
+    def endpoint(self) -> str:
+        return str(self._client.base_client.endpoint)
+
     def check_access(self) -> None:
-        """Read one listing entry. Raises ConfigError for a missing bucket or refused credentials."""
+        """Read one listing entry, once, without the SDK's retries (a start-up check answers at once).
+
+        Raises ConfigError for a missing bucket or refused credentials, OutageError if Object Storage
+        does not answer or answers with an error.
+        """
         try:
-            self._client.list_objects(self.namespace, self.bucket, limit=1)
+            self._client.list_objects(self.namespace, self.bucket, limit=1,
+                                      retry_strategy=self._oci.retry.NoneRetryStrategy())
         except self._oci.exceptions.ServiceError as exc:
             if exc.status in (401, 403, 404):
                 raise ConfigError(
                     f"Object Storage answered {exc.status} {exc.code} for bucket {self.bucket!r} in "
                     f"namespace {self.namespace!r}: check the names and the credentials' policies") from None
-            log.warning("Object Storage check at start failed (%s %s); will retry in the loop",
-                        exc.status, exc.code)
+            raise OutageError(f"Object Storage at {self.endpoint} answered {exc.status} {exc.code}") from None
         except Exception as exc:  # connection faults at start are outages, not configuration
             if not _is_network_error(exc):
                 raise
-            log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
+            raise OutageError(f"Object Storage at {self.endpoint} is not answering: {_network_cause(exc)}") from None
 
     def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
         """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
@@ -1117,7 +1140,7 @@ def _oci_reason(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return f"Object Storage answered {status} {getattr(exc, 'code', '')}: {_short(getattr(exc, 'message', ''))}"
-    return _short(exc)
+    return f"Object Storage is not answering: {_network_cause(exc)}" if _is_network_error(exc) else _short(exc)
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -1138,6 +1161,37 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, requests.RequestException)) or bool(names & {
         "RequestException", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout",
         "ProtocolError", "HTTPError", "ChunkedEncodingError", "IncompleteRead", "ReadTimeoutError"})
+
+
+def _network_cause(exc: BaseException) -> str:
+    """Return the root cause of a network fault in a few words, e.g. 'connection refused'.
+
+    Looks through the chain of wrapped errors (requests, urllib3 and the OCI SDK each wrap the
+    socket's error in their own) for the first one that says what happened.
+    """
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, socket.gaierror):
+            return f"host name not found ({error.strerror or error})"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted ({error.reason}: {error.verify_message or error})"
+        if isinstance(error, ConnectionResetError):
+            return "connection reset"
+        if isinstance(error, TimeoutError) or name in ("ConnectTimeoutError", "ConnectTimeout"):
+            return "timed out"
+        if name in ("ReadTimeoutError", "ReadTimeout"):
+            return "no answer in time"
+        reason = getattr(error, "reason", None)
+        stack += [error.__cause__, error.__context__, reason if isinstance(reason, BaseException) else None]
+        stack += [arg for arg in error.args if isinstance(arg, BaseException)]
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:
@@ -1281,6 +1335,10 @@ class FN4Client:
             raise OutageError(f"fn4 GET {path} answered {_excerpt(value)}, not true or false")
         return value
 
+    def check(self) -> None:
+        """Ask fn4 for its time, as a start-up check. Raises OutageError if it does not answer properly."""
+        self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
+
     def is_up(self) -> bool:
         """Return True if fn4 answers its server_time route with a JSON object."""
         try:
@@ -1384,7 +1442,7 @@ class FN4Client:
                 return self._session.get(self.base_url + path, timeout=timeout, verify=self.verify, stream=stream)
             except requests.RequestException as exc:
                 if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
-                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                    raise OutageError(f"fn4 at {self.base_url} is not answering: {_network_cause(exc)}") from None
                 log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         raise AssertionError("unreachable")
 
@@ -1451,7 +1509,10 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = html.unescape(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")))
+        page = body.decode("utf-8", "replace")
+        if re.search(r"<h1\b", page, re.I):  # the heading repeats the title (Flask, Werkzeug and nginx pages)
+            page = re.sub(r"<title\b.*?</title\s*>", " ", page, flags=re.I | re.S)
+        text = html.unescape(re.sub(r"<[^>]*>", " ", page))
     return " ".join(text.split())[:300]
 
 
@@ -2341,12 +2402,20 @@ class Metrics:
                                       "max_age": self.max_age, "cycles": self.completed_cycles}
 
     def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from a daemon thread; return the server. Raises ConfigError."""
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+
+        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
+        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
+        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
+        away early is logged at DEBUG only.
+        """
+        from http.server import BaseHTTPRequestHandler, HTTPServer
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = METRICS_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -2365,12 +2434,52 @@ class Metrics:
             def log_message(self, *_args: Any) -> None:
                 pass
 
+        class Server(HTTPServer):
+            request_queue_size = METRICS_BACKLOG
+
+            def __init__(self, address: tuple[str, int]) -> None:
+                super().__init__(address, Handler)
+                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
+                self.closing = threading.Event()
+                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
+                                for n in range(METRICS_WORKERS)]
+                for worker in self.workers:
+                    worker.start()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # Waits while every worker is busy, so that further clients wait in the backlog.
+                while not self.closing.is_set():
+                    try:
+                        self.accepted.put((request, client_address), timeout=0.5)
+                        return
+                    except queue.Full:
+                        continue
+                self.shutdown_request(request)
+
+            def work(self) -> None:
+                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
+                    try:
+                        self.finish_request(*item)
+                    except Exception:
+                        self.handle_error(*item)
+                    finally:
+                        self.shutdown_request(item[0])
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
+
+            def shutdown(self) -> None:
+                self.closing.set()
+                super().shutdown()
+                for _ in self.workers:
+                    with contextlib.suppress(queue.Full):
+                        self.accepted.put_nowait(None)
+
         try:
-            server = ThreadingHTTPServer((host, port), Handler)
+            server = Server((host, port))
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
                               "choose another --metrics-port") from None
-        server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 
@@ -2556,12 +2665,14 @@ class Loader:
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
         summary = CycleSummary(listed, len(todo), loaded, failed, retried, paused)
+        # rows are written a moment after they are made: only rows the database does not take now are news
+        unwritten = 0 if self.catalogue.flush(WRITE_BATCH_DELAY) else self.catalogue.unwritten
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
-                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, listed,
+                 "%d failed, %d to retry%s%s", self.cycles + 1, listed,
                  len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
-                 self.catalogue.unwritten, extra={"fields": {
+                 f"; {unwritten} catalogue rows waiting to be written" if unwritten else "", extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
-                     "settled": len(settled), **dataclasses.asdict(summary)}})
+                     "settled": len(settled), "unwritten": unwritten, **dataclasses.asdict(summary)}})
         return summary
 
     def _record_abandoned(self, exc: Exception) -> None:
@@ -2771,6 +2882,7 @@ class Loader:
         """
         owners: dict[str, StoredObject] = {}
         candidates, settled = [], []
+        skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
         for obj in objects:  # oldest first, so the oldest object owns its guid
             completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
             owner = owners.get(obj.guid)
@@ -2780,6 +2892,10 @@ class Loader:
                 if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
                     log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
                     candidates.append(obj)
+                else:
+                    skipped[outcome] = skipped.get(outcome, 0) + 1
+                    if outcome not in LOADED:
+                        log.debug("skipping %s: finished earlier as %s", obj.name, outcome)
                 continue
             if owner is not None and owner.name != obj.name:
                 settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
@@ -2787,6 +2903,10 @@ class Loader:
                 settled.append((obj, FAILED, problem))
             else:
                 candidates.append(obj)
+        if skipped:
+            loaded = sum(n for outcome, n in skipped.items() if outcome in LOADED)
+            log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
+                      "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
             server_guids = self.fn4.guid_set()
             self._server_count = len(server_guids)
@@ -2824,10 +2944,9 @@ class Loader:
 
     def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
         """Insert each prepared sample while the next ones download; return counts and paused."""
-        loaded = failed = retried = 0
         self.metrics.backlog.set(len(todo))
         if not todo:
-            return loaded, failed, retried, False
+            return 0, 0, 0, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
         abandon = threading.Event()
         # While the prefetcher runs Python code, fn4's answer waits for the GIL up to the switch
@@ -2836,7 +2955,17 @@ class Loader:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         producer = threading.Thread(target=self._prefetch, args=(todo, prepared, abandon),
                                     name="prefetch", daemon=True)
-        producer.start()
+        try:  # whatever happens in the batch, the prefetcher ends and the switch interval is put back
+            producer.start()
+            return self._insert_each(todo, started, prepared)
+        finally:
+            self._end_prefetch(producer, prepared, abandon)
+            sys.setswitchinterval(switch_interval)
+
+    def _insert_each(self, todo: list[StoredObject], started: datetime, prepared: queue.Queue[Any]
+                     ) -> tuple[int, int, int, bool]:
+        """Insert samples as the prefetcher hands them over, until the end, a stop or an outage."""
+        loaded = failed = retried = 0
         number = 0
         paused = False
         while (item := prepared.get()) is not _END:
@@ -2856,12 +2985,17 @@ class Loader:
             else:
                 failed += 1
             self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
-        abandon.set()
-        while item is not _END and not self.stop.is_set():
-            item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
-            prepared.task_done()
-        sys.setswitchinterval(switch_interval)
         return loaded, failed, retried, paused
+
+    def _end_prefetch(self, producer: threading.Thread, prepared: queue.Queue[Any], abandon: threading.Event) -> None:
+        """Tell the prefetcher to stop and join it, bounded; a download in flight ends it a little later."""
+        with prepared.all_tasks_done:
+            abandon.set()
+            prepared.all_tasks_done.notify_all()
+        if producer.ident is not None:
+            producer.join(PREFETCH_JOIN_TIMEOUT)
+        if producer.is_alive():
+            log.debug("the prefetcher is still reading a sample; it ends when the read does")
 
     def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
                   abandon: threading.Event) -> None:
@@ -2874,10 +3008,13 @@ class Loader:
             for obj in todo:
                 if abandon.is_set() or self.stop.is_set():
                     break
-                prepared.put(self._prepare(obj))
-                prepared.join()
+                prepared.put(self._prepare(obj))  # the queue is empty here: this never blocks
+                with prepared.all_tasks_done:  # wait until the inserter takes it, or abandons the batch
+                    while prepared.unfinished_tasks and not abandon.is_set():
+                        prepared.all_tasks_done.wait()
         finally:
-            prepared.put(_END)
+            if not abandon.is_set():  # an abandoning inserter reads no more, and a full queue would block
+                prepared.put(_END)
 
     def _prepare(self, obj: StoredObject) -> Prepared:
         """Download, parse and validate one object; failures become part of the result."""
@@ -2885,8 +3022,13 @@ class Loader:
         sample: Sample | None = None
         error: LoaderError | None = None
         try:
-            # No name holds the downloaded text: it is freed as soon as it is parsed (peak memory).
-            seqid, seq = parse_fasta(self.store.read_object(obj, self.settings.max_object_bytes))
+            began = time.monotonic()
+            content = self.store.read_object(obj, self.settings.max_object_bytes)
+            downloaded = time.monotonic()
+            seqid, seq = parse_fasta(content)
+            del content  # the downloaded text is freed as soon as it is parsed (peak memory)
+            log.debug("read %s: %d bytes downloaded in %.0f ms, parsed in %.0f ms: %d bases", obj.name, obj.size,
+                      (downloaded - began) * 1000, (time.monotonic() - downloaded) * 1000, len(seq))
             expected = self.settings.expected_length
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
@@ -2916,6 +3058,8 @@ class Loader:
         result = self.fn4.post_insert(sample.form)
         facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
                      insert_status_code=result.status_code)
+        log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name, len(sample.form),
+                  result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
         if result.outcome == INSERTED:
             self._server_count += 1
         # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
@@ -2967,7 +3111,8 @@ class Loader:
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
                   "status": row.insert_status_code, "error": row.error_text}
-        log.log(level, "%s %s: %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.size,
+        log.log(level, "%s %s: %s, %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.name,
+                obj.size,
                 *("-" if fields[k] is None else fields[k] for k in ("read_ms", "insert_ms", "status")),
                 f" ({row.error_text})" if row.error_text else "", extra={"fields": fields})
         return outcome
@@ -3068,13 +3213,23 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
     root.setLevel(level.upper())
     for noisy in ("oci", "urllib3", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    if log_format == "json":  # so that every line on stderr is JSON: warnings and tracebacks go through logging
+        logging.captureWarnings(True)
+        sys.excepthook = lambda kind, error, trace: log.critical("unexpected error: %s", _short(error),
+                                                                 exc_info=(kind, error, trace))
+        threading.excepthook = lambda args: log.error(
+            "unexpected error in thread %s: %s", args.thread.name if args.thread else "?",
+            _short(args.exc_value or Exception()), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT: finish the current sample and exit; second: exit at once.
+    """First SIGTERM/SIGINT/SIGHUP: finish the current sample and exit; second: exit at once.
 
-    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later.
-    Returns a function that disarms it and puts the previous handlers back.
+    The handler interrupts the main thread wherever it is, perhaps inside a lock that logging or
+    Sentry holds, so it takes no lock and logs nothing: it writes the signal's number to a pipe. A
+    small thread reads it, sets ``stop``, logs, and arms a deadline that ends the process
+    SHUTDOWN_GRACE seconds later. A signal held while the script imported its libraries counts as a
+    first signal. Returns a function that disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
         log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
@@ -3084,31 +3239,89 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
 
     deadline = threading.Timer(SHUTDOWN_GRACE, give_up_waiting)
     deadline.daemon = True
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
     def handle(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        if stop.is_set():  # reads a flag: no lock
             os._exit(128 + signum)
-        stop.set()  # first, so that a second signal arriving during this handler exits at once
-        deadline.start()
-        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            os.write(write_end, bytes([signum]))
 
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    def watch() -> None:
+        received = 0
+        with open(read_end, "rb", buffering=0) as pipe:
+            while (data := pipe.read(1)) and data[0]:  # a 0 byte: restore() ends the watch
+                received += 1
+                if received > 1:  # a second signal came before the first was acted on
+                    os._exit(128 + data[0])
+                stop.set()
+                deadline.start()
+                log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
+
+    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher.start()
+    previous = {signum: _EARLY_HANDLERS.pop(signum, signal.signal(signum, handle)) for signum in STOP_SIGNALS}
+    if _EARLY_SIGNALS:  # held during the imports: acted on now, before anything is loaded
+        handle(_EARLY_SIGNALS[0], None)
+        _EARLY_SIGNALS.clear()
+        stop.wait(1.0)
 
     def restore() -> None:
         deadline.cancel()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"\0")
+        watcher.join(1.0)
+        os.close(write_end)
 
     return restore
 
 
+def _release_early_signals() -> None:
+    """Put back the handlers the script found at start and deliver a stop signal held since (commands but run)."""
+    for signum in list(_EARLY_HANDLERS):
+        signal.signal(signum, _EARLY_HANDLERS.pop(signum))
+    if _EARLY_SIGNALS:
+        signal.raise_signal(_EARLY_SIGNALS.pop(0))
+
+
 class DefaultGroup(click.Group):
-    """A group that runs ``run`` when the first word is not a subcommand, and shows its help."""
+    """A group that runs ``run`` when the first word is not a subcommand, and shows its help.
+
+    With no words at all it runs ``run`` if FN4_URL, OCI_NAMESPACE or OCI_BUCKET is set (in the
+    environment or .env), and shows help otherwise. Errors are one line (see ``main``).
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args.insert(0, "run")
+        elif not args and any(os.environ.get(name) for name in ("FN4_URL", "OCI_NAMESPACE", "OCI_BUCKET")):
+            args.insert(0, "run")
         return super().parse_args(ctx, args)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the command line; a usage error or a ClickException is one line on stderr, 'Error: ...'
+        (JSON under --log-format json), with exit code 2 for usage errors and 1 for the others."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            code = super().main(words, prog_name, complete_var, False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # no words, nothing set: help (click 8.2+)
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as exc:
+            if not _logs_are_json() and _json_wanted(words):
+                _configure_logging("INFO", _SECRETS, "json")
+            _print_error(_error_message(exc))
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _print_error("interrupted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         run = self.commands["run"]
@@ -3118,22 +3331,61 @@ class DefaultGroup(click.Group):
         self.format_commands(ctx, formatter)
 
 
+def _json_wanted(words: list[str]) -> bool:
+    """Return True if the command line or FN4_LOG_FORMAT asks for JSON logs (read before options are parsed)."""
+    pairs = zip(words, words[1:] + [""])
+    return os.environ.get("FN4_LOG_FORMAT") == "json" or any(
+        word == "--log-format=json" or (word, following) == ("--log-format", "json") for word, following in pairs)
+
+
+def _error_message(exc: click.ClickException) -> str:
+    """Return a click error as one line that names an environment variable only if the value came from it."""
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.BadParameter) and exc.param is not None and ctx is not None and not exc.param_hint:
+        param = exc.param
+        hint = (click.Parameter.get_error_hint(param, ctx) if isinstance(param, click.Option)
+                else param.get_error_hint(ctx))
+        envvar = param.envvar if isinstance(param.envvar, str) else None
+        if envvar and ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.ENVIRONMENT:
+            hint += f" (from {envvar})"
+        elif envvar and isinstance(exc, click.MissingParameter):
+            hint += f" (give it, or set {envvar})"
+        exc.param_hint = hint
+    message = exc.format_message()
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
 def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
-           endpoint: str | None) -> ObjectStoreClient:
-    """Build the Object Storage client and check the bucket can be read. Raises ConfigError."""
+           endpoint: str | None, fail_fast: bool = True) -> ObjectStoreClient:
+    """Build the Object Storage client and check the bucket can be read (see _check_service)."""
     store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
-    store.check_access()
+    _check_service(store.check_access, fail_fast)
     return store
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, read_only: bool = False, journaled: bool = False, journal: Path | None = None,
-             **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
-    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
+             ca_bundle: str | None, fail_fast: bool = True, read_only: bool = False, journaled: bool = False,
+             journal: Path | None = None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+    """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
-    store = _store(namespace, bucket, **oci)
+    _check_service(fn4.check, fail_fast)
+    store = _store(namespace, bucket, fail_fast=fail_fast, **oci)
     catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
     return store, fn4, catalogue
+
+
+def _check_service(check: Callable[[], None], fail_fast: bool) -> None:
+    """Run a start-up check. ConfigError (a thing to fix) passes through; a service that does not answer
+    raises OutageError if ``fail_fast`` (--once, list, upload, download), else it is a warning: the
+    daemon starts anyway, and its loop retries with backoff until the service answers."""
+    try:
+        check()
+    except OutageError as exc:
+        if fail_fast:
+            raise
+        log.warning("%s; loading starts once it answers", exc, extra={"fields": {"event": "unavailable"}})
 
 
 def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -3215,8 +3467,11 @@ poll_interval_option = click.option(
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first."""
+    if ctx.invoked_subcommand != "run":  # run installs its own handlers; the others stop as usual
+        _release_early_signals()
 
 
 @main.command()
@@ -3264,16 +3519,20 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     """
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
-    with _startup(log_level, log_format) as secrets:
-        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                            max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, journaled=True,
-                                         journal=journal, auth=auth, config_file=config_file, profile=profile,
-                                         endpoint=endpoint)
-        server = metrics.serve(*metrics_port) if metrics_port else None
+    with _startup(log_level, log_format):
+        restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
+        try:
+            settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                                max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
+            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
+                                             fail_fast=once, journaled=True, journal=journal, auth=auth,
+                                             config_file=config_file, profile=profile, endpoint=endpoint)
+            server = metrics.serve(*metrics_port) if metrics_port else None
+        except BaseException:
+            restore_signals()
+            raise
     catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
-    restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
@@ -3281,11 +3540,10 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         loader.run(once=once)
         if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
             failed = True
-            click.echo(f"Error: the cycle paused with files left to load: {redact(loader.pause_reason or '', secrets)}",
-                       err=True)
+            _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
     except OutageError as exc:
         failed = True
-        click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
+        _print_error(str(exc))
     finally:
         left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
         if kept := len(left) - len(catalogue.unjournaled):
@@ -3354,7 +3612,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
                                "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
                               default=_json_value, indent=2))
     elif reason:
-        click.echo(f"Error: {reason}", err=True)
+        _print_error(reason)
     else:
         click.echo(_status_text(reports, now, level, server))
     sys.exit(level)
@@ -3447,26 +3705,27 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.argument("files", nargs=-1, metavar="FILES...", type=click.Path())
 @oci_options
 @prefix_option
 @max_object_bytes_option
 @log_options
-def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
-           log_format: str) -> None:
+@click.pass_context
+def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ...], auth: str,
+           config_file: str | None, profile: str | None, endpoint: str | None, prefix: str | None,
+           max_object_bytes: int, log_level: str, log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
     Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
     a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
     Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
-    was not uploaded.
+    was not uploaded. NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, files = _bucket_words(ctx, namespace, bucket, files, "FILES...")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
     results = []
-    with click.progressbar(files, label="uploading", item_show_func=lambda p: p and Path(p).name,
-                           file=sys.stderr) as bar:
+    with _progress(files, "uploading", item_show_func=lambda p: p and Path(p).name) as bar:
         for path in bar:
             name = (prefix or "") + Path(path).name
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
@@ -3486,19 +3745,22 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
 
 @main.command()
 @bucket_arguments
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, metavar="NAMES...")
 @click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the files into (made if missing); existing files are never replaced.")
 @oci_options
 @log_options
-def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
+@click.pass_context
+def download(ctx: click.Context, namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
              config_file: str | None, profile: str | None, endpoint: str | None, log_level: str,
              log_format: str) -> None:
     """Download objects, as stored, into a folder under safe local names.
 
     An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
     become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
+    NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, names = _bucket_words(ctx, namespace, bucket, names, "NAMES...")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
         try:
@@ -3506,7 +3768,7 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
         except OSError as exc:
             raise ConfigError(f"cannot make the folder {str(folder)!r}: {exc.strerror}") from None
     results = []
-    with click.progressbar(names, label="downloading", file=sys.stderr) as bar:
+    with _progress(names, "downloading") as bar:
         for name in bar:
             target = folder / safe_file_name(name)
             try:
@@ -3521,6 +3783,23 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
                     raise
                 results.append((name, _oci_reason(exc)))
     _report("downloaded", results)
+
+
+def _bucket_words(ctx: click.Context, namespace: str, bucket: str, items: tuple[str, ...], metavar: str
+                  ) -> tuple[str, str, tuple[str, ...]]:
+    """Return (namespace, bucket, items), NAMESPACE and BUCKET left out when OCI_NAMESPACE and OCI_BUCKET are set.
+
+    click gives the first words to NAMESPACE and BUCKET; when both variables are set and those words
+    are not their values, the words are items (files or object names), as in ``upload a.fasta b.fasta``.
+    """
+    given = [value for name, value in (("namespace", namespace), ("bucket", bucket))
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    named = (os.environ.get("OCI_NAMESPACE"), os.environ.get("OCI_BUCKET"))
+    if named[0] and named[1] and given and tuple(given) != named:
+        namespace, bucket, items = named[0], named[1], (*given, *items)
+    if not items:
+        raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
+    return namespace, bucket, items
 
 
 def read_upload(path: str, max_bytes: int) -> bytes:
@@ -3600,8 +3879,32 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     try:
         yield _SECRETS
     except ConfigError as exc:
-        click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
+        _print_error(str(exc))
         sys.exit(2)
+    except OutageError as exc:  # a service did not answer a start-up check (see _check_service)
+        _print_error(str(exc))
+        sys.exit(1)
+
+
+def _print_error(message: str) -> None:
+    """Print a fatal error as one line on stderr: 'Error: ...', or a JSON entry when logs are JSON."""
+    line = "Error: " + redact(" ".join(message.split()), _SECRETS)
+    if _logs_are_json():
+        log.critical("%s", line, extra={"fields": {"event": "fatal"}})
+    else:
+        click.echo(line, err=True)
+
+
+def _logs_are_json() -> bool:
+    return any(isinstance(h, _StderrHandler) and isinstance(h.formatter, _JsonFormatter)
+               for h in logging.getLogger().handlers)
+
+
+def _progress(items: Iterable[Any], label: str, **options: Any) -> Any:
+    """Return a progress bar over items on stderr; under JSON logs, just the items (stderr stays JSON)."""
+    if _logs_are_json():
+        return contextlib.nullcontext(items)
+    return click.progressbar(items, label=label, file=sys.stderr, **options)
 
 
 def _warn_of_password_in_argv() -> None:
