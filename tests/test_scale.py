@@ -199,7 +199,8 @@ def test_guid_set_cut_off_before_an_answer_is_asked_again(fn4):
         client.guid_set()
 
 
-@pytest.mark.parametrize("body", ['["a", 1]', '{"guids": ["a"]}', '["a"', "null", "<html>oops</html>"])
+@pytest.mark.parametrize("body", ['["a", 1]', '{"guids": ["a"]}', '["a"', "null", "<html>oops</html>",
+                                  "[" * 100000 + "]" * 100000], ids=["number", "object", "cut", "null", "html", "deep"])
 def test_guid_set_of_a_malformed_answer_is_an_outage_never_an_answer(fn4, body):
     fn4.script(Scripted(status=200, route="guids", body=body))
     with pytest.raises(osa.OutageError, match="/api/v2/guids"):
