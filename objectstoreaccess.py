@@ -89,6 +89,9 @@ BACKOFF_BASE = 5.0                       # seconds: first wait after an outage o
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
+#: Logged (with SHUTDOWN_GRACE) when that deadline, not the loader, ended the process after a first signal.
+GRACE_EXPIRED_LOG = ("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
+                     "at the next start")
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
@@ -2703,8 +2706,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     first signal. Returns a function that disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
-        log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
-                    "at the next start", SHUTDOWN_GRACE)
+        log.warning(GRACE_EXPIRED_LOG, SHUTDOWN_GRACE)
         logging.shutdown()
         os._exit(0)
 
