@@ -1407,6 +1407,41 @@ _TIME_COLUMNS = frozenset(f.name for record in (BatchRow, AttemptRow) for f in d
                           if f.metadata["type"] is TIMESTAMP)
 
 
+def _connection_failure(exc: BaseException) -> bool:
+    """Return True if a catalogue write failed for its connection (no connection, or one lost), not a row."""
+    return isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or exc.statement is None)
+
+
+def sanitised_row(table: sa.Table, values: dict[str, Any], refusal: str) -> tuple[dict[str, Any], list[str]]:
+    """Return a row a database refused, made storable, and what was changed (e.g. ``file_name escaped``).
+
+    Text that is not printable ASCII is stored escaped (``\\udcff``, ``\\x00``) and text longer than its
+    column is cut; error_text then says so, and why the row was refused, so the file keeps a state row.
+    """
+    clean, changed = dict(values), []
+    for column in table.columns:
+        value = values.get(column.name)
+        if not isinstance(value, str) or column.name == "error_text":
+            continue
+        text = value if value.isascii() and value.isprintable() else value.encode("unicode_escape").decode("ascii")
+        how = ["escaped"] if text != value else []
+        if column.type.length and len(text) > column.type.length:
+            text, how = text[:column.type.length], [*how, f"cut to {column.type.length} characters"]
+        if how:
+            clean[column.name] = text
+            changed.append(f"{column.name} {' and '.join(how)}")
+    if "error_text" in table.columns:
+        note = f"stored with {', '.join(changed) or 'error_text escaped'}: the catalogue database refused " \
+               f"the row as it was ({refusal})"
+        earlier = values.get("error_text")
+        text = f"{note}; {earlier}" if earlier else note
+        text = text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
+        if text != values.get("error_text"):
+            clean["error_text"] = text[:table.c.error_text.type.length]
+            changed = changed or ["error_text escaped"]
+    return clean, changed
+
+
 def _key_value(value: Any) -> Any:
     """Return a key column's value as comparable across databases (Oracle stores '' as NULL)."""
     return None if value == "" else value
@@ -1815,12 +1850,11 @@ class LoadLogger:
                 # A write that failed may have been committed all the same (the answer was lost):
                 # such rows, and rows replayed from the journal, are written only if missing.
                 uncertain = self._pending[0][0] <= self._uncertain_through
-            try:
-                with self._deadline("write"), self.engine.begin() as conn:
-                    rows = self._missing(conn, table, batch) if uncertain else batch
-                    if rows:
-                        conn.execute(table.insert(), rows)
-            except sa.exc.SQLAlchemyError as exc:
+            written, exc = self._write_rows(table, batch, uncertain)
+            if written:
+                with self._changed:
+                    self._committed(ids[:written])
+            if exc is not None:
                 failures += 1
                 with self._changed:
                     self._uncertain_through = max(self._uncertain_through, ids[-1])
@@ -1837,15 +1871,64 @@ class LoadLogger:
             if failures:
                 log.warning("catalogue database is back after %d failed writes", failures)
                 failures = 0
-            with self._changed:
-                for _ in batch:
-                    self._pending.popleft()
-                self._outage_since = None
-                self._waited_warning = False
-                self._unjournaled_ids.difference_update(ids)
-                if self.journal:
-                    self.journal.committed(ids[-1], self._pending)
-                self._changed.notify_all()
+
+    def _committed(self, ids: list[int]) -> None:
+        """Take the rows ``ids``, the first ones queued and now written, off the queue (caller holds _changed)."""
+        for _ in ids:
+            self._pending.popleft()
+        self._outage_since = None
+        self._waited_warning = False
+        self._unjournaled_ids.difference_update(ids)
+        if self.journal:
+            self.journal.committed(ids[-1], self._pending)
+        self._changed.notify_all()
+
+    def _insert(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool) -> None:
+        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing."""
+        with self._deadline("write"), self.engine.begin() as conn:
+            rows = self._missing(conn, table, rows) if uncertain else rows
+            if rows:
+                conn.execute(table.insert(), rows)
+
+    def _write_rows(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool
+                    ) -> tuple[int, Exception | None]:
+        """Write rows, in order; return how many were written and the failure that stopped the rest, if any.
+
+        One bad row must not block the queue: when the database refuses the batch for a reason other
+        than the connection, the rows are written one by one, and a row refused for its content (text a
+        driver cannot encode, too long for its column) is written sanitised (see sanitised_row).
+        """
+        try:  # a driver raises ValueError, not a database error, for text it cannot encode: catch all
+            self._insert(table, rows, uncertain)
+            return len(rows), None
+        except Exception as exc:  # noqa: BLE001
+            if _connection_failure(exc):
+                return 0, exc
+        for done, values in enumerate(rows):
+            try:
+                self._insert_alone(table, values, uncertain)
+            except Exception as exc:  # noqa: BLE001
+                return done, exc
+        return len(rows), None
+
+    def _insert_alone(self, table: sa.Table, values: dict[str, Any], uncertain: bool) -> None:
+        """Insert one row; if the database refuses it but not for its connection, insert it sanitised.
+
+        Raises the failure if the sanitised row is refused too (then it was not the row: a full disk, say).
+        """
+        try:
+            self._insert(table, [values], uncertain)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if _connection_failure(exc):
+                raise
+            refusal, error = _short(getattr(exc, "orig", None) or exc), exc
+        clean, changed = sanitised_row(table, values, refusal)
+        if not changed:
+            raise error
+        self._insert(table, [clean], uncertain)
+        log.warning("the catalogue database refused a row of %s for its content (%s): written with %s, "
+                    "file %s", table.name, refusal, " and ".join(changed), clean.get("file_name"))
 
     def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
         """Delete this loader's rows from before ``before``; return (batch rows, attempt rows) removed.

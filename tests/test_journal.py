@@ -4,6 +4,7 @@ A half-open database connection, a catalogue that refuses writes (a full disk), 
 exit, and kill -9 of the loader: each is injected at a real boundary (a TCP proxy that black-holes a
 live PostgreSQL connection, a SQLite trigger that refuses inserts, a real process killed by SIGKILL).
 """
+import dataclasses
 import logging
 import random
 import os
@@ -422,3 +423,47 @@ def test_soak_catalogue_black_holed_again_and_again_loses_no_row(
     assert sum(holes) >= 5, holes
     assert "dropping its connections and reconnecting" in caplog.text
     assert not finished_and_counted(attempt_rows(PG, pg_schema), names, fn4)
+
+
+# ---- a row the database refuses for its content never blocks the queue ----
+
+
+POISON_NAMES = {
+    "surrogate": "run 1/a\udcff.fasta",            # a lone surrogate: no driver can encode it
+    "four_byte": "run 1/\U0001f9ec-s1.fasta",      # 4-byte UTF-8: refused by a MariaDB utf8mb3 column
+    "too_long": "run 1/" + "x" * 1100 + ".fasta",  # longer than the 1024-character column
+    "nul": "run 1/a\x00b.fasta",                   # PostgreSQL refuses NUL in text
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISON_NAMES))
+def test_a_row_the_database_refuses_for_its_content_is_written_sanitised_and_the_queue_drains(
+        database, tmp_path, caplog, poison):
+    url, schema = database
+    engine = sa.create_engine(url)
+    if engine.dialect.name in ("mysql", "mariadb") and poison == "four_byte":
+        with engine.begin() as conn:  # a catalogue made by an older MariaDB, in utf8mb3
+            conn.exec_driver_sql(f"ALTER DATABASE {schema} CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
+    catalogue = osa.LoadLogger(engine, schema, retry_cap=0.2, journal=tmp_path / "rows.journal")
+    catalogue.create_tables()
+    good = [attempt(i) for i in range(5)]
+    bad = dataclasses.replace(attempt(9), file_name=POISON_NAMES[poison])
+    with caplog.at_level(logging.WARNING, logger="fn4loader"):
+        catalogue.start()
+        for row in good[:2] + [bad] + good[2:]:
+            catalogue.record_attempt(row)
+        try:
+            drained = catalogue.flush(10)
+        finally:
+            left = catalogue.close(1.0)
+    assert drained and left == [], f"{len(left)} rows never written: the queue is blocked"
+    rows = attempt_rows(url, schema)
+    assert [r["file_name"] for r in rows if r["object_etag"] != bad.object_etag] == [r.file_name for r in good]
+    [written] = [r for r in rows if r["object_etag"] == bad.object_etag]
+    assert written["outcome"] == bad.outcome and written["fn4id"] == bad.fn4id  # the file still has its state
+    if written["file_name"] != bad.file_name:  # refused as it was: stored escaped or cut, and says so
+        assert len(written["file_name"]) <= 1024 and written["file_name"].isprintable()
+        assert written["error_text"].startswith("stored with file_name ")
+        assert caplog.text.count("refused a row") == 1
+    assert (tmp_path / "rows.journal").read_bytes() == b""
+    engine.dispose()
