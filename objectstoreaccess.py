@@ -3158,15 +3158,17 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
         except ConfigError as exc:
             reason, reports = redact(str(exc), _SECRETS), []
     level = 3 if reason else max((r.level for r in reports), default=2)
+    # Rows written before redaction existed (or by an older loader) may quote a secret: redact on output.
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
                                **({"reason": reason} if reason else {}),
-                               "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
+                               "loaders": [redact_all({**dataclasses.asdict(r), "status": LEVELS[r.level]}, _SECRETS)
+                                           for r in reports]},
                               default=_json_value, indent=2))
     elif reason:
         _print_error(reason)
     else:
-        click.echo(_status_text(reports, now, level, server))
+        click.echo(redact(_status_text(reports, now, level, server), _SECRETS))
     sys.exit(level)
 
 
