@@ -1447,6 +1447,16 @@ def _key_value(value: Any) -> Any:
     return None if value == "" else value
 
 
+def catalogue_name(url: sa.URL, schema: str | None) -> str:
+    """Return what names a catalogue whatever the driver, user or password: the journal's owner."""
+    if url.get_backend_name() == "sqlite":
+        name = f"sqlite:///{Path(url.database).resolve()}" if url.database else "sqlite://"
+    else:
+        name = sa.URL.create(url.get_backend_name(), host=url.host, port=url.port,
+                             database=url.database).render_as_string()
+    return f"{name} (schema {schema})" if schema else name
+
+
 def journal_path(url: sa.URL, schema: str | None, bucket: str) -> Path:
     """Return where ``run`` journals catalogue rows by default: beside a SQLite file, else in the state folder."""
     if url.get_backend_name() == "sqlite" and url.database:
@@ -1463,10 +1473,14 @@ class RowJournal:
     fsync: it must outlive the process, not the machine); a line ``{"done": N}`` says rows up to N
     are committed, and the file is emptied once every row in it is. ``open`` returns the rows to
     replay; a torn last line is skipped. A ``.lock`` file beside it keeps a second loader out.
+    While it holds rows its first line names the catalogue they belong to (``{"journal": owner}``):
+    rows of another catalogue are refused, never replayed into this one.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owner: str | None = None) -> None:
         self.path = Path(path)
+        self.owner = owner
+        self._found_owner: str | None = None
         self.next_id = 1
         self._fd: int | None = None
         self._lock_fd: int | None = None
@@ -1489,6 +1503,11 @@ class RowJournal:
                               "its own --journal") from None
         try:
             entries = self._read()
+            if entries and self.owner and self._found_owner and self._found_owner != self.owner:
+                self.close()
+                raise ConfigError(f"the journal {self.path} holds {len(entries)} rows of the catalogue "
+                                  f"{self._found_owner}, not of {self.owner}: run with that catalogue to write them, "
+                                  "or give this one its own --journal")
             self._rewrite(entries)  # drops committed rows and a torn line, so appends start on a new line
         except OSError as exc:
             self.close()
@@ -1507,7 +1526,9 @@ class RowJournal:
                 continue
             try:
                 entry = json.loads(line)
-                if "done" in entry:
+                if "journal" in entry:
+                    self._found_owner = str(entry["journal"])
+                elif "done" in entry:
                     done = max(done, int(entry["done"]))
                 else:
                     values = {k: datetime.fromisoformat(v) if k in _TIME_COLUMNS and v else v
@@ -1525,6 +1546,7 @@ class RowJournal:
     def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
         """Replace the file with these rows only: written beside it, then renamed over it in one step."""
         lines = b"".join(self._line(n, table, values) for n, table, values in entries)
+        lines = self._header() + lines if lines else lines
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_bytes(lines)
         os.replace(temporary, self.path)
@@ -1532,6 +1554,9 @@ class RowJournal:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = len(lines)
+
+    def _header(self) -> bytes:
+        return json.dumps({"journal": self.owner}).encode() + b"\n" if self.owner else b""
 
     @staticmethod
     def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
@@ -1565,6 +1590,8 @@ class RowJournal:
     def _write(self, line: bytes) -> bool:
         if self._fd is None:
             return False
+        if self._size == 0:  # the first line after an empty file: name the catalogue first
+            line = self._header() + line
         try:
             written = os.write(self._fd, line)
             if written != len(line):
@@ -1626,7 +1653,7 @@ class LoadLogger:
         self._connections_lock = threading.Lock()
         sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
-        self.journal = RowJournal(journal) if journal else None
+        self.journal = RowJournal(journal, catalogue_name(engine.url, schema)) if journal else None
         if self.journal:
             tables = {t.name: t for t in (self.batches, self.attempts)}
             replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]

@@ -181,7 +181,7 @@ def test_replay_is_idempotent_after_a_crash_between_commit_and_trim(database, tm
     for row in rows:
         first.record_attempt(row)  # journaled at once; the writer has not started
     crashed = journal.read_bytes()
-    assert crashed.count(b"\n") == len(rows)
+    assert crashed.count(b"\n") == 1 + len(rows)  # a first line naming the catalogue, then one line a row
     first.start()
     assert first.flush(30) and first.close() == []
     assert journal.read_bytes() == b""  # everything committed: the journal is compacted
@@ -215,7 +215,7 @@ def test_rows_unwritten_when_the_database_is_down_at_exit_are_written_at_the_nex
         for i in range(5):
             first.record_attempt(attempt(i))
         left = first.close(timeout=1.0)
-        assert len(left) == 5 and journal.read_bytes().count(b"\n") == 5
+        assert len(left) == 5 and journal.read_bytes().count(b"\n") == 1 + 5  # the catalogue's line, the rows
         proxy.restore()
         second = osa.LoadLogger(osa.LoadLogger.connect(proxied(PG, proxy)), pg_schema, journal=journal)
         second.create_tables()
@@ -467,3 +467,22 @@ def test_a_row_the_database_refuses_for_its_content_is_written_sanitised_and_the
         assert caplog.text.count("refused a row") == 1
     assert (tmp_path / "rows.journal").read_bytes() == b""
     engine.dispose()
+
+
+def test_a_journal_of_another_catalogue_is_refused_not_replayed_into_this_one(fn4, emulator, oci_config, tmp_path):
+    journal = tmp_path / "rows.journal"
+    first, other = f"sqlite:///{tmp_path / 'first.sqlite'}", f"sqlite:///{tmp_path / 'other.sqlite'}"
+    catalogue = osa.LoadLogger(sa.create_engine(first), journal=journal)
+    catalogue.create_tables()
+    for i in range(3):
+        catalogue.record_attempt(attempt(i))  # journaled; the writer never started: the process "died"
+    assert len(catalogue.close(0)) == 3
+    result = CliRunner().invoke(osa.main, [*run_args(fn4, emulator, oci_config, other), "--journal", str(journal)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert str(journal) in errors[0] and "first.sqlite" in errors[0]
+    assert not fn4.inserts and (not Path(tmp_path / "other.sqlite").exists() or attempt_rows(other) == [])
+    again = CliRunner().invoke(osa.main, [*run_args(fn4, emulator, oci_config, first), "--journal", str(journal)])
+    assert again.exit_code == 0, again.output  # its own catalogue takes its rows
+    assert [r["file_name"] for r in attempt_rows(first)] == [attempt(i).file_name for i in range(3)]
+    assert journal.read_bytes() == b""
