@@ -486,3 +486,25 @@ def test_a_journal_of_another_catalogue_is_refused_not_replayed_into_this_one(fn
     assert again.exit_code == 0, again.output  # its own catalogue takes its rows
     assert [r["file_name"] for r in attempt_rows(first)] == [attempt(i).file_name for i in range(3)]
     assert journal.read_bytes() == b""
+
+
+def test_objects_named_with_a_lone_surrogate_do_not_stall_the_loader(store, fn4, emulator, database, tmp_path):
+    """Object Storage can list a name no driver encodes; the loop goes on and every file gets a state row."""
+    url, schema = database
+    names = ["a0.fasta", "run\udcff/s1.fasta", "bad\udcff.fasta", "a2.fasta"]
+    upload_series(emulator, [(name, fasta(f"g{i}")) for i, name in enumerate(names)])
+    catalogue = osa.LoadLogger(sa.create_engine(url), schema, retry_cap=0.2, journal=tmp_path / "rows.journal")
+    catalogue.create_tables()
+    client = osa.FN4Client(fn4.url)
+    loader = osa.Loader(store, client, catalogue.start(), osa.Settings(fn4.url, NAMESPACE, BUCKET),
+                        stop=threading.Event())
+    try:
+        loader.run_cycle()
+        assert catalogue.flush(30), f"{catalogue.unwritten} catalogue rows never written: the queue is blocked"
+    finally:
+        left = catalogue.close(1.0)
+        client.close()
+    assert left == []
+    rows = attempt_rows(url, schema)
+    assert sorted(r["file_name"] for r in rows) == sorted(n.encode("unicode_escape").decode() for n in names)
+    assert sorted(fn4.guids) == ["a0", "a2"]
