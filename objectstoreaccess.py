@@ -505,11 +505,20 @@ def split_points(pages: Iterable[tuple[str, int]], ranges: int) -> list[str]:
     size = max(LIST_PAGE_SIZE, sum(count for _, count in pages) // max(ranges, 1))
     points, filled = [], 0
     for name, count in pages:
-        if filled >= size:
+        if filled >= size and _utf8(name):  # a name that cannot be sent back (a lone surrogate) splits nothing
             points.append(name)
             filled = 0
         filled += count
     return points
+
+
+def _utf8(text: str) -> bool:
+    """Return True if ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def guid_problem(guid: str) -> str | None:

@@ -56,6 +56,7 @@ def test_split_points_make_ranges_of_at_least_a_page():
     assert osa.split_points([("a", 10), ("b", 400), ("c", 1)], 64) == []
     assert osa.split_points([("a", 1000), ("b", 250), ("c", 1000), ("d", 250)], 64) == ["b", "d"]
     assert osa.split_points([], 64) == []
+    assert osa.split_points([("a", 1000), ("b\udcff", 1000), ("c", 1000)], 64) == ["c"]  # never sent: a lone surrogate
 
 
 def test_key_ranges_cover_the_key_space_once_and_leave_the_archive_out():
