@@ -87,6 +87,11 @@ RETENTION_INTERVAL = 86400               # seconds between removals of old rows:
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
 STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
 LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
+DEFAULT_LEASE_TTL = 60.0                 # seconds an active loader's lease lasts unless it renews it
+LEASE_CHECK_INTERVAL = 5.0               # seconds between a standby's looks at the lease (at most a third of the TTL)
+LEASE_RETRY = 1.0                        # seconds before a failed renewal is tried again (at most a sixth of the TTL)
+LEASE_POLL = 0.25                        # seconds between a standby loop's looks at its lease's state (in memory)
+STALE_INSTANCE_AGE = 86400               # seconds after which rows of instances that vanished are removed
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
@@ -314,6 +319,26 @@ class AttemptRow:
                                           "vanished, gave_up, retry, server_unavailable or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """One fn4loaderlease row: a running loader instance. The one whose active_key is set holds the lease."""
+
+    instance_token: str = _column(sa.String(32), "Random token of one loader process, new at every start")
+    host_name: str = _column(sa.String(255), "Host the instance runs on")
+    process_id: int = _column(sa.Integer(), "Process id of the instance on its host")
+    findneighbour_server_url: str = _column(sa.String(512), "fn4 server the instance loads into")
+    oci_namespace: str = _column(sa.String(128), "Object Storage namespace it loads from")
+    bucket_name: str = _column(sa.String(256), "Bucket it loads from")
+    lease_key: str = _column(sa.String(64), "SHA-256 of fn4 server URL, namespace and bucket: the lease sought")
+    active_key: str = _column(sa.String(64), "lease_key while the instance holds the lease (is active), else "
+                                             "empty; unique, so a lease has one holder")
+    started: datetime = _column(TIMESTAMP, "Database UTC time the instance started")
+    role_since: datetime = _column(TIMESTAMP, "Database UTC time the instance became active, or standby")
+    renewed: datetime = _column(TIMESTAMP, "Database UTC time of its last renewal (active) or look (standby)")
+    expires: datetime = _column(TIMESTAMP, "Database UTC time its lease lapses (if active) and it is presumed "
+                                           "gone, unless renewed before")
 
 
 # ---- Pure helpers ----------------------------------------------------------------------------
@@ -1007,6 +1032,22 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
 
+def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Return (level, problem) for each lease no instance holds: critical; see LoadLogger.instances."""
+    problems = []
+    for key in dict.fromkeys(i["lease_key"] for i in instances):
+        mine = [i for i in instances if i["lease_key"] == key]
+        where = f"{mine[0]['server_url']} <- {mine[0]['namespace']}/{mine[0]['bucket']}"
+        holder = next((i for i in mine if i["role"] == "active"), None)
+        if holder is None:
+            problems.append((2, f"no instance holds the lease of {where}: {len(mine)} standing by"))
+        elif holder["lapsed"]:
+            problems.append((2, f"no instance holds the lease of {where}: {holder['host_name']} (pid "
+                                f"{holder['process_id']}) stopped renewing it, lapsed at "
+                                f"{holder['expires']:%Y-%m-%d %H:%M:%S} UTC, and no standby took over"))
+    return problems
+
+
 def _alembic_operations(conn: sa.Connection) -> Any:
     """Return Alembic's Operations on a connection (imported here: only an upgrade needs it)."""
     from alembic.migration import MigrationContext
@@ -1043,6 +1084,197 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
     return {}
 
 
+def build_lease_table(schema: str | None = None) -> sa.Table:
+    """Return the fn4loaderlease table, in a metadata of its own: the upgrade of the other two leaves it be."""
+    columns = [sa.Column(f.name, f.metadata["type"], primary_key=f.name == "instance_token",
+                         comment=f.metadata["comment"]) for f in dataclasses.fields(LeaseRow)]
+    table = sa.Table("fn4loaderlease", sa.MetaData(schema=schema), *columns,
+                     sa.UniqueConstraint("active_key", name="uq_fn4loaderlease_active"),
+                     comment="One row per running loader instance: the one with active_key set loads, "
+                             "the others stand by")
+    sa.Index("ix_fn4loaderlease_key", table.c.lease_key)
+    return table
+
+
+def database_utc(dialect: str, seconds: float = 0.0) -> Any:
+    """Return the database's own UTC time plus ``seconds``, as its SQL: leases expire by the database's clock.
+
+    Every host compares lease times with the same clock, however far its own is off. SQLite's text
+    is written as SQLAlchemy stores its DATETIME (microseconds), so that text comparisons hold.
+    """
+    sql = {"postgresql": f"(TIMEZONE('utc', CURRENT_TIMESTAMP) + INTERVAL '{seconds:.3f} seconds')",
+           "mysql": f"(UTC_TIMESTAMP(6) + INTERVAL {round(seconds * 1e6)} MICROSECOND)",
+           "oracle": f"(SYS_EXTRACT_UTC(SYSTIMESTAMP) + NUMTODSINTERVAL({seconds:.3f}, 'SECOND'))",
+           "sqlite": f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '{seconds:+.3f} seconds')"}
+    return sa.literal_column(sql["mysql" if dialect == "mariadb" else dialect], TIMESTAMP)
+
+
+def process_exists(pid: int | None) -> bool:
+    """Return True if a process of this id runs on this host (or may: another user's)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """This instance's claim to be the one loader of an fn4 server, namespace and bucket; the others stand by.
+
+    Each instance has a fn4loaderlease row; the active one's active_key holds the lease key in a
+    unique column, so a lease never has two holders. The active one renews every third of ``ttl``;
+    ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before its lease
+    could lapse, so an instance that cannot renew stops inserting before another can take over.
+    A standby takes the lease when it lapsed (by the database's clock), or at once when its holder
+    ran on this host and its process is gone. Calls go straight to the catalogue engine, never
+    through the row writer. ``terms`` counts the times this instance became active.
+    """
+
+    def __init__(self, engine: sa.Engine, table: sa.Table, server_url: str, namespace: str, bucket: str,
+                 ttl: float = DEFAULT_LEASE_TTL, host_name: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.table = table
+        self.ttl = ttl
+        self.clock = clock
+        self.key = hashlib.sha256(f"{server_url}\n{namespace}\n{bucket}".encode()).hexdigest()
+        self.token = os.urandom(16).hex()
+        self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
+                         "process_id": os.getpid(), "findneighbour_server_url": server_url,
+                         "oci_namespace": namespace, "bucket_name": bucket, "lease_key": self.key}
+        self.terms = 0
+        self.last_contact: float | None = None   # monotonic time of the last database call that worked
+        self._valid_until: float | None = None   # set while held: when to stop inserting
+        self._holder: str | None = None          # the other holder last logged
+        self._failures = 0
+        self._done = threading.Event()
+
+    @property
+    def active(self) -> bool:
+        """True while this instance holds the lease with time to spare (no database call)."""
+        return self._valid_until is not None and self.clock() < self._valid_until
+
+    def _now(self, seconds: float = 0.0) -> Any:
+        return database_utc(self.engine.dialect.name, seconds)
+
+    def join(self) -> None:
+        """Write this instance's row, as standby, and remove rows of instances gone long ago. Raises SQLAlchemyError."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(t.delete().where(t.c.lease_key == self.key, t.c.active_key.is_(None),
+                                          t.c.expires < self._now(-STALE_INSTANCE_AGE)))
+            conn.execute(t.insert().values(**self.identity, started=self._now(), role_since=self._now(),
+                                           renewed=self._now(), expires=self._now(self.ttl)))
+
+    def tend(self) -> float:
+        """Renew the lease if held, else look at it and take it if it is free; return seconds until the next call."""
+        try:
+            self._renew() if self._valid_until is not None else self._look()
+        except sa.exc.SQLAlchemyError as exc:
+            self._failures += 1
+            if self._failures == 1:
+                log.warning("lease: the catalogue database failed (%s); %s", _short(getattr(exc, "orig", None) or exc),
+                            "inserting stops if it cannot be renewed in time" if self._valid_until else "still standby")
+            return min(LEASE_RETRY, self.ttl / 6)
+        self._failures = 0
+        self.last_contact = self.clock()
+        return self.ttl / 3 if self._valid_until is not None else min(LEASE_CHECK_INTERVAL, self.ttl / 3)
+
+    def _renew(self) -> None:
+        t, sent = self.table, self.clock()
+        with self.engine.begin() as conn:
+            renewed = conn.execute(t.update().where(t.c.instance_token == self.token, t.c.active_key == self.key)
+                                   .values(renewed=self._now(), expires=self._now(self.ttl))).rowcount
+        if renewed == 1:
+            self._valid_until = sent + self.ttl * 3 / 4
+        else:
+            self._valid_until = None
+            log.warning("standby: this instance lost the lease: another took it after it lapsed")
+
+    def _look(self) -> None:
+        t, sent = self.table, self.clock()
+        try:
+            with self.engine.begin() as conn:
+                holder = conn.execute(sa.select(t.c.instance_token, t.c.host_name, t.c.process_id, t.c.role_since,
+                                                t.c.expires, self._now().label("now"))
+                                      .where(t.c.active_key == self.key)).first()
+                reason, free = self._reason_to_take(holder)
+                if reason is None:  # stand by; the row says this instance still lives
+                    conn.execute(t.update().where(t.c.instance_token == self.token)
+                                 .values(renewed=self._now(), expires=self._now(self.ttl)))
+                else:
+                    if holder is not None:
+                        conn.execute(t.update().where(t.c.instance_token == holder.instance_token,
+                                                      t.c.active_key == self.key, free).values(active_key=None))
+                    taken = conn.execute(t.update().where(t.c.instance_token == self.token).values(
+                        active_key=self.key, role_since=self._now(), renewed=self._now(),
+                        expires=self._now(self.ttl))).rowcount
+                    if not taken:
+                        raise sa.exc.InvalidRequestError("this instance's row is gone from the lease table")
+        except sa.exc.IntegrityError:
+            return  # another instance took the lease first: the unique active_key refused this one
+        if reason is None:
+            if holder is not None and holder.instance_token != self._holder:
+                self._holder = holder.instance_token
+                log.info("standby: %s (pid %s) holds the lease since %s UTC (database time)", holder.host_name,
+                         holder.process_id, f"{holder.role_since:%Y-%m-%d %H:%M:%S}")
+            return
+        self._valid_until = sent + self.ttl * 3 / 4
+        self._holder = None
+        self.terms += 1
+        log.warning("active: this instance took the lease: %s", reason)
+
+    def _reason_to_take(self, holder: Any) -> tuple[str | None, Any]:
+        """Return why this instance may take the lease (None if it may not), and the condition to free it."""
+        t = self.table
+        if holder is None:
+            return "no instance held it", None
+        if holder.instance_token == self.token:
+            return "it held it already", t.c.instance_token == self.token
+        if holder.expires is not None and holder.expires < holder.now:
+            return (f"the lease of {holder.host_name} (pid {holder.process_id}) lapsed at "
+                    f"{holder.expires:%Y-%m-%d %H:%M:%S} UTC (database time)"), t.c.expires < self._now()
+        if holder.host_name == self.identity["host_name"] and not process_exists(holder.process_id):
+            return (f"its holder, pid {holder.process_id} on this host, no longer runs",
+                    t.c.process_id == holder.process_id)
+        return None, None
+
+    def release(self) -> None:
+        """Remove this instance's row, handing the lease over at once; log, never raise, if that fails."""
+        self._valid_until = None
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.table.delete().where(self.table.c.instance_token == self.token))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("lease: could not remove this instance's row (%s); a standby takes over when it lapses",
+                        _short(getattr(exc, "orig", None) or exc))
+            return
+        log.info("lease released: a standby can take over at once")
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[Lease]:
+        """Tend the lease from a thread while the block runs (after a first look), then release it."""
+        self._done.clear()
+        wait = self.tend()
+
+        def keep(wait: float) -> None:
+            while not self._done.wait(wait):
+                wait = self.tend()
+
+        keeper = threading.Thread(target=keep, args=(wait,), name="lease-keeper", daemon=True)
+        keeper.start()
+        try:
+            yield self
+        finally:
+            self._done.set()
+            keeper.join(timeout=5.0)  # a renewal stuck on a dead connection is left behind: it is a daemon
+            self.release()
+
+
 class LoadLogger:
     """The catalogue: write batch and attempt rows, and read back which files are finished.
 
@@ -1055,6 +1287,7 @@ class LoadLogger:
         self.engine = engine
         self.retry_cap = retry_cap
         self.metadata, self.batches, self.attempts = build_tables(schema)
+        self.leases = build_lease_table(schema)
         self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
         self._changed = threading.Condition()
         self._closing = False
@@ -1104,6 +1337,7 @@ class LoadLogger:
                                          existing):
                 log.warning("catalogue tables upgraded, every row kept: %s", "; ".join(changes))
             self.metadata.create_all(conn, checkfirst=True)
+            self.leases.metadata.create_all(conn, checkfirst=True)  # older catalogues gain it here
 
     @property
     def unwritten(self) -> int:
@@ -1259,6 +1493,35 @@ class LoadLogger:
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
+    def lease(self, server_url: str, namespace: str, bucket: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        """Return this instance's lease on the catalogue, its row written as standby. Raises ConfigError."""
+        lease = Lease(self.engine, self.leases, server_url, namespace, bucket, ttl)
+        try:
+            lease.join()
+        except sa.exc.SQLAlchemyError as exc:
+            raise self.unusable(exc) from None
+        return lease
+
+    def instances(self, server: str | None = None) -> list[dict[str, Any]]:
+        """Return the loader instances of the lease table that hold a lease or still live, with the database's time."""
+        t = self.leases
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(t.name, schema=t.schema):
+                return []  # made by an older loader: run adds it
+            now = database_utc(conn.dialect.name)
+            query = (sa.select(t.c.host_name, t.c.process_id, t.c.findneighbour_server_url, t.c.oci_namespace,
+                               t.c.bucket_name, t.c.lease_key, t.c.active_key, t.c.role_since, t.c.expires,
+                               now.label("now"))
+                     .where(sa.or_(t.c.active_key.is_not(None), t.c.expires > now))
+                     .order_by(t.c.findneighbour_server_url, t.c.bucket_name, t.c.active_key, t.c.host_name))
+            if server:
+                query = query.where(t.c.findneighbour_server_url == server.rstrip("/"))
+            return [{"role": "active" if r.active_key else "standby", "host_name": r.host_name,
+                     "process_id": r.process_id, "server_url": r.findneighbour_server_url,
+                     "namespace": r.oci_namespace, "bucket": r.bucket_name, "lease_key": r.lease_key,
+                     "since": _aware(r.role_since), "expires": _aware(r.expires), "lapsed": r.expires < r.now}
+                    for r in conn.execute(query)]
+
     def file_states(self, server_url: str, namespace: str, bucket: str,
                     after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
         """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
@@ -1293,6 +1556,8 @@ class Metrics:
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.active = Gauge("fn4loader_active", "1 while this instance holds the lease and loads, 0 while it "
+                            "stands by", registry=self.registry)
         for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
             self.attempts.labels(outcome)
         self.clock = clock
@@ -1370,7 +1635,7 @@ class Loader:
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
                  stop: threading.Event | None = None, host_name: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, lease: Lease | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
@@ -1387,6 +1652,8 @@ class Loader:
         self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
+        self.lease = lease
+        self._term: int | None = None  # the lease term loading now; None while standby
 
     # -- the loop --
 
@@ -1398,6 +1665,12 @@ class Loader:
         """
         failures = 0
         while not self.stop.is_set():
+            if not self._active():
+                if once:
+                    log.warning("another instance holds the lease: nothing loaded")
+                    break
+                self.stop.wait(LEASE_POLL)
+                continue
             try:
                 summary = self.run_cycle()
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
@@ -1460,6 +1733,29 @@ class Loader:
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
         return summary
+
+    def _active(self) -> bool:
+        """Return True if this instance may load: it holds the lease, or runs without one.
+
+        A new term begins with a full comparison with fn4, which holds what the previous active
+        instance loaded. Called before every insert: the monotonic check costs no database call.
+        """
+        if self.lease is None:
+            return True
+        if self.lease.active:
+            if self._term != self.lease.terms:
+                if self._term is None:
+                    log.info("loading: this instance holds the lease; comparing the catalogue with fn4 first")
+                self._term, self._next_reconcile = self.lease.terms, None
+                self.metrics.active.set(1)
+            return True
+        if self._term is not None:
+            log.warning("standby: stopped inserting, as the lease could not be renewed in time or was lost")
+            self._term = None
+            self.metrics.active.set(0)
+        if self.lease.last_contact is not None and self.lease.clock() - self.lease.last_contact < self.lease.ttl:
+            self.metrics.last_progress = self.clock()  # a standby in touch with the catalogue is healthy
+        return False
 
     def _prune_if_due(self) -> None:
         """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
@@ -1571,7 +1867,7 @@ class Loader:
             prepared.task_done()  # the prefetcher may start on the next sample while this one is inserted
             number += 1
             self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
-            if self.stop.is_set():
+            if self.stop.is_set() or not self._active():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
             self.metrics.backlog.set(len(todo) - number)
@@ -1953,11 +2249,16 @@ def main() -> None:
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
+@click.option("--lease-ttl", type=click.FloatRange(min=3), default=DEFAULT_LEASE_TTL, show_default=True,
+              envvar="FN4_LEASE_TTL", show_envvar=True,
+              help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
+                   "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
+                   "one dying; give every instance the same value.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None) -> None:
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -1969,16 +2270,18 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     with _startup(log_level, log_format) as secrets:
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
+        lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
         server = metrics.serve(*metrics_port) if metrics_port else None
     settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
                         max_object_bytes, reconcile_interval, on_success, retention_days)
-    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
+    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
     try:
-        loader.run(once=once)
+        with lease.kept():
+            loader.run(once=once)
     except OutageError as exc:
         failed = True
         click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
@@ -2042,20 +2345,35 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
             newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
                                         default=None) for r in found}
             reports = [assess(r, now, poll_interval, critical_failure_share, newest[r.server_url]) for r in found]
+            instances = catalogue.instances(server)
         except sa.exc.SQLAlchemyError as exc:
             error = catalogue.unusable(exc)
             if "column" in str(exc).lower():
                 error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
             raise error from None
         catalogue.engine.dispose()
-    level = max((r.level for r in reports), default=2)
+    lease_problems = assess_instances(instances)
+    level = max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
-                               "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports]},
+                               "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports],
+                               "instances": instances,
+                               "lease_problems": [f"{LEVELS[lvl]}: {text}" for lvl, text in lease_problems]},
                               default=_json_value, indent=2))
     else:
         click.echo(_status_text(reports, now, level, server))
+        if instances:
+            click.echo(_instances_text(instances, lease_problems))
     sys.exit(level)
+
+
+def _instances_text(instances: list[dict[str, Any]], problems: list[tuple[int, str]]) -> str:
+    """Return the lines on running instances (active or standby) and on leases nobody holds."""
+    rows = [[i["role"] + (" (lapsed)" if i["lapsed"] and i["role"] == "active" else ""), i["host_name"],
+             i["process_id"], i["server_url"], f"{i['namespace']}/{i['bucket']}", _when(i["since"])]
+            for i in instances]
+    return "\n".join(["", "instances:", _table(["role", "host", "pid", "fn4 server", "bucket", "since (UTC)"], rows)]
+                     + [f"  {LEVELS[lvl]}: {text}" for lvl, text in problems])
 
 
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
