@@ -1309,10 +1309,15 @@ class LoadLogger:
     def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
         """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable."""
         catalogue = cls(cls.connect(database), schema)
-        try:
-            catalogue.create_tables()
-        except sa.exc.SQLAlchemyError as exc:
-            raise catalogue.unusable(exc) from None
+        for tries_left in (2, 1, 0):
+            try:
+                catalogue.create_tables()
+                break
+            except sa.exc.SQLAlchemyError as exc:
+                # Another instance starting at the same moment made a table or index first: look again.
+                if not tries_left or not re.search(r"already|duplicate", str(exc), re.I):
+                    raise catalogue.unusable(exc) from None
+                time.sleep(random.uniform(0.2, 1.0))
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         return catalogue.start()
 

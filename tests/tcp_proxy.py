@@ -7,6 +7,7 @@ Usage::
         ...
         proxy.cut()        # live connections are closed; new ones are accepted then reset
         proxy.cut(refuse=True)   # ... or: stop listening, so new connections are refused
+        proxy.blackhole()  # connections stay open but nothing gets through, either way: a silent network
         proxy.restore()    # same port, connections are relayed again
 """
 
@@ -68,6 +69,8 @@ class _Link:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.proxy.is_blackholed:
+                    continue   # swallowed: neither side hears of it
                 dst.sendall(data)
         except OSError:
             _shutdown(src)
@@ -90,6 +93,8 @@ class TCPProxy:
 
     ``cut()`` closes every live connection; until ``restore()``, new connections are accepted and
     immediately reset, or with ``cut(refuse=True)`` the port stops listening so connects are refused.
+    ``blackhole()`` keeps every connection open but relays nothing, and holds new ones unanswered, as a
+    network that silently drops packets would; ``restore()`` resets the connections held so.
     At most ``max_connections`` links are relayed at once; extra connections are reset.
     """
 
@@ -105,6 +110,8 @@ class TCPProxy:
         self.rejected = 0        # connections reset while cut or over max_connections
         self._cut = False
         self._refuse = False
+        self._blackhole = False
+        self._held: list[socket.socket] = []   # connections accepted while black-holed
         self._closed = threading.Event()   # set by the accept loop once it closed the listener
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
@@ -131,6 +138,9 @@ class TCPProxy:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            held, self._held = self._held, []
+        for sock in held:
+            _reset(sock)
         self._kill_links()
 
     def __enter__(self) -> "TCPProxy":
@@ -143,6 +153,14 @@ class TCPProxy:
     @property
     def is_cut(self) -> bool:
         return self._cut
+
+    @property
+    def is_blackholed(self) -> bool:
+        return self._blackhole
+
+    def blackhole(self) -> None:
+        """Relay nothing from now on, in either direction, and leave new connections unanswered."""
+        self._blackhole = True
 
     @property
     def active_connections(self) -> int:
@@ -162,8 +180,11 @@ class TCPProxy:
     def restore(self) -> None:
         """Relay connections again, on the same port."""
         with self._lock:
-            self._cut = self._refuse = False
+            self._cut = self._refuse = self._blackhole = False
+            held, self._held = self._held, []
             relisten = self._listener is None and self._thread is not None
+        for sock in held:
+            _reset(sock)
         if relisten:
             self._listen()
 
@@ -216,6 +237,9 @@ class TCPProxy:
                 continue
             client.settimeout(None)
             with self._lock:
+                if self._blackhole:
+                    self._held.append(client)
+                    continue
                 refuse = self._cut or len(self._links) >= self.max_connections
             if refuse:
                 self.rejected += 1
