@@ -12,6 +12,7 @@ from sqlalchemy.dialects import oracle
 from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
 
 import objectstoreaccess as osa
+import readme
 from conftest import T0
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -82,8 +83,7 @@ def test_tables_are_created_with_comments_and_round_trip_rows(database):
 
 
 def monitoring_queries():
-    text = README.read_text().split("## Monitoring SQL", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sql\n(.*?)```", text, re.S)
+    return readme.blocks(readme.section("Monitoring SQL"), "sql")
 
 
 def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator, fn4):

@@ -1,4 +1,4 @@
-"""The command line: help kept in step with README, configuration errors, the seed command, .env."""
+"""The command line: README's options table kept in step with the code, configuration errors, the seed command, .env."""
 import json
 import os
 import re
@@ -14,10 +14,12 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
+import readme
 from conftest import BUCKET, NAMESPACE, T0, fasta
 from fn4_standin import FN4StandIn
 
 ROOT = Path(__file__).resolve().parent.parent
+UNSET = getattr(click.core, "UNSET", None)  # click 8.3+ marks "no default" with it; older click with None
 SEED = ["http://localhost:5025", "lxxxx", "FN4-queue", "unittest_oracle"]
 
 
@@ -27,11 +29,75 @@ def help_text(*args):
     return result.output
 
 
-def test_readme_shows_the_current_help():
-    readme = (ROOT / "README.md").read_text()
-    for args in ([], *([name] for name in osa.main.commands if name != "run")):
-        shown = "\n".join(line.rstrip() for line in help_text(*args).splitlines())
-        assert shown in readme, f"README.md is out of step with `{' '.join(args)} --help`; paste:\n{shown}"
+def variables_the_module_reads():
+    source = (ROOT / "objectstoreaccess.py").read_text()
+    read = set(re.findall(r"environ(?:\.get)?\(\s*\"([A-Z][A-Z0-9_]+)\"", source))
+    read |= set(re.findall(r"environ\[\"([A-Z][A-Z0-9_]+)\"\]", source))
+    for names in re.findall(r"for name in \(((?:\"[A-Z0-9_]+\",?\s*)+)\):\n\s+\S*environ", source):
+        read |= set(re.findall(r"\"([A-Z0-9_]+)\"", names))  # for name in ("A", "B"): ... os.environ.get(name)
+    read.discard("OCI_PYTHON_SDK_NO_SERVICE_IMPORTS")  # set for the SDK, not read from the user
+    return read
+
+
+def documented_default(param):
+    """What the README's default column must say for a parameter, as the code has it."""
+    if param.required:
+        return "required"
+    if isinstance(param, click.Option) and param.is_flag:
+        return "off"
+    if param.default not in (None, UNSET):
+        return f"`{param.default}`"
+    stated = re.search(r"Default: (.+?)\.(?:\s|$)", getattr(param, "help", None) or "")
+    return stated.group(1) if stated else None
+
+
+def test_readme_options_table_matches_the_code():
+    """Every option and argument of every command has one row with its variable, default and commands; no others."""
+    code = {}
+    for command in osa.main.commands.values():
+        for param in command.params:
+            if param.name == "help" or (isinstance(param, click.Argument) and not param.envvar):
+                continue  # FILE... and NAME... are what one invocation names: in the README's command table
+            if isinstance(param, click.Option):
+                name = f"`{max(param.opts, key=len)}`"
+            else:
+                name = f"`{param.human_readable_name}` (argument)"
+            env = f"`{param.envvar}`" if param.envvar else "—"
+            entry = code.setdefault(name, {"env": env, "default": documented_default(param), "commands": set()})
+            assert (entry["env"], entry["default"]) == (env, documented_default(param)), \
+                f"{name} differs between commands; one README row cannot describe it"
+            entry["commands"].add(command.name)
+    every = set(osa.main.commands)
+    rows = readme.table(readme.section("Configuration"), "option")
+    shown = {}
+    for option, env, default, commands, meaning in rows:
+        assert meaning, f"README options row {option} {env} says nothing"
+        commands = every if commands == "all" else set(commands.split(", "))
+        assert commands <= every, f"README options row {option} {env} names unknown commands {commands - every}"
+        if option == "—":  # a variable that is no option: the program must read it
+            assert env.strip("`") in variables_the_module_reads(), f"README documents {env}, which nothing reads"
+            shown[env] = None
+            continue
+        assert option not in shown, f"README options table has two rows for {option}"
+        shown[option] = {"env": env, "default": default, "commands": commands}
+    for name, entry in code.items():
+        commands = ", ".join(sorted(entry["commands"]))
+        row = f"| {name} | {entry['env']} | {entry['default'] or 'none'} | {commands} | ... |"
+        assert name in shown, f"README options table lacks {name}; add a row like\n{row}"
+        got = shown[name]
+        assert got["env"] == entry["env"], f"README says {name} reads {got['env']}; the code reads {entry['env']}"
+        assert got["commands"] == entry["commands"], \
+            f"README says {name} is an option of {sorted(got['commands'])}; the code: {sorted(entry['commands'])}"
+        if entry["default"] is None:  # no default in the code nor its help: free words, not a value
+            assert "`" not in got["default"], f"README gives {name} the default {got['default']}; the code has none"
+        else:  # a default stated in the help may be shown as code or as words
+            assert got["default"] in (entry["default"], f"`{entry['default']}`"), \
+                f"README says {name} defaults to {got['default']}; the code: {entry['default']}"
+    stray = set(shown) - set(code) - {env for env in shown if shown[env] is None}
+    assert not stray, f"README options table has rows for options no command has: {sorted(stray)}"
+    variables = {entry["env"] for entry in code.values()} | {env for env in shown if shown[env] is None}
+    unlisted = {f"`{name}`" for name in variables_the_module_reads()} - variables
+    assert not unlisted, f"README options table lacks variables the program reads: {sorted(unlisted)}"
 
 
 def test_help_lists_every_option_with_help_and_env_var():
@@ -225,8 +291,8 @@ def test_demo_uploads_loads_lists_and_reports_ok():
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_readme_systemd_units_pass_systemd_analyze_verify(tmp_path):
     """The Deployment section's unit files are valid systemd units (paths swapped for ones that exist here)."""
-    readme = (ROOT / "README.md").read_text()
-    units = re.findall(r"^# /etc/systemd/system/(\S+)\n(.*?)(?=^# /etc/systemd/system/|^```)", readme, re.M | re.S)
+    deployment = readme.section("Deployment")
+    units = re.findall(r"^# /etc/systemd/system/(\S+)\n(.*?)(?=^# /etc/systemd/system/|^```)", deployment, re.M | re.S)
     assert {name for name, _ in units} == {"fn4loader.service", "fn4loader-status.service", "fn4loader-status.timer"}
     for name, text in units:
         text = text.replace("/opt/fn4loader/.venv/bin/python3", sys.executable).replace(
@@ -236,3 +302,11 @@ def test_readme_systemd_units_pass_systemd_analyze_verify(tmp_path):
                           capture_output=True, text=True, timeout=60)
     complaints = [line for line in done.stderr.splitlines() if "fn4loader" in line]
     assert done.returncode == 0 and not complaints, done.stderr
+
+
+def test_readme_links_point_at_its_headings():
+    text = (ROOT / "README.md").read_text()
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S), re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= anchors, f"README links to missing headings: {sorted(links - anchors)}"
