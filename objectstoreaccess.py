@@ -87,7 +87,7 @@ RETENTION_INTERVAL = 86400               # seconds between removals of old rows:
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
 STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
 LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
-DEFAULT_LEASE_TTL = 60.0                 # seconds an active loader's lease lasts unless it renews it
+DEFAULT_LEASE_TTL = 60                   # seconds an active loader's lease lasts unless it renews it
 LEASE_CHECK_INTERVAL = 5.0               # seconds between a standby's looks at the lease (at most a third of the TTL)
 LEASE_RETRY = 1.0                        # seconds before a failed renewal is tried again (at most a sixth of the TTL)
 LEASE_POLL = 0.25                        # seconds between a standby loop's looks at its lease's state (in memory)
