@@ -1204,17 +1204,13 @@ class Lease:
                                       .where(t.c.active_key == self.key)).first()
                 reason, free = self._reason_to_take(holder)
                 if reason is None:  # stand by; the row says this instance still lives
-                    conn.execute(t.update().where(t.c.instance_token == self.token)
-                                 .values(renewed=self._now(), expires=self._now(self.ttl)))
+                    self._write_row(conn, renewed=self._now(), expires=self._now(self.ttl))
                 else:
                     if holder is not None:
                         conn.execute(t.update().where(t.c.instance_token == holder.instance_token,
                                                       t.c.active_key == self.key, free).values(active_key=None))
-                    taken = conn.execute(t.update().where(t.c.instance_token == self.token).values(
-                        active_key=self.key, role_since=self._now(), renewed=self._now(),
-                        expires=self._now(self.ttl))).rowcount
-                    if not taken:
-                        raise sa.exc.InvalidRequestError("this instance's row is gone from the lease table")
+                    self._write_row(conn, active_key=self.key, role_since=self._now(), renewed=self._now(),
+                                    expires=self._now(self.ttl))
         except sa.exc.IntegrityError:
             return  # another instance took the lease first: the unique active_key refused this one
         if reason is None:
@@ -1227,6 +1223,13 @@ class Lease:
         self._holder = None
         self.terms += 1
         log.warning("active: this instance took the lease: %s", reason)
+
+    def _write_row(self, conn: sa.Connection, **values: Any) -> None:
+        """Update this instance's row, writing it anew if it is gone (released, or removed by hand)."""
+        t = self.table
+        if not conn.execute(t.update().where(t.c.instance_token == self.token).values(**values)).rowcount:
+            conn.execute(t.insert().values(**{"started": self._now(), "role_since": self._now(), **self.identity,
+                                              **values}))
 
     def _reason_to_take(self, holder: Any) -> tuple[str | None, Any]:
         """Return why this instance may take the lease (None if it may not), and the condition to free it."""

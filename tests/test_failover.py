@@ -48,8 +48,8 @@ def catalogue(database):
     catalogue.engine.dispose()
 
 
-def lease(catalogue, host, ttl=60.0, pid=None, server="http://fn4:5025"):
-    lease = osa.Lease(catalogue.engine, catalogue.leases, server, "ns", "bucket", ttl, host_name=host)
+def lease(catalogue, host, ttl=60.0, pid=None, server="http://fn4:5025", namespace="ns", bucket="bucket"):
+    lease = osa.Lease(catalogue.engine, catalogue.leases, server, namespace, bucket, ttl, host_name=host)
     if pid is not None:
         lease.identity["process_id"] = pid
     lease.join()
@@ -154,10 +154,31 @@ def test_two_standbys_racing_for_a_free_lease_give_one_holder(catalogue):
     assert sum(i["role"] == "active" for i in catalogue.instances()) == 1
 
 
+def test_a_loader_loads_only_while_it_holds_the_lease_and_says_so_in_metrics(store, fn4, emulator, tmp_path):
+    from test_faults import Harness
+    upload_series(emulator, [("a.fasta", fasta("a"))])
+    harness = Harness(store, fn4, f"sqlite:///{tmp_path / 'c.sqlite'}")
+    other = lease(harness.catalogue, "host-b", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
+    other.tend()
+    mine = lease(harness.catalogue, "host-a", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
+    loader = harness.loader
+    loader.lease = mine
+    active = lambda: loader.metrics.registry.get_sample_value("fn4loader_active")  # noqa: E731
+    with mine.kept():
+        assert loader.run(once=True) == 0 and active() == 0  # another instance holds it: nothing listed
+    assert fn4.guids == {} and not any(r.path.startswith("/api/v2/guids") for r in fn4.requests)
+    other.release()
+    with mine.kept():
+        assert loader.run(once=True) == 1 and active() == 1
+    assert list(fn4.guids) == ["a"]
+    harness.close()
+
+
 # ---- real loaders, in processes of their own ------------------------------------------------------
 
 from conftest import BUCKET, NAMESPACE, fasta, upload_series  # noqa: E402
 from tcp_proxy import TCPProxy  # noqa: E402
+from test_service import status_json  # noqa: E402
 
 SCRIPT = Path(osa.__file__).resolve()
 TTL = 5.0           # seconds: short, so that the tests finish fast
@@ -256,6 +277,9 @@ def test_two_loaders_started_together_one_inserts_every_sample_once(fn4, emulato
     instances += [Instance(name, fn4, emulator, oci_config, database, tmp_path) for name in ("a", "b")]
     wait_for(lambda: all_loaded(fn4, guids, *instances) and all(
         one.active or "standby: " in one.text() for one in instances), 60)
+    code, report = status_json(database)
+    assert sorted(i["role"] for i in report["instances"]) == ["active", "standby"], report
+    assert report["lease_problems"] == [] and code == 0, report
     for one in sorted(instances, key=lambda one: one.active):  # the standby first: no hand-over at the end
         assert one.stop() == 0, one.text()
     assert_each_sample_inserted_once(fn4, guids)
