@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
+import html
 import http.client
 import base64
 import json
@@ -75,6 +77,13 @@ SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before t
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
+RETRY_AFTER_CAP = 900.0                  # seconds: the longest wait a Retry-After answer from fn4 can ask for
+#: fn4's 500 text for a sequence whose length is not the reference's: the sample's fault, for good.
+FN4_WRONG_LENGTH = "sequence must of the same length as reference"
+#: fn4's 500 text when its own database is unreachable (asked before the insert lock): an outage.
+FN4_DATABASE_DOWN = "Could not connect to database"
+AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up file before only an operator can
+AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -94,8 +103,8 @@ LEASE_POLL = 0.25                        # seconds between a standby loop's look
 STALE_INSTANCE_AGE = 86400               # seconds after which rows of instances that vanished are removed
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
-# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE and
-# REQUEUED finishes the file (completed = 1), so it is not tried again.
+# Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
+# and REQUEUED finishes the file (completed = 1), so it is not tried again.
 INSERTED = "inserted"                    # fn4 answered 200
 ALREADY_PRESENT = "already_present"      # fn4 answered 201
 IN_SERVER = "in_server"                  # fn4 had the guid before we tried; nothing sent
@@ -104,9 +113,10 @@ DUPLICATE = "duplicate"                  # another, older object has the same gu
 VANISHED = "vanished"                    # deleted or replaced between listing and download
 GAVE_UP = "gave_up"                      # failed --max-attempts times with transient-looking errors
 RETRY = "retry"                          # transient failure of this file; tried again later
-SERVER_UNAVAILABLE = "server_unavailable"  # fn4 as a whole was down or busy; not counted against the file
-REQUEUED = "requeued"                    # an operator asked for the file to be tried again
-UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, REQUEUED})
+SERVER_UNAVAILABLE = "server_unavailable"  # fn4 or its database was down; not counted against the file
+SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 lock, 429, 408); not a failure
+REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
+UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
 
@@ -207,6 +217,12 @@ class InsertResult:
     status_code: int | None
     outcome: str
     message: str
+    retry_after: float | None = None  # seconds a 429, 408, 409 or 503 answer asked us to wait, capped
+
+    @property
+    def parse_status(self) -> str:
+        """Return ``wrong_length`` when fn4 refused the sequence's length, else ``ok``."""
+        return "wrong_length" if self.status_code == 500 and FN4_WRONG_LENGTH in self.message else "ok"
 
 
 @dataclass(frozen=True)
@@ -316,7 +332,7 @@ class AttemptRow:
     insert_status_code: int = _column(sa.Integer(), "HTTP status fn4 answered; empty if none")
     completed: int = _column(sa.Integer(), "1 if the file is finished (loaded or failed for good)")
     outcome: str = _column(sa.String(32), "inserted, already_present, in_server, failed, duplicate, "
-                                          "vanished, gave_up, retry, server_unavailable or requeued")
+                                          "vanished, gave_up, retry, server_unavailable, server_busy or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
 
@@ -769,19 +785,34 @@ class FN4Client:
         self._insert_path = (urlsplit(self.base_url).path or "") + "/api/v2/insert"
         self._insert_conn: http.client.HTTPConnection | None = None
         self._insert_conn_used = 0.0
+        self._insert_conn_answers = 0  # answers received on the current insert connection
 
     def guids(self) -> set[str]:
-        """Return every guid fn4 holds. Raises OutageError."""
-        return set(self._get_json("/api/v2/guids", self.timeout))
+        """Return every guid fn4 holds. Raises OutageError, also for an answer that is not a list of strings."""
+        value = self._get_json("/api/v2/guids", self.timeout)
+        if not isinstance(value, list) or not all(isinstance(guid, str) for guid in value):
+            raise OutageError(f"fn4 GET /api/v2/guids answered {_excerpt(value)}, not a JSON list of guids")
+        return set(value)
 
     def exists(self, guid: str) -> bool:
-        """Return True if fn4 holds the guid. Raises OutageError."""
-        return self._get_json(f"/api/v2/{quote(guid, safe='')}/exists", FN4_PROBE_TIMEOUT) is True
+        """Return True if fn4 holds the guid. Raises OutageError, also for an answer that is not true or false."""
+        path = f"/api/v2/{quote(guid, safe='')}/exists"
+        value = self._get_json(path, FN4_PROBE_TIMEOUT)
+        if not isinstance(value, bool):
+            raise OutageError(f"fn4 GET {path} answered {_excerpt(value)}, not true or false")
+        return value
 
     def is_up(self) -> bool:
-        """Return True if fn4 answers its server_time route."""
+        """Return True if fn4 answers its server_time route with a JSON object."""
         try:
-            self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
+            return isinstance(self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT), dict)
+        except OutageError:
+            return False
+
+    def database_answers(self, guid: str) -> bool:
+        """Return True if fn4 answers a route that reads its database (whether it holds ``guid``)."""
+        try:
+            self.exists(guid)
             return True
         except OutageError:
             return False
@@ -801,22 +832,38 @@ class FN4Client:
         Inserts go over one kept-alive http.client connection: it spends about a millisecond less
         per request than requests, which is 4% of a SARS-CoV-2 insert. A connection left idle for
         FN4_IDLE_REOPEN seconds is reopened first, as the server may have closed it meanwhile.
+        Servers and proxies close idle connections sooner (gunicorn's async workers after 2 s), so a
+        request that fails on a reused connection before any byte of the answer arrives is sent once
+        more, at once, on a new connection; a repeat of an insert fn4 did apply answers 201 (loaded).
         """
-        try:
-            conn = self._insert_connection()
-            conn.request("POST", self._insert_path, body, _FORM_HEADERS)
-            response = conn.getresponse()
-            answer = response.read()
-        except TimeoutError:
-            self._drop_insert_connection()
-            return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop_insert_connection()
-            return InsertResult(None, SERVER_UNAVAILABLE, f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+        for last_try in (False, True):
+            reused = answered = False
+            try:
+                conn = self._insert_connection()
+                reused = self._insert_conn_answers > 0
+                conn.request("POST", self._insert_path, body, _FORM_HEADERS)
+                response = conn.getresponse()
+                answered = True
+                answer = response.read()
+            except TimeoutError:
+                self._drop_insert_connection()
+                return InsertResult(None, RETRY, f"fn4 did not answer within {self.timeout[1]:g} s")
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_insert_connection()
+                if reused and not answered and not last_try and isinstance(exc, _CLOSED_WHILE_IDLE):
+                    log.debug("fn4 closed the kept-alive insert connection (%s); sending again on a new one",
+                              _short(exc))
+                    continue
+                return InsertResult(None, SERVER_UNAVAILABLE,
+                                    f"fn4 unreachable: {_short(exc) or type(exc).__name__}")
+            break
         self._insert_conn_used = time.monotonic()
+        self._insert_conn_answers += 1
         if response.will_close:
             self._drop_insert_connection()
-        return InsertResult(response.status, _insert_outcome(response.status), _answer_text(answer))
+        text = _answer_text(answer)
+        return InsertResult(response.status, _insert_outcome(response.status, text), text,
+                            _retry_after(response.headers))
 
     def _insert_connection(self) -> http.client.HTTPConnection:
         if self._insert_conn is not None and time.monotonic() - self._insert_conn_used > FN4_IDLE_REOPEN:
@@ -834,6 +881,7 @@ class FN4Client:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock.settimeout(self.timeout[1])
             self._insert_conn = conn
+            self._insert_conn_answers = 0
         return self._insert_conn
 
     def _drop_insert_connection(self) -> None:
@@ -846,11 +894,20 @@ class FN4Client:
         self._session.close()
 
     def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        try:
-            # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-            response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-        except requests.RequestException as exc:
-            raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+        """GET a route and return its JSON. Raises OutageError.
+
+        A GET cut off without an answer (as when the server closes an idle kept-alive connection under
+        it) is asked once more at once; a timeout is not.
+        """
+        for last_try in (False, True):
+            try:
+                # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
+                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
+                break
+            except requests.RequestException as exc:
+                if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
+                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
@@ -860,10 +917,49 @@ class FN4Client:
                               f"{_answer_text(response.content)}") from None
 
 
-def _insert_outcome(status: int) -> str:
-    """Classify fn4's answer to an insert (see README, Failure handling)."""
-    known = {200: INSERTED, 201: ALREADY_PRESENT, 409: SERVER_UNAVAILABLE, 503: SERVER_UNAVAILABLE}
+#: Errors of a kept-alive connection the server closed while it was idle (nothing of an answer came).
+_CLOSED_WHILE_IDLE = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _insert_outcome(status: int, text: str = "") -> str:
+    """Classify fn4's answer to an insert and its text (see README, Failure handling).
+
+    A 500 is the sample's fault for good when fn4 says the length is wrong, an outage when fn4 says
+    its database is unreachable, and otherwise RETRY: the caller then asks whether fn4's database
+    answers before counting it against the file. A 404 means the insert route is not there (a wrong
+    URL, a proxy): an outage, not a bad sample.
+    """
+    if status == 500 and FN4_WRONG_LENGTH in text:
+        return FAILED
+    if status == 500 and FN4_DATABASE_DOWN in text:
+        return SERVER_UNAVAILABLE
+    known = {200: INSERTED, 201: ALREADY_PRESENT, 404: SERVER_UNAVAILABLE, 408: SERVER_BUSY, 409: SERVER_BUSY,
+             429: SERVER_BUSY, 503: SERVER_UNAVAILABLE}
     return known.get(status, RETRY if status >= 500 else FAILED)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Return the seconds an answer's Retry-After asks for (seconds or an HTTP date), capped; None if absent.
+
+    A date is read against the answer's own Date header when there is one, so clock skew does not count.
+    """
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        moments = [email.utils.parsedate_to_datetime(v) if v else utcnow() for v in (value, headers.get("Date"))]
+    except (TypeError, ValueError, IndexError):
+        return None
+    until, now = (m if m.tzinfo else m.replace(tzinfo=timezone.utc) for m in moments)
+    return min(max((until - now).total_seconds(), 0.0), RETRY_AFTER_CAP)
+
+
+def _excerpt(value: Any) -> str:
+    """Return a JSON value as a short excerpt for an error line."""
+    text = json.dumps(value[:3] + ["..."] if isinstance(value, list) and len(value) > 3 else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _answer_text(body: bytes) -> str:
@@ -872,7 +968,7 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace"))
+        text = html.unescape(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")))
     return " ".join(text.split())[:300]
 
 
@@ -1531,10 +1627,11 @@ class LoadLogger:
                     for r in conn.execute(query)]
 
     def file_states(self, server_url: str, namespace: str, bucket: str,
-                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int]]:
-        """Yield (id, file_name, etag, completed, outcome, failed_attempts) rows in id order."""
+                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
+        """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
         a = self.attempts.c
-        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts)
+        query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts,
+                           a.batch_start_time)
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
@@ -1631,6 +1728,7 @@ class Metrics:
 
 
 _END = object()  # marks the end of the prefetch queue
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has none
 
 
 class Loader:
@@ -1658,6 +1756,11 @@ class Loader:
         self._server_count = 0
         self._next_prune: datetime | None = None
         self._archive_failed: set[tuple[str, str]] = set()  # keys whose archiving failed: warned once
+        # (file name, etag) -> (gave_up rows, time of the latest), folded from the catalogue: the automatic retry.
+        self._given_up: dict[tuple[str, str], tuple[int, datetime]] = {}
+        self._retry_after: float | None = None  # seconds fn4 asked us to wait when it paused the last cycle
+        self.pause_reason: str | None = None  # why the last cycle paused: the pausing row's error text
+        self.last_summary: CycleSummary | None = None
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
         self.lease = lease
@@ -1693,13 +1796,14 @@ class Loader:
                 self.stop.wait(wait)
                 continue
             self.cycles += 1
+            self.last_summary = summary
             self.metrics.cycle_done()
             self._prune_if_due()
             if once:
                 break
             if summary.paused or (summary.found and summary.loaded == 0):
                 failures += 1
-                wait = backoff(failures)
+                wait = max(backoff(failures), self._retry_after or 0.0)  # Retry-After is capped when read
             else:
                 failures = 0
                 wait = 0.0 if summary.found else self.settings.poll_interval
@@ -1709,7 +1813,8 @@ class Loader:
     def run_cycle(self) -> CycleSummary:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
         started = self.clock()
-        self._refresh_from_catalogue()
+        self._retry_after = self.pause_reason = None
+        caught_up = self._refresh_from_catalogue()
         archive = self.settings.archive_prefix
         objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
                           if not (archive and o.name.startswith(archive))),
@@ -1719,6 +1824,8 @@ class Loader:
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        if caught_up and self._given_up:
+            self._requeue_given_up(objects, started)
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
@@ -1736,7 +1843,7 @@ class Loader:
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
                  "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
-                 len(settled), len(todo), loaded, failed, retried, ", paused: fn4 unavailable" if paused else "",
+                 len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
                  self.catalogue.unwritten, extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), **dataclasses.asdict(summary)}})
@@ -1783,17 +1890,41 @@ class Loader:
 
     # -- working out what to load --
 
-    def _refresh_from_catalogue(self) -> None:
-        """Fold rows written since the last look (by us or by a requeue) into the file states."""
+    def _refresh_from_catalogue(self) -> bool:
+        """Fold rows written since the last look (by us or by a requeue) into the file states.
+
+        Returns True if the catalogue was read up to our own latest row.
+        """
         if self.catalogue.unwritten:
-            return  # our own rows are not all in yet; the in-memory state is newer
+            return False  # our own rows are not all in yet; the in-memory state is newer
         try:
-            for row_id, name, etag, completed, outcome, attempts in self.catalogue.file_states(
+            for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
                 self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
+                if outcome == GAVE_UP:
+                    rounds = self._given_up.get((name, etag), (0, None))[0]
+                    self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
+            return False
+        return True
+
+    def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:
+        """Re-queue listed files given up AUTO_RETRY_INTERVAL ago or more, at most AUTO_RETRY_ROUNDS times each.
+
+        A file given up during an incident of fn4 or Object Storage then loads without an operator.
+        Files that failed for good (failed, duplicate, vanished) are never re-queued automatically.
+        Called only when the catalogue is read up to our own rows, so the counts and times are current.
+        """
+        due = {key: rounds for key, (rounds, when) in self._given_up.items()
+               if rounds <= AUTO_RETRY_ROUNDS and (started - when).total_seconds() >= AUTO_RETRY_INTERVAL
+               and self._files.get(key, (0, "", 0))[:2] == (1, GAVE_UP)}
+        for obj in objects if due else ():
+            if (rounds := due.get(obj.key)) is not None:
+                self._record(obj, REQUEUED, started, failed_attempts=0,
+                             error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
+                                        f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
 
     def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
@@ -1881,7 +2012,7 @@ class Loader:
             self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
-            elif outcome == SERVER_UNAVAILABLE:
+            elif outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
                 paused = True
                 break
             elif outcome == RETRY:
@@ -1950,14 +2081,20 @@ class Loader:
                      insert_status_code=result.status_code)
         if result.outcome == INSERTED:
             self._server_count += 1
-        if result.outcome == RETRY and not self.fn4.is_up():
+        # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
+        if result.outcome == RETRY and not (self.fn4.database_answers(obj.guid) if result.status_code == 500
+                                            else self.fn4.is_up()):
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
         if result.outcome == RETRY:
             return self._record_retry(obj, f"fn4 answered: {result.message}", {**batch, **facts})
         text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
-        if result.outcome == SERVER_UNAVAILABLE:
-            text = (f"fn4 unavailable ({result.status_code or 'no answer'}): {result.message}; "
-                    "the batch pauses and the file is retried")
+        if result.outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
+            text = (f"fn4 {'busy' if result.outcome == SERVER_BUSY else 'unavailable'} "
+                    f"({result.status_code or 'no answer'}): {result.message}; the batch pauses"
+                    f"{f' {result.retry_after:.0f} s, as fn4 asked,' if result.retry_after else ''} "
+                    "and the file is retried")
+            self.pause_reason, self._retry_after = text, result.retry_after
+        facts["parse_status"] = result.parse_status
         return self._record(obj, result.outcome, error_text=text, **batch, **facts)
 
     def _record_retry(self, obj: StoredObject, reason: str, columns: dict[str, Any]) -> str:
@@ -1988,7 +2125,7 @@ class Loader:
         self.catalogue.record_attempt(row)
         self._files[obj.key] = (completed, outcome, attempts)
         self.metrics.record(outcome, row.insert_start_time, row.insert_end_time)
-        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, REQUEUED} else logging.WARNING
+        level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED} else logging.WARNING
         fields = {"event": "sample", "guid": obj.guid, "file_name": obj.name, "outcome": outcome, "bytes": obj.size,
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
@@ -2233,7 +2370,7 @@ def main() -> None:
 @common
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
-              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down).")
+              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
 @poll_interval_option
 @prefix_option
 @click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
@@ -2290,6 +2427,10 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     try:
         with lease.kept():
             loader.run(once=once)
+        if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
+            failed = True
+            click.echo(f"Error: the cycle paused with files left to load: {redact(loader.pause_reason or '', secrets)}",
+                       err=True)
     except OutageError as exc:
         failed = True
         click.echo(f"Error: {redact(str(exc), secrets)}", err=True)

@@ -10,6 +10,10 @@ Usage::
         requests.post(fn4.url + "/api/v2/insert", data={"guid": "g1", "seq": "ACGT..."})
         fn4.script(Scripted(status=503, times=2))   # the next two inserts answer 503
         fn4.insert_delay = 0.025                    # each real insert now takes 25 ms server-side
+        fn4.script(Scripted(status=429, headers={"Retry-After": "30"}))   # back-pressure, as a proxy would
+        fn4.database_down = True    # inserts, guids and exists answer 500 "Could not connect to database"
+        fn4.idle_timeout = 0.3      # close kept-alive connections idle this long, as gunicorn's async workers do
+        fn4.lock_conflicts = True   # an insert arriving while another runs answers 409, as the real lock does
 """
 
 from __future__ import annotations
@@ -30,16 +34,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote
 
 __all__ = ["FN4StandIn", "Scripted", "InsertRecord", "RequestRecord",
-           "ALPHABET", "MAX_GUID_LENGTH", "is_unsafe_guid"]
+           "ALPHABET", "MAX_GUID_LENGTH", "is_unsafe_guid", "error_page", "DATABASE_UNREACHABLE"]
 
 JSON_AS_HTML = "text/html; charset=utf-8"
 ALPHABET = frozenset("ACGTN-RYSWKMBDHV")   # after upper-casing
 MAX_GUID_LENGTH = 59                       # 60 characters or more answer 403
 ROUTES = ("insert", "guids", "exists", "server_time", "server_name")
 SCRIPT_ROUTES = ("insert", "guids", "exists", "server_time", "*")
+#: The real server's 500 text when its own database cannot be reached (it asks before taking the insert lock).
+DATABASE_UNREACHABLE = "Could not connect to database. Tried 3 times"
+#: The real server's 404 answer for a route it does not have (its custom JSON handler).
+NOT_FOUND_BODY = json.dumps({"error": "Not found (custom error handler for mis-routing)"})
 _EXISTS = re.compile(r"^/api/v2/([^/]+)/exists$")
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 429: "Too Many Requests",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 429: "Too Many Requests",
             500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -63,12 +71,14 @@ class Scripted:
     status: int = 503
     route: str = "insert"     # "insert", "guids", "exists", "server_time", or "*" (any request)
     guid: str | None = None   # only requests about this guid (insert form field or exists path)
-    body: str | None = None   # raw body; default: a JSON string message, or an HTML page for 500
+    body: str | None = None   # raw body; default: a JSON string message, an HTML page for 500, fn4's JSON for 404
+    text: str | None = None   # instead of body: an HTML abort() page with this description (any status)
+    headers: dict | None = None   # extra response headers, e.g. {"Retry-After": "30"}
     content_type: str = JSON_AS_HTML
     delay: float = 0.0        # server-side delay before answering (or dropping)
     drop: bool = False        # close the connection without answering
     times: int = 1            # -1 = until clear_script()
-    store: bool = False       # for status 200 on insert: the insert still takes effect
+    store: bool = False       # for status 200 (or drop) on insert: the insert still takes effect
 
     def __post_init__(self):
         if self.route not in SCRIPT_ROUTES:
@@ -141,9 +151,16 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.standin: FN4StandIn = self.server.standin
 
+    def handle_one_request(self):
+        # Waiting for the next request on a kept-alive connection: close it after idle_timeout seconds,
+        # as gunicorn's async workers and proxies do. (BaseHTTPRequestHandler closes on the timeout.)
+        self.connection.settimeout(self.standin.idle_timeout)
+        super().handle_one_request()
+
     def parse_request(self):
         # The request line has just been read: the server is busy with this request from here on.
         self._arrived = time.perf_counter()
+        self.connection.settimeout(None)
         return super().parse_request()
 
     def log_message(self, format, *args):
@@ -164,11 +181,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
-    def _send(self, status: int, body: str, content_type: str = JSON_AS_HTML) -> None:
+    def _send(self, status: int, body: str, content_type: str = JSON_AS_HTML, headers: dict | None = None) -> None:
         data = body.encode("utf-8")
         self.standin._record(self.command, self.path, status, len(data))   # before the client can see it
         self.send_response(status, _REASONS.get(status))
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -230,8 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
             route = {"/api/v2/guids": "guids", "/api/v2/server_time": "server_time",
                      "/api/v2/server_name": "server_name", "/api/v2/insert": "insert"}.get(path)
         if route is None:
-            return self._send(404, json.dumps({"error": "Not found (custom error handler for mis-routing)"}),
-                              "application/json")
+            return self._send(404, NOT_FOUND_BODY, "application/json")
         if (method == "POST") != (route == "insert"):
             return self._send_abort(405, "The method is not allowed for the requested URL.")
         form = self._form(body) if route == "insert" else {}
@@ -240,6 +258,12 @@ class _Handler(BaseHTTPRequestHandler):
         scripted = st._take_script(route, guid)
         if scripted is not None:
             return self._answer_scripted(scripted, route, form)
+        if st.database_down and route in ("insert", "guids", "exists"):
+            # the real server asks its database before anything else on these routes (server_time does not)
+            if route == "insert":
+                st._record_insert(InsertRecord(guid, len(form.get("seq") or ""), 500,
+                                               time.perf_counter(), time.perf_counter()))
+            return self._send_abort(500, DATABASE_UNREACHABLE)
         if route == "insert":
             return self._insert(form)
         if route == "guids":
@@ -266,17 +290,21 @@ class _Handler(BaseHTTPRequestHandler):
             status = 0
         else:
             status = sc.status
-            if route == "insert" and sc.store and status == 200 and guid is not None:
-                with st._lock:
-                    st.guids[guid] = None if seq is None else seq.upper()
+        if route == "insert" and sc.store and status in (0, 200) and guid is not None:
+            with st._lock:
+                st.guids[guid] = None if seq is None else seq.upper()
         if route == "insert":
             st._record_insert(InsertRecord(guid, None if seq is None else len(seq), status,
                                            started, time.perf_counter(), scripted=True))
         if sc.drop:
             return self._drop()
         body = sc.body
-        if body is None:
-            if status == 500:
+        if sc.text is not None:
+            body = error_page(status, sc.text)
+        elif body is None:
+            if status == 404:
+                body = NOT_FOUND_BODY
+            elif status == 500:
                 body = error_page(500, "Scripted internal server error.")
             elif route == "insert" and status == 200:
                 body = json.dumps("Guid {0} inserted.".format(guid))
@@ -284,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.dumps("Guid {0} is already present".format(guid))
             else:
                 body = json.dumps("Scripted answer {0}".format(status))
-        self._send(status, body, sc.content_type)
+        self._send(status, body, sc.content_type, sc.headers)
 
     def _insert(self, form: dict) -> None:
         st = self.standin
@@ -294,7 +322,12 @@ class _Handler(BaseHTTPRequestHandler):
                                            time.perf_counter(), time.perf_counter()))
             return self._send_abort(501, "seq and guid are not present in the POSTed data {0}".format(
                 set(form)))
-        with st._insert_lock:
+        # The real server's insert lock is a database row taken without waiting: with lock_conflicts an
+        # insert arriving while another runs answers 409 at once; otherwise inserts queue here.
+        if not st._insert_lock.acquire(blocking=not st.lock_conflicts):
+            st._record_insert(InsertRecord(guid, len(seq), 409, time.perf_counter(), time.perf_counter()))
+            return self._send_abort(409, "Could not acquire the insert lock; another process is inserting.")
+        try:
             # Busy from the request's arrival (receiving and parsing the form is server work, as on a
             # real fn4), but never before the previous insert ended, so intervals do not overlap.
             started = max(self._arrived, st._last_insert_end)
@@ -306,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
             ended = time.perf_counter()
             st._last_insert_end = ended
             st._record_insert(InsertRecord(guid, len(seq), status, started, ended))
+        finally:
+            st._insert_lock.release()
         if status in (200, 201):
             return self._send_json(status, answer)
         return self._send_abort(status, answer)
@@ -329,6 +364,9 @@ class FN4StandIn:
         self.requests: list[RequestRecord] = []
         self.down = False
         self.down_mode = "503"           # or "refuse": connections are closed without an answer
+        self.database_down = False       # insert, guids and exists answer 500 DATABASE_UNREACHABLE
+        self.idle_timeout: float | None = None   # seconds before an idle kept-alive connection is closed
+        self.lock_conflicts = False      # an insert arriving while another runs answers 409 at once
         self._script: list[Scripted] = []
         self._lock = threading.RLock()
         self._insert_lock = threading.Lock()

@@ -124,17 +124,17 @@ def test_poison_file_is_given_up_after_max_attempts_without_blocking_others(harn
     assert {"b", "c"} <= set(fn4.guids)
 
 
-@pytest.mark.parametrize("fault", [
-    Scripted(status=409, times=-1), Scripted(status=503, times=-1), Scripted(drop=True, times=-1)],
-    ids=["409-lock", "503-busy", "refused"])
-def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault):
+@pytest.mark.parametrize("fault, outcome", [
+    (Scripted(status=409, times=-1), "server_busy"), (Scripted(status=503, times=-1), "server_unavailable"),
+    (Scripted(drop=True, times=-1), "server_unavailable")], ids=["409-lock", "503-busy", "refused"])
+def test_server_outage_pauses_the_batch_instead_of_failing_every_file(harness, emulator, fn4, fault, outcome):
     put_all(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(6)])
     h = harness()
     fn4.script(fault)
     summary = h.cycle()
     assert summary.paused and summary.loaded == 0
     rows = h.rows()
-    assert len(rows) == 1 and rows[0]["outcome"] == "server_unavailable" and rows[0]["completed"] == 0
+    assert len(rows) == 1 and rows[0]["outcome"] == outcome and rows[0]["completed"] == 0
     assert rows[0]["failed_attempts"] == 0 and rows[0]["file_name"] == "s0.fasta"
     fn4.clear_script()
     h.cycle()

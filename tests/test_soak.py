@@ -8,7 +8,7 @@ import pytest
 
 from bad_inputs import cases
 from conftest import BUCKET, T0, fasta
-from fn4_standin import Scripted
+from fn4_standin import DATABASE_UNREACHABLE, Scripted
 from oci_emulator import Fault
 from test_faults import Harness
 
@@ -28,7 +28,8 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
         kind = None
         if roll < 0.10:
             kind = rng.choice(["bad_input", "403", "500_once", "500_always", "drop", "409", "truncate",
-                               "corrupt", "throttle", "deleted", "duplicate", "cut_off_always"])
+                               "corrupt", "throttle", "deleted", "duplicate", "cut_off_always",
+                               "500_database", "429", "408", "wrong_length", "slow_download"])
             faults[kind] += 1
         if kind == "bad_input":
             bad_name, data, *_ = rng.choice(bad)
@@ -43,6 +44,16 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
             fn4.script(Scripted(drop=True, guid=guid))
         elif kind == "409":
             fn4.script(Scripted(status=409, guid=guid, times=2))
+        elif kind == "500_database":  # fn4's own database is down: an outage, never a strike
+            fn4.script(Scripted(status=500, guid=guid, text=DATABASE_UNREACHABLE, times=2))
+        elif kind in ("429", "408"):
+            fn4.script(Scripted(status=int(kind), guid=guid, times=2 if kind == "429" else 1,
+                                headers={"Retry-After": "30"}))
+        elif kind == "wrong_length":
+            fn4.script(Scripted(status=500, guid=guid, text="sequence must of the same length as reference; "
+                                                            "seq is 230 and ref is 29903"))
+        elif kind == "slow_download":  # longer than fn4's idle timeout: the kept-alive connection is closed
+            emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="delay", delay=0.15))
         elif kind in ("truncate", "corrupt"):
             emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind=kind, times=1))
         elif kind == "cut_off_always":
@@ -57,8 +68,9 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
                      time_created=T0 + timedelta(seconds=i))
     assert sum(faults.values()) >= 80
 
+    fn4.idle_timeout = 0.1  # like gunicorn's async workers (2 s), scaled down: idle kept-alive connections close
     h = Harness(store, fn4, f"sqlite:///{tmp_path / 'soak.sqlite'}", max_attempts=3)
-    for cycle in range(30):
+    for cycle in range(150):  # each 409, 429, 408 and database 500 pauses a batch once or twice
         summary = h.cycle()
         if summary.found == 0:
             break
@@ -77,10 +89,21 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
     accepted = Counter(i.guid for i in fn4.inserts if i.status == 200)
     assert max(accepted.values()) == 1, "a guid was inserted twice"
     rows = h.rows()
-    assert len([r for r in rows if r["insert_start_time"] is not None]) == len(fn4.inserts)
+    # Every insert fn4 answered has its row; an insert cut off without an answer on a kept-alive connection is
+    # sent once more at once, so its one row stands for both.
+    received = Counter(i.guid for i in fn4.inserts)
+    answered = Counter(i.guid for i in fn4.inserts if i.status)
+    with_insert = Counter(r["fn4id"] for r in rows if r["insert_start_time"] is not None)
+    assert set(with_insert) == set(received)
+    assert all(answered[g] <= with_insert[g] <= received[g] for g in received), "catalogue rows differ from fn4's"
+    assert sum(received.values()) - sum(with_insert.values()) <= faults["drop"]
     assert len([r for r in rows if r["outcome"] == "inserted"]) == sum(accepted.values()) == len(fn4.guids)
     outcomes = Counter(latest[n]["outcome"] for n in objects)
     assert outcomes["gave_up"] == faults["500_always"] + faults["cut_off_always"]
     assert outcomes["vanished"] == faults["deleted"] and outcomes["duplicate"] == faults["duplicate"]
     assert outcomes["inserted"] == FILES - sum(faults[k] for k in (
-        "bad_input", "403", "500_always", "deleted", "cut_off_always"))
+        "bad_input", "403", "500_always", "deleted", "cut_off_always", "wrong_length"))
+    busy = Counter(r["fn4id"] for r in rows if r["outcome"] in ("server_busy", "server_unavailable"))
+    assert all(r["failed_attempts"] == 0 for r in rows if r["outcome"] in ("server_busy", "server_unavailable"))
+    assert sum(busy.values()) >= 2 * faults["409"] + 2 * faults["500_database"] + 2 * faults["429"] + faults["408"]
+    assert fn4.connections_accepted > 1  # idle connections really were closed under the loader

@@ -317,6 +317,63 @@ def test_scripted_drop_closes_the_connection(fn4, session):
     assert insert(session, fn4, "g1", "ACGT").status_code == 200
 
 
+def test_scripted_text_headers_and_404(fn4, session):
+    fn4.script(Scripted(status=429, headers={"Retry-After": "30"}),
+               Scripted(status=500, text="Could not connect to database. Tried 3 times"),
+               Scripted(status=404))
+    r = insert(session, fn4, "g1", "ACGT")
+    assert (r.status_code, r.headers["Retry-After"]) == (429, "30")
+    r = insert(session, fn4, "g1", "ACGT")
+    assert r.status_code == 500 and "<p>Could not connect to database. Tried 3 times</p>" in r.text
+    r = insert(session, fn4, "g1", "ACGT")
+    assert r.status_code == 404 and "mis-routing" in r.json()["error"]
+
+
+def test_scripted_drop_can_store(fn4, session):
+    fn4.script(Scripted(drop=True, store=True))
+    with pytest.raises(requests.exceptions.ConnectionError):
+        insert(session, fn4, "g1", "ACGT")
+    assert fn4.guids == {"g1": "ACGT"}
+    assert insert(session, fn4, "g1", "ACGT").status_code == 201
+
+
+def test_database_down_fails_the_routes_that_ask_it(fn4, session):
+    fn4.database_down = True
+    for response in (insert(session, fn4, "g1", "ACGT"), get(session, fn4, "/api/v2/guids"),
+                     get(session, fn4, "/api/v2/g1/exists")):
+        assert response.status_code == 500 and "Could not connect to database" in response.text
+    assert get(session, fn4, "/api/v2/server_time").status_code == 200
+    assert fn4.guids == {} and fn4.inserts[-1].status == 500
+    fn4.database_down = False
+    assert insert(session, fn4, "g1", "ACGT").status_code == 200
+
+
+def test_idle_timeout_closes_kept_alive_connections(fn4):
+    fn4.idle_timeout = 0.2
+    with socket.create_connection(("127.0.0.1", fn4.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /api/v2/server_time HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while True:   # the answer, then the end of the stream once the connection has been idle 0.2 s
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
+
+
+def test_lock_conflicts_answer_409_while_an_insert_runs(fn4):
+    fn4.lock_conflicts = True
+    fn4.insert_delay = 0.5
+    with ThreadPoolExecutor(2) as pool, requests.Session() as s1, requests.Session() as s2:
+        first = pool.submit(insert, s1, fn4, "g1", "ACGT")
+        deadline = time.monotonic() + TIMEOUT
+        while fn4.inserts_begun == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = insert(s2, fn4, "g2", "ACGT")
+        assert second.status_code == 409 and first.result(TIMEOUT).status_code == 200
+    assert list(fn4.guids) == ["g1"]
+
+
 # ------------------------------------------------------------------ outage
 
 def test_down_answers_503_then_recovers(fn4, session):
