@@ -92,7 +92,7 @@ def test_start_up_adds_the_lease_table_to_an_existing_catalogue(database):
     engine.dispose()
 
 
-def test_one_holder_release_hands_over_and_the_database_clock_decides_expiry(catalogue):
+def test_one_holder_release_hands_over_and_the_database_clock_decides_expiry(catalogue, database):
     a, b = lease(catalogue, "host-a"), lease(catalogue, "host-b")
     a.tend()
     b.tend()
@@ -119,7 +119,10 @@ def test_one_holder_release_hands_over_and_the_database_clock_decides_expiry(cat
     assert wait_for(lambda: not c.active, 10) <= 3.0  # it stops inserting a quarter TTL before the lapse
     lapsed = [i for i in catalogue.instances() if i["role"] == "active"]
     wait_for(lambda: catalogue.instances()[0]["lapsed"], 10)
-    assert [level for level, _ in osa.assess_instances(catalogue.instances())] == [2]  # status: critical
+    assert [level for level, _ in osa.assess_instances(catalogue.instances())] == [2]
+    code, report = status_json(database)  # no batch row either: critical twice over
+    assert code == 2 and [p.split(":")[0] for p in report["lease_problems"]] == ["critical"], report
+    assert "stopped renewing" in report["lease_problems"][0]
     wait_for(lambda: d.tend() and d.active, 10)
     took = time.monotonic() - renewed
     assert took >= 2.5, "the lease was taken before it lapsed"
