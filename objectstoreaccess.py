@@ -32,6 +32,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import click
 import requests
@@ -119,6 +120,7 @@ REQUEUED = "requeued"                    # an operator, or the daily automatic r
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
 
@@ -131,6 +133,10 @@ class LoaderError(Exception):
 
 class ConfigError(LoaderError):
     """Bad configuration found at start-up; the message says what to fix."""
+
+
+class CatalogueMissing(ConfigError):
+    """A read-only command was given a SQLite catalogue that does not exist; nothing was created."""
 
 
 class SampleError(LoaderError):
@@ -250,8 +256,15 @@ class Settings:
     expected_length: int | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX
+    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
     retention_days: int = DEFAULT_RETENTION_DAYS
+
+    def __post_init__(self) -> None:
+        if problem := on_success_problem(self.on_success):
+            raise ConfigError(f"--on-success {problem}")
+        if self.archive_prefix and (self.prefix or "").startswith(self.archive_prefix):
+            raise ConfigError(f"--prefix {self.prefix!r} lies under the archive prefix {self.archive_prefix!r} "
+                              "of --on-success: nothing would ever be loaded")
 
     @property
     def archive_prefix(self) -> str | None:
@@ -376,6 +389,36 @@ def guid_from_name(name: str) -> str:
     return base[: -len(suffix)] if suffix else base
 
 
+def on_success_problem(value: str) -> str | None:
+    """Return why an --on-success value is unusable, or None.
+
+    An archive prefix must end with '/': rename:arch would hide a waiting arch_sample7.fasta.
+    """
+    if value in ("keep", "delete"):
+        return None
+    if not value.startswith("rename:") or len(value) == len("rename:"):
+        return f"{value!r}: use keep, delete, or rename:PREFIX/ (e.g. rename:loaded/)"
+    if not value.endswith("/"):
+        return (f"{value!r}: the archive prefix must end with '/' (e.g. {value}/), or objects whose names "
+                "merely start with it would never be loaded")
+    return None
+
+
+def key_ranges(prefix: str | None, exclude: str | None) -> list[tuple[str | None, str | None]]:
+    """Return the name ranges [start, end) that cover names under ``prefix`` but none under ``exclude``.
+
+    Object Storage sorts names by their UTF-8 bytes, which is code point order, so the names under
+    ``exclude`` are exactly those from ``exclude`` up to (not including) ``exclude`` with its last
+    character raised by one: arch/ leaves out [arch/, arch0), and arch.fasta and arch_1.fasta stay.
+    """
+    prefix = prefix or ""
+    if not exclude or not (exclude.startswith(prefix) or prefix.startswith(exclude)):
+        return [(None, None)]
+    if prefix.startswith(exclude):
+        return []
+    return [(None, exclude), (exclude[:-1] + chr(ord(exclude[-1]) + 1), None)]
+
+
 def guid_problem(guid: str) -> str | None:
     """Return why fn4 cannot take this guid, or None if it can."""
     if len(guid) >= 60:
@@ -490,13 +533,30 @@ def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
     return ceiling / 2 + rng() * ceiling / 2
 
 
-#: Values never to show (passwords, the Sentry DSN), added as they are learnt; logs and Sentry read it.
+#: Values never to show (passwords, pass phrases, the Sentry DSN) in every form they may be written in,
+#: longest first, added as they are learnt; logs, Sentry events, catalogue rows and CLI errors are redacted with it.
 _SECRETS: list[str] = []
+#: The password of a URL as typed (percent-encoded or not), found as SQLAlchemy finds it.
+_TYPED_PASSWORD = re.compile(r"[\w+]+://[^:/]*:([^@]*)@")
 
 
-def _remember_secret(value: str | None) -> None:
-    if value and value not in _SECRETS:
-        _SECRETS.append(value)
+def secret_forms(secret: str, *typed: str) -> set[str]:
+    """Return the ways a secret may be written: as typed, decoded, percent-encoded, escaped in JSON or repr."""
+    texts = {secret, *typed, quote(secret, safe=""), quote_plus(secret),
+             re.sub(r"[:@/]", lambda m: f"%{ord(m.group()):X}", secret)}  # as SQLAlchemy renders it
+    texts |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text) for text in texts}
+    forms = set(texts)
+    for text in texts:
+        forms |= {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+                  text.replace("\\", "\\\\").replace("'", "\\'"), text.encode("unicode_escape").decode()}
+    return forms
+
+
+def _remember_secret(value: str | None, *typed: str) -> None:
+    """Redact ``value`` from now on, in every form it may be written in (``typed``: forms as the user gave it)."""
+    if value:
+        _SECRETS.extend(form for form in secret_forms(value, *typed) if form not in _SECRETS)
+        _SECRETS.sort(key=len, reverse=True)  # in place: the log filter holds this list
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -505,6 +565,17 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
+
+
+def redact_all(value: Any, secrets: Iterable[str]) -> Any:
+    """Return a structure (a Sentry event) with every string in it, keys included, redacted."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_all(k, secrets): redact_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(v, secrets) for v in value]
+    return value
 
 
 # ---- Object store ----------------------------------------------------------------------------
@@ -559,6 +630,7 @@ class ObjectStoreClient:
             if auth in ("api_key", "security_token"):
                 config = oci.config.from_file(
                     os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
+                _remember_secret(config.get("pass_phrase"))
                 if auth == "security_token":
                     token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
                     key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
@@ -597,13 +669,26 @@ class ObjectStoreClient:
                 raise
             log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
 
-    def list_objects(self, prefix: str | None = None) -> Iterator[StoredObject]:
-        """Yield every FASTA object in the bucket, all pages. Raises OutageError."""
-        start = None
+    def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
+        """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
+
+        Names under ``exclude`` (the archive prefix) are left out by key range (see key_ranges), so
+        Object Storage never sends them.
+        """
+        for start, end in key_ranges(prefix, exclude):
+            yield from self.list_range(prefix, start, end)
+
+    def list_range(self, prefix: str | None = None, start: str | None = None,
+                   end: str | None = None) -> Iterator[StoredObject]:
+        """Yield the FASTA objects under ``prefix`` whose names lie in [start, end), all pages.
+
+        ``start`` is inclusive and ``end`` exclusive, as in ListObjects; None leaves that side open.
+        Raises OutageError.
+        """
         while True:
             try:
                 page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, limit=1000,
+                    self.namespace, self.bucket, prefix=prefix, start=start, end=end, limit=1000,
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
                 if self._is_fault(exc):
@@ -649,20 +734,23 @@ class ObjectStoreClient:
         expected = int(response.headers.get("content-length", -1))
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
+        ended = False  # the body ended: a verdict on its content may then be due to a cut-off download
 
         def counted() -> Iterator[bytes]:
-            nonlocal received
+            nonlocal received, ended
             for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
                 received += len(chunk)
                 if received > max_bytes:
                     raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
                 digest.update(chunk)
                 yield chunk
+            ended = True
 
         try:
             data = inflate(counted(), max_bytes)
         except SampleError:
-            if 0 <= expected != received:
+            # A verdict reached mid-body (a bomb, corrupt data) stands; one reached at a short end does not.
+            if ended and 0 <= expected != received:
                 raise TransientError(f"download cut off after {received} of {expected} bytes") from None
             raise
         except Exception as exc:
@@ -1044,16 +1132,19 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     return changes
 
 
-def resolve_database(database: str | None, environ: dict[str, str] | None = None) -> sa.URL:
+def resolve_database(database: str | None, environ: dict[str, str] | None = None,
+                     read_only: bool = False) -> sa.URL:
     """Turn the database argument into a SQLAlchemy URL. Raises ConfigError.
 
     Accepts a key into the JSON file named by DB_CONNECTION_CONFIG_FILE, a SQLAlchemy URL,
     or nothing (a SQLite file that persists). For Oracle keys, TNS_ADMIN is set from the entry.
+    ``read_only`` (status, list) makes no folder, and raises CatalogueMissing for a missing SQLite file.
     """
     environ = os.environ if environ is None else environ
     if not database:
-        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
-        return sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}")
+        if not read_only:
+            DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return _existing(sa.make_url(f"sqlite:///{DEFAULT_SQLITE_PATH}"), read_only)
     if "://" in database:
         text = database
     else:
@@ -1063,12 +1154,20 @@ def resolve_database(database: str | None, environ: dict[str, str] | None = None
     except sa.exc.ArgumentError:
         raise ConfigError(f"database {_hide_password(text)!r} is not a valid SQLAlchemy URL, "
                           "e.g. postgresql+psycopg2://user@host/db") from None
-    _remember_secret(url.password and str(url.password))
+    _remember_secret(url.password and str(url.password), *_TYPED_PASSWORD.findall(text)[:1])
     if url.drivername in ("oracle", "oracle+cx_oracle"):
         url = url.set(drivername="oracle+oracledb")  # python-oracledb succeeds cx_Oracle
     if url.drivername in ("sqlite", "sqlite+pysqlite") and url.database in (None, "", ":memory:"):
         raise ConfigError("an in-memory SQLite catalogue would be lost at restart: give a file, "
                           "e.g. sqlite:///fn4loader.sqlite")
+    return _existing(url, read_only)
+
+
+def _existing(url: sa.URL, read_only: bool) -> sa.URL:
+    """Return the URL; for a read-only command, raise CatalogueMissing if its SQLite file is missing."""
+    if read_only and url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CatalogueMissing(f"the SQLite catalogue {url.database!r} does not exist: has the loader run with it? "
+                               "Give the loader's DATABASE")
     return url
 
 
@@ -1395,9 +1494,9 @@ class LoadLogger:
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
 
     @staticmethod
-    def connect(database: str | None) -> sa.Engine:
+    def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
-        url = resolve_database(database)
+        url = resolve_database(database, read_only=read_only)
         try:
             return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -1405,9 +1504,13 @@ class LoadLogger:
                               "check the URL's dialect+driver and that the driver is installed") from None
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None) -> LoadLogger:
-        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable."""
-        catalogue = cls(cls.connect(database), schema)
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
+                          ) -> LoadLogger:
+        """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
+
+        ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        """
+        catalogue = cls(cls.connect(database, read_only), schema)
         for tries_left in (2, 1, 0):
             try:
                 catalogue.create_tables()
@@ -1775,6 +1878,7 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self.warn_of_waiting_archive()
         while not self.stop.is_set():
             if not self._active():
                 if once:
@@ -1815,9 +1919,7 @@ class Loader:
         started = self.clock()
         self._retry_after = self.pause_reason = None
         caught_up = self._refresh_from_catalogue()
-        archive = self.settings.archive_prefix
-        objects = sorted((o for o in self.store.list_objects(self.settings.prefix)
-                          if not (archive and o.name.startswith(archive))),
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
                          key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
         server_guids = self.fn4.guids() if reconcile else None
@@ -1871,6 +1973,34 @@ class Loader:
         if self.lease.last_contact is not None and self.lease.clock() - self.lease.last_contact < self.lease.ttl:
             self.metrics.last_progress = self.clock()  # a standby in touch with the catalogue is healthy
         return False
+
+    def warn_of_waiting_archive(self) -> list[str]:
+        """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
+
+        They are never listed, so never loaded. Looks at up to ARCHIVE_CHECK_LIMIT of them; returns their names.
+        """
+        archive = self.settings.archive_prefix
+        if not archive:
+            return []
+        self._refresh_from_catalogue()
+        loaded = {name for (name, _), (_, outcome, _) in self._files.items() if outcome in LOADED}
+        waiting, seen = [], 0
+        try:
+            for obj in self.store.list_objects(archive):
+                seen += 1
+                if obj.name[len(archive):] not in loaded:
+                    waiting.append(obj.name)
+                if seen >= ARCHIVE_CHECK_LIMIT:
+                    break
+        except OutageError as exc:
+            log.warning("could not look under the archive prefix %r: %s", archive, exc)
+            return []
+        if waiting:
+            log.warning("%d FASTA objects%s wait under the archive prefix %r of --on-success and will never be "
+                        "loaded; move them out of it, e.g. %s", len(waiting),
+                        f" (of the first {seen} there)" if seen >= ARCHIVE_CHECK_LIMIT else "", archive,
+                        ", ".join(waiting[:5]))
+        return waiting
 
     def _prune_if_due(self) -> None:
         """Remove rows older than --retention-days, at most once a day (RETENTION_INTERVAL)."""
@@ -2114,8 +2244,8 @@ class Loader:
         if outcome in LOADED and self.settings.on_success != "keep":
             if problem := self.store.archive(obj, self.settings.on_success):
                 columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
-        if columns.get("error_text"):
-            columns["error_text"] = columns["error_text"][:2000]
+        if columns.get("error_text"):  # fn4's answers and errors may quote a secret
+            columns["error_text"] = redact(columns["error_text"], _SECRETS)[:2000]
         row = AttemptRow(**{
             "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
             "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
@@ -2154,7 +2284,8 @@ class Loader:
         self._refresh_from_catalogue()
         in_server = self.fn4.guids()
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix), key=lambda o: (o.time_created, o.name)):
+        for obj in sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                          key=lambda o: (o.time_created, o.name)):
             completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
             state = ("loaded" if obj.guid in in_server else
                      "failed" if completed and outcome not in LOADED else "pending")
@@ -2284,11 +2415,12 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+             ca_bundle: str | None, read_only: bool = False, **oci: Any
+             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once, failing with ConfigError on anything that needs fixing."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
     store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
     return store, fn4, catalogue
 
 
@@ -2302,9 +2434,9 @@ def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
 
 
 def _on_success(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if value in ("keep", "delete") or (value.startswith("rename:") and len(value) > len("rename:")):
-        return value
-    raise click.BadParameter(f"{value!r}: use keep, delete, or rename:PREFIX (e.g. rename:loaded/)")
+    if problem := on_success_problem(value):
+        raise click.BadParameter(problem)
+    return value
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -2356,6 +2488,15 @@ connections = _apply([
 prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
                              help="List only objects under this prefix (upload: put them under it).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+on_success_option = click.option(
+    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
+    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
+                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
+                           "the same bucket.")
+max_object_bytes_option = click.option(
+    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
+    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
+    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
 poll_interval_option = click.option(
     "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
     envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
@@ -2378,15 +2519,11 @@ def main() -> None:
               help="File-specific transient failures before a file is given up.")
 @click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
               help="Reference genome length; files of any other length fail. Default: no check.")
-@click.option("--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES,
-              show_default=True, envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-              help="Largest object, compressed or decompressed, that is loaded.")
+@max_object_bytes_option
 @click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
               show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
               help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@click.option("--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-              show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX "
-                                     "(move it under PREFIX). Keep when other loaders read the same bucket.")
+@on_success_option
 @click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
               envvar="FN4_RETENTION_DAYS", show_envvar=True,
               help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
@@ -2413,12 +2550,12 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
     with _startup(log_level, log_format) as secrets:
+        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                            max_object_bytes, reconcile_interval, on_success, retention_days)
         store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
                                          config_file=config_file, profile=profile, endpoint=endpoint)
         lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
         server = metrics.serve(*metrics_port) if metrics_port else None
-    settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                        max_object_bytes, reconcile_interval, on_success, retention_days)
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
     restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
@@ -2485,7 +2622,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     """
     now = utcnow()
     with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database), db_schema)
+        catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)
         path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
         if path and not Path(path).exists():
             raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
@@ -2551,22 +2688,25 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
 @common
 @connections
 @prefix_option
+@on_success_option
 @json_option
 def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-               endpoint: str | None, ca_bundle: str | None, prefix: str | None, as_json: bool) -> None:
+               endpoint: str | None, ca_bundle: str | None, prefix: str | None, on_success: str,
+               as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
     A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise.
+    pending otherwise. Give the loader's --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+        settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)
+        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
+                                         auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
     try:
-        files = Loader(store, fn4, catalogue, Settings(fn4_url, namespace, bucket, prefix)).inventory()
+        files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:
         catalogue.close()
         fn4.close()
@@ -2581,15 +2721,20 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @oci_options
 @prefix_option
+@max_object_bytes_option
 @log_options
 def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, log_level: str, log_format: str) -> None:
+           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
+           log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
-    Each file is stored under its own name (after --prefix). Exit 1 if any was not uploaded.
+    Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
+    a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
+    Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
+    was not uploaded.
     """
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
@@ -2601,8 +2746,10 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
             problem = problem or guid_problem(guid_from_name(name))
             try:
-                if problem is None and not store.upload(name, Path(path).read_bytes()):
+                if problem is None and not store.upload(name, read_upload(path, max_object_bytes)):
                     problem = "an object of that name exists; it was not replaced"
+            except SampleError as exc:
+                problem = exc.reason
             except Exception as exc:
                 if not store._is_fault(exc):
                     raise
@@ -2650,6 +2797,34 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
     _report("downloaded", results)
 
 
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """Return a local file's bytes if the loader would load them. Raises SampleError saying why not.
+
+    Links are followed. Anything but a regular file (a FIFO, a device, a folder) is refused before
+    it is read, and so is a file above ``max_bytes``; the content must be one FASTA record, a gzip
+    file being inflated within the same bound.
+    """
+    data = b""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):  # a non-blocking open, checked again: a file swapped for a FIFO cannot block
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+                info = os.fstat(file.fileno())
+                if stat.S_ISREG(info.st_mode) and info.st_size <= max_bytes:
+                    data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise SampleError("unreadable", f"cannot read it: {exc.strerror}") from None
+    kind = info.st_mode
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind) else (
+            "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) else "a socket or other special file")
+        raise SampleError("not_a_file", f"not a regular file but {what} (after following links)")
+    if (size := max(info.st_size, len(data))) > max_bytes:
+        raise SampleError("too_large", f"it is {size} bytes; the limit (--max-object-bytes) is {max_bytes}")
+    parse_fasta(inflate([data], max_bytes))
+    return data
+
+
 def safe_file_name(name: str) -> str:
     """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
@@ -2688,16 +2863,28 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     """
     for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
         _remember_secret(os.environ.get(name))
+    _remember_secret(urlsplit(os.environ.get("FN_SENTRY_URL", "")).username)  # the DSN's key
     _configure_logging(log_level, _SECRETS, log_format)
     if os.environ.get("FN_SENTRY_URL"):
         import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
-        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20, before_send=lambda event, _hint:
-                        json.loads(redact(json.dumps(event, default=str), _SECRETS)))
+        sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20,  # argv, locals, breadcrumbs: all
+                        before_send=lambda event, _hint: redact_all(event, _SECRETS),
+                        before_breadcrumb=lambda crumb, _hint: redact_all(crumb, _SECRETS))
+    _warn_of_password_in_argv()
     try:
         yield _SECRETS
     except ConfigError as exc:
         click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
         sys.exit(2)
+
+
+def _warn_of_password_in_argv() -> None:
+    """Warn when the DATABASE argument, given on the command line, holds a password: `ps` shows it to all."""
+    ctx = click.get_current_context(silent=True)
+    if (ctx is not None and ctx.get_parameter_source("database") is click.core.ParameterSource.COMMANDLINE
+            and _TYPED_PASSWORD.match(ctx.params.get("database") or "")):
+        log.warning("the DATABASE URL on the command line holds a password, which any user of this machine can "
+                    "read with ps: give it in FN4_DATABASE, a .env file or DB_CONNECTION_CONFIG_FILE instead")
 
 
 def cli() -> None:

@@ -561,11 +561,19 @@ def _test_key() -> tuple:
         return _KEY_CACHE
 
 
-def write_oci_config(directory: Path, profile: str = "DEFAULT") -> Path:
-    """Write a throwaway API key and OCI config file into ``directory``; return the config path."""
+def write_oci_config(directory: Path, profile: str = "DEFAULT", pass_phrase: str | None = None) -> Path:
+    """Write a throwaway API key and OCI config file into ``directory``; return the config path.
+
+    With ``pass_phrase`` the key is encrypted with it, and the config names it, as OCI allows.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pem, fingerprint = _test_key()
+    if pass_phrase is not None:
+        from cryptography.hazmat.primitives import serialization
+        key = serialization.load_pem_private_key(pem, None)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.BestAvailableEncryption(pass_phrase.encode()))
     key_path = directory / "oci_api_key.pem"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -578,5 +586,6 @@ def write_oci_config(directory: Path, profile: str = "DEFAULT") -> Path:
         f"fingerprint={fingerprint}\n"
         f"key_file={key_path.resolve()}\n"
         "tenancy=ocid1.tenancy.oc1..test\n"
-        "region=uk-london-1\n")
+        "region=uk-london-1\n"
+        + (f"pass_phrase={pass_phrase}\n" if pass_phrase is not None else ""))
     return config_path

@@ -5,19 +5,26 @@ Storage emulator, the fn4 stand-in over HTTP and real catalogue databases. Time 
 """
 import gzip
 import json
+import os
 import re
+import resource
+import subprocess
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
+from bad_inputs import _bomb
 from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
 from fn4_standin import FN4StandIn, Scripted
 from test_end_to_end import rows, run_cli
 
+SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -93,6 +100,73 @@ def test_upload_refuses_bad_names_and_still_uploads_the_good_ones(emulator, oci_
     for name, line in zip(bad, refusals):
         assert line.startswith(f"not uploaded: {name}: ") and len(line) > len(f"not uploaded: {name}: ") + 10
     assert "FASTA" in refusals[0] and "60" in refusals[2]
+
+
+def _hostile(tmp_path, kind):
+    """Make the hostile file of one kind; return (path as given to upload, the words its refusal must hold)."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe.fasta")
+        return tmp_path / "pipe.fasta", "not a regular file"
+    if kind == "device-symlink":
+        (tmp_path / "zero.fasta").symlink_to("/dev/zero")
+        return tmp_path / "zero.fasta", "not a regular file"
+    if kind == "folder":
+        (tmp_path / "folder.fasta").mkdir()
+        return tmp_path / "folder.fasta", "not a regular file"
+    if kind == "oversized":  # sparse: reading it whole would take 3 GiB
+        with open(tmp_path / "huge.fasta", "wb") as out:
+            out.truncate(3 * 2**30)
+        return tmp_path / "huge.fasta", "limit"
+    if kind == "not-fasta":
+        return write(tmp_path, "notes.fasta", b"meeting notes, not a genome\n"), "header"
+    if kind == "config-symlink":
+        secret = write(tmp_path / "oci", "config", b"[DEFAULT]\nuser=ocid1.user.oc1..x\nkey_file=/k.pem\n")
+        (tmp_path / "cfg.fasta").symlink_to(secret)
+        return tmp_path / "cfg.fasta", "header"
+    if kind == "gzip-bomb":
+        return write(tmp_path, "bomb.fasta.gz", _bomb()), "limit"
+    if kind == "two-records":
+        return write(tmp_path, "two.fasta", fasta("a") + fasta("b")), "2 records"
+    if kind == "missing":
+        return tmp_path / "absent.fasta", "No such file"
+    raise AssertionError(kind)
+
+
+def run_upload(emulator, oci_config, *args, cwd=None):
+    """Run upload in a real process with a time limit and a memory cap, so a hang or a runaway read fails fast."""
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "FN_SENTRY"))}
+    try:
+        return subprocess.run([sys.executable, str(SCRIPT), "upload", NAMESPACE, BUCKET, "--config-file",
+                               str(oci_config), "--endpoint", emulator.endpoint, *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=30, preexec_fn=cap_memory)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"upload {args} did not finish within 30 s") from None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device-symlink", "folder", "oversized", "not-fasta", "config-symlink",
+                                  "gzip-bomb", "two-records", "missing"])
+def test_upload_refuses_what_the_loader_would_not_load_and_uploads_the_rest(emulator, oci_config, tmp_path, kind):
+    """Each hostile file is refused with its reason, within a time limit; the good file beside it uploads."""
+    path, words = _hostile(tmp_path, kind)
+    good = write(tmp_path, "good.fasta", fasta("good"))
+    done = run_upload(emulator, oci_config, path, good)
+    assert done.returncode == 1, done.stdout + done.stderr
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("not uploaded: ")]
+    assert len(refusals) == 1, done.stdout + done.stderr[-300:]
+    refusal = refusals[0]
+    assert refusal.startswith(f"not uploaded: {path.name}: ") and words in refusal, refusal
+    assert "Traceback" not in done.stderr and "ocid1" not in done.stdout + done.stderr
+    assert emulator.names(BUCKET) == ["good.fasta"]
+    assert "1 uploaded, 1 not" in done.stdout
+
+
+def test_upload_takes_a_name_starting_with_a_dash_after_double_dash(emulator, oci_config, tmp_path):
+    write(tmp_path, "-dash.fasta", fasta("-dash"))
+    done = run_upload(emulator, oci_config, "--", "-dash.fasta", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert emulator.names(BUCKET) == ["-dash.fasta"] and emulator.get(BUCKET, "-dash.fasta") == fasta("-dash")
 
 
 # ---- download ----
@@ -305,3 +379,58 @@ def test_a_failed_removal_is_tried_again_an_hour_later(fn4, store, tmp_path, cap
             assert loader.catalogue.flush(30)
             times = [b["check_time"] for b in rows(database, "batches")]
             assert sum(t < (T0 - timedelta(days=1)).replace(tzinfo=None) for t in times) == old_rows_left
+
+
+# ---- the archive prefix of --on-success rename: ----
+
+BESIDE_ARCH = ["arch_sample7.fasta", "archa1.fasta", "arch.fasta", "loaded/x.fasta", "loaded0.fasta"]
+UNDER_ARCH = ["arch/done1.fasta", "arch/sub/done2.fasta", "arch/\u00fcber.fasta"]
+
+
+@pytest.mark.parametrize("value", ["rename:arch", "rename:loaded", "rename:arch/x"])
+def test_an_archive_prefix_must_end_with_a_slash(fn4, emulator, oci_config, tmp_path, value):
+    """rename:arch would hide arch_sample7.fasta: refused at start with exit 2 and one line naming the option."""
+    upload_series(emulator, [("arch_sample7.fasta", fasta("arch_sample7"))])
+    result = run_cli(fn4, emulator, oci_config, (f"sqlite:///{tmp_path / 'c.sqlite'}", None), "--on-success", value)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "--on-success" in errors[0], result.output
+    assert "'/'" in errors[0] and not fn4.requests
+
+
+def test_a_listed_prefix_under_the_archive_prefix_is_refused(fn4, emulator, oci_config, tmp_path):
+    result = run_cli(fn4, emulator, oci_config, (f"sqlite:///{tmp_path / 'c.sqlite'}", None),
+                     "--on-success", "rename:arch/", "--prefix", "arch/sub/")
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "--prefix" in errors[0], result.output
+
+
+def test_archive_prefix_is_left_out_by_key_range_and_everything_beside_it_loads(fn4, emulator, oci_config, database):
+    """Objects beside arch/ load (and move under it); objects under it are never listed, only warned about."""
+    upload_series(emulator, [(name, fasta(osa.guid_from_name(name))) for name in UNDER_ARCH + BESIDE_ARCH])
+    result = run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:arch/")
+    assert result.exit_code == 0, result.output
+    assert sorted(i.guid for i in fn4.inserts) == sorted(osa.guid_from_name(n) for n in BESIDE_ARCH)
+    assert sorted(emulator.names(BUCKET)) == sorted(UNDER_ARCH + ["arch/" + n for n in BESIDE_ARCH])
+    listings = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/o") and r.query.get("fields")
+                and "prefix" not in r.query]  # the bucket's listings, not the look under arch/ at start
+    assert {(r.query.get("start"), r.query.get("end")) for r in listings} == {(None, "arch/"), ("arch0", None)}
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line and "arch/" in line]
+    assert len(warnings) == 1 and "3 FASTA objects" in warnings[0] and "arch/done1.fasta" in warnings[0], warnings
+    assert {r["file_name"] for r in rows(database, "attempts")} == set(BESIDE_ARCH)
+    assert rows(database, "batches")[-1]["objects_listed"] == len(BESIDE_ARCH)
+
+    result = run_cli(fn4, emulator, oci_config, database, "--on-success", "rename:arch/")
+    assert result.exit_code == 0 and len(fn4.inserts) == len(BESIDE_ARCH)
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line and "arch/" in line]
+    assert len(warnings) == 1 and "3 FASTA objects" in warnings[0], warnings  # the archived ones are known
+
+    args = ["list", fn4.url, NAMESPACE, BUCKET, *catalogue_args(database), *oci(emulator, oci_config), "--json"]
+    for extra, env in ((["--on-success", "rename:arch/"], {}), ([], {"FN4_ON_SUCCESS": "rename:arch/"})):
+        shown = CliRunner().invoke(osa.main, [str(a) for a in args + extra], env=env, catch_exceptions=False)
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout) == [], shown.stdout  # everything is archived: nothing pending, nothing shown
+    upload_series(emulator, [("arch_new.fasta", fasta("arch_new"))], start=T0 + timedelta(hours=1))
+    shown = CliRunner().invoke(osa.main, [str(a) for a in args], env={"FN4_ON_SUCCESS": "rename:arch/"})
+    assert [(f["name"], f["state"]) for f in json.loads(shown.stdout)] == [("arch_new.fasta", "pending")]
+    report = CliRunner().invoke(osa.main, ["status", *catalogue_args(database), "--json"])
+    assert [loader["backlog"] for loader in json.loads(report.stdout)["loaders"]] == [0], report.stdout

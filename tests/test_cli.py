@@ -1,22 +1,30 @@
 """The command line: README's options table kept in step with the code, configuration errors, the seed command, .env."""
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from urllib.parse import quote, quote_plus, unquote
 
 import click
 import pytest
+import requests
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
 import readme
-from conftest import BUCKET, NAMESPACE, T0, fasta
-from fn4_standin import FN4StandIn
+from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
+from fn4_standin import FN4StandIn, Scripted
+from oci_emulator import write_oci_config
+from sentry_catcher import SentryCatcher
+from test_service import free_port, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSET = getattr(click.core, "UNSET", None)  # click 8.3+ marks "no default" with it; older click with None
@@ -234,33 +242,113 @@ def test_seed_command_runs_as_written_with_a_dot_env(tmp_path, emulator, oci_con
     assert "inserted abc" in done.stderr
 
 
+PASS_PHRASE = 'pp-"Sesame"-42'       # the OCI API key's pass phrase
+SENTRY_KEY = "sentrykey4711"
+
+
+def written_forms(*typed):
+    """Every way a secret typed so may be written: as typed, decoded, percent-encoded, escaped in JSON or repr."""
+    texts = set()
+    for text in typed:
+        plain = unquote(text)
+        texts |= {text, plain, quote(plain, safe=""), quote_plus(plain)}
+    return texts | {json.dumps(t)[1:-1] for t in texts} | {json.dumps(t, ensure_ascii=False)[1:-1] for t in texts} \
+        | {repr(t)[1:-1] for t in texts}
+
+
+def strings_in(value):
+    """Yield every string (keys too) inside parsed JSON."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+
+
+def frame_vars(event):
+    for exception in (event.get("exception") or {}).get("values", []):
+        for frame in (exception.get("stacktrace") or {}).get("frames", []):
+            yield frame.get("function"), frame.get("vars") or {}
+
+
 @pytest.mark.skipif(not os.environ.get("FN4_TEST_POSTGRES_URL"), reason="FN4_TEST_POSTGRES_URL is not set")
-def test_secrets_never_reach_logs_or_tables(emulator, oci_config, fn4):
-    """A database password and a Sentry DSN, given and used, appear nowhere the loader writes."""
-    url = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"]).set(password="hunter22secret")  # trust auth ignores it
-    emulator.put(BUCKET, "bad.fasta", b">x\nACGU\n", time_created=T0)
-    emulator.put(BUCKET, "good.fasta", fasta("good"), time_created=T0)
-    env = {"FN_SENTRY_URL": "http://sentrykey4711@127.0.0.1:9/1"}  # nothing listens on the discard port
-    engine = sa.create_engine(url)
+@pytest.mark.parametrize("typed", ["Tr0ub%40dor%3A3x", "q\"uo\\te'd+1%20x", "p%C3%A4ssw%C3%B6rd%20%E2%82%AC",
+                                   "p\u00e4ssw\u00f6rd\u20ac"],
+                         ids=["percent-encoded", "quoted", "non-ascii-encoded", "non-ascii"])
+def test_secrets_never_reach_logs_sentry_tables_or_metrics(emulator, fn4, tmp_path, typed):
+    """A database password, in any form, the OCI key's pass phrase and the Sentry DSN appear nowhere we write.
+
+    Two real runs with the password in argv: a service run whose fn4 echoes the secrets in a refusal (logs,
+    catalogue rows, /metrics), and a --once run that crashes on a guid list nested too deep to parse (Sentry
+    events with sys.argv, frame locals, breadcrumbs and messages, sent to a local catcher).
+    """
+    base = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"])  # trust auth: the password is ignored, but used
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = f"{base.drivername}://{base.username}:{typed}@{base.host}:{base.port or 5432}/{base.database}"
+    oci_config = write_oci_config(tmp_path / "oci", pass_phrase=PASS_PHRASE)
+    upload_series(emulator, [("a.fasta", fasta("a")), ("b.fasta", fasta("b"))])
+    fn4.script(Scripted(status=403, guid="a", body=json.dumps(f"refused: {typed} {unquote(typed)} {PASS_PHRASE}")))
+    engine = sa.create_engine(base)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS secrets_test"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    port = free_port()
     try:
-        result = CliRunner().invoke(osa.main, [
-            fn4.url, NAMESPACE, BUCKET, url.render_as_string(hide_password=False), "--once", "--log-level", "DEBUG",
-            "--db-schema", "secrets_test", "--config-file", str(oci_config), "--endpoint", emulator.endpoint], env=env)
-        assert result.exit_code == 0, result.output
-        assert "catalogue: postgresql+psycopg2://postgres:***@" in result.output
+        with SentryCatcher() as catcher:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "FN_SENTRY"))},
+                   "FN_SENTRY_URL": catcher.dsn(SENTRY_KEY)}
+            args = [sys.executable, str(ROOT / "objectstoreaccess.py"), fn4.url, NAMESPACE, BUCKET, url,
+                    "--db-schema", schema, "--config-file", str(oci_config), "--endpoint", emulator.endpoint]
+            service = subprocess.Popen([*args, "--poll-interval", "1", "--metrics-port", f"127.0.0.1:{port}"],
+                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                poll(f"http://127.0.0.1:{port}/healthz", lambda r: r.json()["cycles"] >= 1, service)
+                metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            finally:
+                service.send_signal(signal.SIGTERM)
+                served = service.communicate(timeout=20)
+            assert service.returncode == 0, served[1]
+            assert 'fn4loader_attempts_total{outcome="failed"} 1.0' in metrics
+            # JSON nested too deep to parse: an error nobody foresaw, which reaches Sentry through `run`
+            fn4.script(Scripted(status=200, route="guids", body="[" * 100000 + "]" * 100000))
+            crashed = subprocess.run([*args, "--once"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                     timeout=60)
+            assert crashed.returncode == 1 and "RecursionError" in crashed.stderr, \
+                "this test needs an unforeseen error to crash `run --once`; pick another:\n" + crashed.stderr
         with engine.connect() as conn:
-            dump = " ".join(str(row) for table in ("fn4loadattempt", "fn4batchload")
-                            for row in conn.execute(sa.text(f"SELECT * FROM secrets_test.{table}")))
-        for secret in ("hunter22secret", "sentrykey4711"):
-            assert secret not in result.output and secret not in dump
+            stored = [dict(row._mapping) for table in ("fn4loadattempt", "fn4batchload")
+                      for row in conn.execute(sa.text(f"SELECT * FROM {schema}.{table}"))]
     finally:
-        import sentry_sdk
-        sentry_sdk.get_client().close(timeout=0)  # the CLI set Sentry up for this process: undo it
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP SCHEMA secrets_test CASCADE"))
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
         engine.dispose()
+
+    forms = written_forms(typed, PASS_PHRASE)
+    [refused] = [row for row in stored if row.get("file_name") == "a.fasta"]
+    assert refused["outcome"] == "failed" and refused["error_text"].count("***") == 3, refused["error_text"]
+    for output in (*served, crashed.stdout, crashed.stderr):
+        warnings = [line for line in output.splitlines() if "command line" in line and "ps" in line]
+        assert len(warnings) == (1 if output in (served[1], crashed.stderr) else 0), output
+    events = catcher.events()
+    assert len(events) >= 2 and not catcher.errors, catcher.errors
+    crash = events[-1]  # the uncaught RecursionError, through the run command whose locals hold the URL
+    assert "***" in str(crash["extra"]["sys.argv"]) and crash.get("breadcrumbs"), crash.keys()
+    urls = [v["database"] for function, v in frame_vars(crash) if function == "run" and "database" in v]
+    assert urls and all("***" in url for url in urls), urls
+    texts = {"stdout": served[0] + crashed.stdout, "stderr": served[1] + crashed.stderr, "/metrics": metrics,
+             "catalogue rows": repr(stored) + " ".join(str(v) for row in stored for v in row.values())}
+    for number, body in enumerate(catcher.envelopes):
+        texts[f"envelope {number}"] = body.decode("utf-8", "replace")
+        for line in body.split(b"\n"):
+            with contextlib.suppress(ValueError):
+                texts[f"envelope {number}"] += "\n" + "\n".join(strings_in(json.loads(line)))
+    for place, text in texts.items():
+        assert not [form for form in forms if form in text], (place, [form for form in forms if form in text])
+    for place in ("stdout", "stderr", "catalogue rows", "/metrics"):
+        assert SENTRY_KEY not in texts[place], place
 
 
 def test_password_from_the_config_file_is_redacted_from_logs(tmp_path, base_args, oci_config, emulator, capsys):
@@ -310,3 +398,26 @@ def test_readme_links_point_at_its_headings():
     anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert links and links <= anchors, f"README links to missing headings: {sorted(links - anchors)}"
+
+
+def _files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_read_only_commands_create_no_file_nor_folder(tmp_path, emulator, oci_config, fn4):
+    """status and list, without a catalogue to read, say so in one line and leave HOME and the disk as they were."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "DB_CONNECTION", "FN_SENTRY"))}
+    env["HOME"] = str(home)
+    missing = f"sqlite:///{tmp_path / 'missing.sqlite'}"
+    bucket = [fn4.url, NAMESPACE, BUCKET]
+    oci = ["--config-file", str(oci_config), "--endpoint", emulator.endpoint]
+    for args, codes in ((["status"], (2, 3)), (["status", missing], (2, 3)),
+                        (["list", *bucket, *oci], (2,)), (["list", *bucket, missing, *oci], (2,))):
+        done = subprocess.run([sys.executable, str(ROOT / "objectstoreaccess.py"), *args], cwd=home, env=env,
+                              capture_output=True, text=True, timeout=60)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        assert done.returncode in codes and len(errors) == 1, (args, done.returncode, done.stdout + done.stderr)
+        assert "does not exist" in errors[0] and "Traceback" not in done.stderr, errors[0]
+        assert _files_under(home) == [] and not (tmp_path / "missing.sqlite").exists(), (args, _files_under(home))

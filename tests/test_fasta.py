@@ -116,3 +116,17 @@ def test_a_greater_than_sign_mid_line_is_a_bad_character():
     with pytest.raises(osa.SampleError) as caught:
         osa.parse_fasta(b">x\nAC>GT\n")
     assert caught.value.status == "bad_characters" and "'>'" in caught.value.reason
+
+
+def test_key_ranges_leave_out_exactly_the_archive_prefix():
+    assert osa.key_ranges(None, None) == [(None, None)]
+    assert osa.key_ranges(None, "arch/") == [(None, "arch/"), ("arch0", None)]
+    assert osa.key_ranges("incoming/", "loaded/") == [(None, None)]  # apart: nothing to leave out
+    assert osa.key_ranges("in/", "in/done/") == [(None, "in/done/"), ("in/done0", None)]
+    assert osa.key_ranges("arch/sub/", "arch/") == []
+    start, end = osa.key_ranges(None, "arch/")[1][0], "arch/"
+    for name in ("arch_sample7.fasta", "archa1.fasta", "arch.fasta", "loaded0.fasta", "\u00e4rch.fasta"):
+        assert name < end or name >= start, name
+    for name in ("arch/x.fasta", "arch/\u00fc.fasta", "arch/\U0001f600.fasta", "arch/"):
+        assert end <= name < start, name
+        assert name.encode() >= end.encode() and name.encode() < start.encode()  # the same in UTF-8 byte order

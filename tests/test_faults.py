@@ -86,6 +86,28 @@ def test_bad_input_corpus_is_recorded_and_the_good_file_behind_it_loads(harness,
     assert len(fn4.inserts) == 1 and len(h.rows()) == len(corpus) + 1
 
 
+def test_large_bad_gzip_is_judged_by_content_in_one_download(harness, emulator, fn4):
+    """A gzip bomb and an early-corrupt gzip, both over 1 MiB compressed, fail for good at the first read."""
+    big = {name: case for name, *case in cases() if name.startswith("big-")}
+    assert sorted(big) == ["big-bomb.fasta.gz", "big-corrupt.fasta.gz"]
+    assert all(len(data) > 2**20 for data, *_ in big.values())
+    put_all(emulator, [(name, data) for name, (data, *_) in big.items()] + [("zz-good.fasta", fasta("zz-good"))])
+    h = harness()
+    h.cycle()
+    h.cycle()
+    for name, (_data, outcome, status, words) in big.items():
+        mine = [r for r in h.rows() if r["file_name"] == name]
+        assert len(mine) == 1, [(r["outcome"], r["error_text"]) for r in mine]
+        row = mine[0]
+        assert (row["outcome"], row["parse_status"], row["completed"]) == (outcome, status, 1), row["error_text"]
+        assert words in row["error_text"] and "cut off" not in row["error_text"]
+        reads = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/" + name)]
+        assert len(reads) == 1, f"{name} was downloaded {len(reads)} times"
+    [report] = h.catalogue.status(osa.utcnow())
+    assert set(report.outcomes) == {"failed", "inserted"}  # no retry, gave_up: no failed download
+    assert [i.guid for i in fn4.inserts] == ["zz-good"]
+
+
 def test_expected_length_is_checked_before_sending(harness, emulator, fn4):
     put_all(emulator, [("short.fasta", fasta("short", 299)), ("right.fasta", fasta("right", 300))])
     h = harness(expected_length=300)

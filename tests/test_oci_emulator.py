@@ -324,3 +324,21 @@ def test_retry_strategy_retries_through_one_fault(emu, sdk_config, fault):
     assert retrying.get_object(NS, BUCKET, "x.fa").data.content == b"ACGT"
     assert [r.status for r in emu.requests] == [fault.status if fault.kind == "status" else 0, 200]
     assert datetime.now(timezone.utc) - start < timedelta(seconds=2)
+
+
+def test_list_objects_start_is_inclusive_and_end_exclusive_across_pages(emu, client):
+    """As on OCI: names >= start and < end, in code point (UTF-8) order, paged with nextStartWith inside the range."""
+    names = ["arch.fasta", "arch/", "arch/a.fasta", "arch/\u00fc.fasta", "arch/\U0001f600.fasta", "arch0",
+             "arch0.fasta", "arch_1.fasta", "archa1.fasta", "\u00e4rch.fasta"]
+    for name in names:
+        emu.put(BUCKET, name, b"x")
+    got, start = [], "arch/"
+    while start:
+        page = client.list_objects(NS, BUCKET, start=start, end="arch0", limit=2).data
+        got += [o.name for o in page.objects]
+        start = page.next_start_with
+    assert got == ["arch/", "arch/a.fasta", "arch/\u00fc.fasta", "arch/\U0001f600.fasta"]
+    below = client.list_objects(NS, BUCKET, end="arch/").data.objects
+    above = client.list_objects(NS, BUCKET, start="arch0").data.objects
+    assert [o.name for o in below] == ["arch.fasta"]
+    assert [o.name for o in above] == ["arch0", "arch0.fasta", "arch_1.fasta", "archa1.fasta", "\u00e4rch.fasta"]
