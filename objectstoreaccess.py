@@ -1519,7 +1519,7 @@ class LoadLogger:
                 # Another instance starting at the same moment made a table or index first: look again.
                 if not tries_left or not re.search(r"already|duplicate", str(exc), re.I):
                     raise catalogue.unusable(exc) from None
-                time.sleep(random.uniform(0.2, 1.0))
+                threading.Event().wait(random.uniform(0.2, 1.0))  # a bounded start-up pause, not in the loop
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         return catalogue.start()
 

@@ -292,7 +292,7 @@ def test_two_loaders_started_together_one_inserts_every_sample_once(fn4, emulato
 
 def test_kill_9_of_the_active_the_standby_takes_over_after_the_ttl(
         fn4, emulator, oci_config, database, tmp_path, instances, other_host):
-    guids = samples(emulator, 40)
+    guids = samples(emulator, 25)
     fn4.insert_delay = 0.1
     a = Instance("a", fn4, emulator, oci_config, database, tmp_path)
     instances.append(a)
@@ -320,7 +320,7 @@ def test_kill_9_of_the_active_the_standby_takes_over_after_the_ttl(
 
 
 def test_sigterm_of_the_active_hands_over_within_seconds(fn4, emulator, oci_config, database, tmp_path, instances):
-    guids = samples(emulator, 40)
+    guids = samples(emulator, 25)
     fn4.insert_delay = 0.1
     a = Instance("a", fn4, emulator, oci_config, database, tmp_path)
     instances.append(a)
@@ -346,7 +346,7 @@ def test_an_active_cut_off_from_the_catalogue_stops_before_the_standby_starts(
         fn4, emulator, oci_config, database, tmp_path, instances):
     url, schema = database
     target = sa.make_url(url)
-    guids = samples(emulator, 30)
+    guids = samples(emulator, 20)
     fn4.insert_delay = 0.5  # slow enough that the lease, not the unwritten rows (MAX_UNWRITTEN_ROWS), stops a
     with TCPProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
         through = target.set(port=proxy.port).render_as_string(hide_password=False)
