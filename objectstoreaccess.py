@@ -1375,7 +1375,9 @@ class Lease:
                 log.warning("lease: the catalogue database failed (%s); %s", _short(getattr(exc, "orig", None) or exc),
                             "inserting stops if it cannot be renewed in time" if self._valid_until else "still standby")
             return min(LEASE_RETRY, self.ttl / 6)
-        self._failures = 0
+        if self._failures:
+            log.warning("lease: the catalogue database answers again after %d failed calls", self._failures)
+            self._failures = 0
         self.last_contact = self.clock()
         return self.ttl / 3 if self._valid_until is not None else min(LEASE_CHECK_INTERVAL, self.ttl / 3)
 
@@ -1720,7 +1722,8 @@ class LoadLogger:
                                t.c.bucket_name, t.c.lease_key, t.c.active_key, t.c.role_since, t.c.expires,
                                now.label("now"))
                      .where(sa.or_(t.c.active_key.is_not(None), t.c.expires > now))
-                     .order_by(t.c.findneighbour_server_url, t.c.bucket_name, t.c.active_key, t.c.host_name))
+                     .order_by(t.c.findneighbour_server_url, t.c.bucket_name,
+                               sa.case((t.c.active_key.is_(None), 1), else_=0), t.c.host_name))
             if server:
                 query = query.where(t.c.findneighbour_server_url == server.rstrip("/"))
             return [{"role": "active" if r.active_key else "standby", "host_name": r.host_name,
