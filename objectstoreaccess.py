@@ -1360,10 +1360,11 @@ class Lease:
         """Write this instance's row, as standby, and remove rows of instances gone long ago. Raises SQLAlchemyError."""
         t = self.table
         with self.engine.begin() as conn:
-            conn.execute(t.delete().where(t.c.lease_key == self.key, t.c.active_key.is_(None),
-                                          t.c.expires < self._now(-STALE_INSTANCE_AGE)))
             conn.execute(t.insert().values(**self.identity, started=self._now(), role_since=self._now(),
                                            renewed=self._now(), expires=self._now(self.ttl)))
+        with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:  # tidying, else next time
+            conn.execute(t.delete().where(t.c.lease_key == self.key, t.c.active_key.is_(None),
+                                          t.c.expires < self._now(-STALE_INSTANCE_AGE)))
 
     def tend(self) -> float:
         """Renew the lease if held, else look at it and take it if it is free; return seconds until the next call."""
@@ -1513,17 +1514,23 @@ class LoadLogger:
         ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
         """
         catalogue = cls(cls.connect(database, read_only), schema)
-        for tries_left in (2, 1, 0):
-            try:
-                catalogue.create_tables()
-                break
-            except sa.exc.SQLAlchemyError as exc:
-                # Another instance starting at the same moment made a table or index first: look again.
-                if not tries_left or not re.search(r"already|duplicate", str(exc), re.I):
-                    raise catalogue.unusable(exc) from None
-                threading.Event().wait(random.uniform(0.2, 1.0))  # a bounded start-up pause, not in the loop
+        catalogue.at_start(catalogue.create_tables)
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         return catalogue.start()
+
+    def at_start(self, action: Callable[[], Any]) -> Any:
+        """Return what ``action`` returns; raise ConfigError if it fails (see unusable).
+
+        When another instance starting at the same moment made a table or index first, or the two
+        deadlocked, the action is tried again, up to twice, after a short random pause.
+        """
+        for tries_left in (2, 1, 0):
+            try:
+                return action()
+            except sa.exc.SQLAlchemyError as exc:
+                if not tries_left or not re.search(r"already|duplicate|deadlock", str(exc), re.I):
+                    raise self.unusable(exc) from None
+                threading.Event().wait(random.uniform(0.2, 1.0))  # a bounded start-up pause, not in the loop
 
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
@@ -1705,10 +1712,7 @@ class LoadLogger:
     def lease(self, server_url: str, namespace: str, bucket: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         """Return this instance's lease on the catalogue, its row written as standby. Raises ConfigError."""
         lease = Lease(self.engine, self.leases, server_url, namespace, bucket, ttl)
-        try:
-            lease.join()
-        except sa.exc.SQLAlchemyError as exc:
-            raise self.unusable(exc) from None
+        self.at_start(lease.join)
         return lease
 
     def instances(self, server: str | None = None) -> list[dict[str, Any]]:

@@ -146,6 +146,19 @@ def test_a_restart_on_the_same_host_takes_the_lease_of_a_dead_process_at_once(ca
     assert not living.active
 
 
+def test_rows_of_instances_gone_for_a_day_are_removed_at_the_next_start(catalogue):
+    lease(catalogue, "host-a")
+    holder = lease(catalogue, "host-b", pid=dead_pid())
+    holder.tend()
+    t = catalogue.leases
+    with catalogue.engine.begin() as conn:  # as if both had been killed years ago
+        conn.execute(t.update().values(expires=osa.datetime(2020, 1, 1)))
+    lease(catalogue, "host-c")
+    with catalogue.engine.connect() as conn:
+        left = conn.execute(sa.select(t.c.host_name, t.c.active_key).order_by(t.c.host_name)).all()
+    assert [(host, key is not None) for host, key in left] == [("host-b", True), ("host-c", False)]
+
+
 def test_two_standbys_racing_for_a_free_lease_give_one_holder(catalogue):
     leases = [lease(catalogue, f"host-{i}") for i in range(4)]
     threads = [threading.Thread(target=one.tend) for one in leases]
