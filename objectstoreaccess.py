@@ -8,7 +8,7 @@ waits ``--poll-interval`` seconds and looks again; it is meant to run for months
 Usage::
 
     python3 objectstoreaccess.py "http://localhost:5025" "lxxxx" "FN4-queue" "unittest_oracle"
-    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical
+    python3 objectstoreaccess.py status unittest_oracle          # exit 0 OK, 1 warning, 2 critical, 3 unknown
 
 Subcommands beside the loader (``run``, the default): ``status``, ``list``, ``upload``,
 ``download`` and ``retry-failed``. README.md is the manual: options, environment, databases,
@@ -95,8 +95,9 @@ DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogu
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
 STALE_POLLS = 3                          # poll intervals without progress before status/healthz call it critical
-STATUS_WINDOW = timedelta(hours=24)      # status counts outcomes over this window
-LEVELS = ("ok", "warning", "critical")   # status verdicts, by exit code
+STATUS_WINDOW = timedelta(hours=1)       # status judges recent attempts over this window: a recovery clears in it
+LEVELS = ("ok", "warning", "critical", "unknown")  # status verdicts, by exit code
+ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandoned; loader: an unexpected error
 DEFAULT_LEASE_TTL = 60                   # seconds an active loader's lease lasts unless it renews it
 LEASE_CHECK_INTERVAL = 5.0               # seconds between a standby's looks at the lease (at most a third of the TTL)
 LEASE_RETRY = 1.0                        # seconds before a failed renewal is tried again (at most a sixth of the TTL)
@@ -120,6 +121,11 @@ REQUEUED = "requeued"                    # an operator, or the daily automatic r
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
 REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+# The three states of a file that list, status, the metrics and README share, by its latest outcome:
+# loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
+FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
+# Outcomes that are the fault of fn4, Object Storage or the loader, not the file's: a majority is critical.
+LOADER_FAILURES = frozenset({RETRY, GAVE_UP, SERVER_UNAVAILABLE})
 ARCHIVE_CHECK_LIMIT = 10000              # objects under the archive prefix looked at, at start, for unloaded ones
 
 log = logging.getLogger("fn4loader")
@@ -157,7 +163,14 @@ class ObjectChanged(LoaderError):
 
 
 class OutageError(LoaderError):
-    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry."""
+    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry.
+
+    ``service`` names it for the metrics and the catalogue: ``fn4`` or ``object_storage``.
+    """
+
+    def __init__(self, reason: str, service: str = "fn4") -> None:
+        super().__init__(reason)
+        self.service = service
 
 
 # ---- Records ---------------------------------------------------------------------------------
@@ -278,11 +291,16 @@ class LoaderStatus:
     host_name: str
     server_url: str
     last_batch: datetime | None = None
-    backlog: int | None = None                 # files the last batch set out to load
+    backlog: int | None = None                 # files pending: the last cycle's to load, less those finished since
     last_activity: datetime | None = None      # the last attempt row's latest time
     last_success: datetime | None = None       # the last insert fn4 answered 200 or 201
-    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, last 24 h
+    outcomes: dict[str, int] = field(default_factory=dict)   # attempt rows by outcome, STATUS_WINDOW
+    recent_files: dict[str, int] = field(default_factory=dict)  # files tried in STATUS_WINDOW, by latest outcome
     failed_files: tuple[dict[str, Any], ...] = ()            # latest rows of files failed for good
+    abandoned: str | None = None               # why the latest cycle was abandoned, if it was
+    abandoned_since: datetime | None = None    # when the cycles began to be abandoned
+    abandoned_cycles: int = 0                  # cycles abandoned since the last one that ran
+    paused: str | None = None                  # why the latest cycle paused (fn4 unavailable), if it did
     level: int = 0                             # 0 ok, 1 warning, 2 critical: the exit code of status
     problems: tuple[str, ...] = ()
 
@@ -316,6 +334,8 @@ class BatchRow:
     number_in_server: int = _column(
         sa.Integer(), "Guids in fn4: counted at full reconciliation, plus inserts since")
     reconciled: int = _column(sa.Integer(), "1 if fn4's full guid list was fetched this cycle")
+    abandon_reason: str = _column(sa.String(2000), "Why the cycle was abandoned (a service unavailable); "
+                                                   "empty for a cycle that ran")
 
 
 @dataclass(frozen=True)
@@ -526,6 +546,11 @@ def parse_fasta(data: bytes | bytearray) -> tuple[str, bytes]:
     return seqid, seq
 
 
+def file_state(outcome: str | None) -> str:
+    """Return a file's state for people from its latest outcome: loaded, failed (for good) or pending."""
+    return "loaded" if outcome in LOADED else "failed" if outcome in FAILED_FOR_GOOD else "pending"
+
+
 def backoff(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
             rng: Callable[[], float] = random.random) -> float:
     """Return seconds to wait after ``failures`` consecutive failures: capped, with equal jitter."""
@@ -692,7 +717,8 @@ class ObjectStoreClient:
                     fields="name,size,etag,md5,timeCreated").data
             except Exception as exc:
                 if self._is_fault(exc):
-                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}") from None
+                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}",
+                                      "object_storage") from None
                 raise
             for item in page.get("objects", ()):
                 if fasta_suffix(item["name"]):
@@ -1197,32 +1223,47 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
 
 def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
            server_heartbeat: datetime | None = None) -> LoaderStatus:
-    """Return the status with its level and problems: critical, warning, or OK.
+    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
 
-    Critical: no batch row nor attempt for STALE_POLLS poll intervals (unless another host's
-    loader has written for the same fn4 server since: ``server_heartbeat``), or more than
-    ``critical_share`` of the last 24 h's attempts to load failed (rows retry, gave_up and
-    server_unavailable: fn4 errors, timeouts, fn4 unavailable, failed downloads).
-    Warning: some attempt failed so, or a file failed for good, in the last 24 h.
+    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
+    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
+    abandoned, or the latest cycle paused, because a service was unavailable; or more than
+    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
+    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
+    Warning: such a failure below the share, a retry in the window, or a file whose latest state
+    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
     """
     problems: list[tuple[int, str]] = []
     heartbeat = status.heartbeat
+    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
         ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
         if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
             problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
         else:
             problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
-    counts = status.outcomes
-    insert_failures = sum(counts.get(o, 0) for o in (RETRY, GAVE_UP, SERVER_UNAVAILABLE))
-    inserted = counts.get(INSERTED, 0) + counts.get(ALREADY_PRESENT, 0)
-    if insert_failures:
-        share = insert_failures / (insert_failures + inserted)
+    if status.abandoned:
+        since = status.abandoned_since or status.last_batch
+        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
+                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
+    elif status.paused:
+        problems.append((2, f"the latest cycle paused: {status.paused}"))
+    recent = status.recent_files
+    failures = sum(recent.get(o, 0) for o in LOADER_FAILURES)
+    loaded = sum(recent.get(o, 0) for o in LOADED)
+    if failures:
+        share = failures / (failures + loaded)
         problems.append((2 if share > critical_share else 1,
-                         f"{insert_failures} failed attempts (fn4 errors or unavailable, timeouts, failed "
-                         f"downloads) against {inserted} inserts in the last 24 h"))
-    if failed := sum(counts.get(o, 0) for o in (FAILED, GAVE_UP, DUPLICATE)):
-        problems.append((1, f"{failed} files failed for good in the last 24 h"))
+                         f"{failures} of {failures + loaded} files tried in {window} failed for reasons of fn4, "
+                         "Object Storage or the loader (latest outcome retry, gave_up or server_unavailable)"))
+    if retries := status.outcomes.get(RETRY, 0):
+        problems.append((1, f"{retries} attempts to retry in {window} (fn4 errors, timeouts, failed downloads)"))
+    if status.failed_files:
+        problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
+                            f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
+    if busy := status.outcomes.get(SERVER_BUSY, 0):
+        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
+                            "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
@@ -1664,43 +1705,86 @@ class LoadLogger:
         return batches.rowcount, attempts.rowcount
 
     def status_queries(self, since: datetime, server: str | None = None) -> dict[str, sa.Select[Any]]:
-        """Return the queries behind ``status``, portable to every supported database."""
+        """Return the queries behind ``status``, portable to every supported database.
+
+        A file is an object name in a bucket: its state is its latest row's outcome, so a file
+        tried five times counts once, and one re-queued and loaded is no longer failed.
+        """
         b, a = self.batches.c, self.attempts.c
-        last = sa.select(sa.func.max(b.bl_int_id).label("id")).group_by(b.host_name, b.findneighbour_server_url)
-        latest = sa.select(sa.func.max(a.gp_int_id)).group_by(
-            a.findneighbour_server_url, a.oci_namespace, a.bucket_name, a.file_name, a.object_etag)
-        pair = (a.host_name, a.findneighbour_server_url)
+        loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
+        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
+        ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
+               .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
+        abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
+                     .join(ran, sa.and_(ran.c.host_name == b.host_name,
+                                        ran.c.findneighbour_server_url == b.findneighbour_server_url), isouter=True)
+                     .where(b.abandon_reason.is_not(None), b.bl_int_id > sa.func.coalesce(ran.c.id, 0))
+                     .group_by(*loader))
+        finished = (sa.select(sa.func.count()).where(  # files of that cycle loaded or failed for good since
+            a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
+            a.oci_namespace == b.oci_namespace, a.bucket_name == b.bucket_name, a.batch_start_time == b.check_time,
+            a.batch_sample_number.is_not(None), a.completed == 1).scalar_subquery())
+        latest_of_loader = sa.select(sa.func.max(a.gp_int_id)).group_by(*pair)
+        latest_of_file = sa.select(sa.func.max(a.gp_int_id)).group_by(*bucket, a.file_name)
+        recent_of_file = (sa.select(sa.func.max(a.gp_int_id)).where(a.batch_start_time >= _naive_utc(since))
+                          .group_by(*bucket, a.file_name))
         queries = {
-            "batches": sa.select(b.host_name, b.findneighbour_server_url, b.check_time, b.batch_size)
-                         .where(b.bl_int_id.in_(last)),
+            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
+                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
             "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
                          a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
                          sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
                        .group_by(*pair),
+            "latest": sa.select(*pair, a.outcome, a.batch_start_time, a.error_text)
+                        .where(a.gp_int_id.in_(latest_of_loader)),
             "outcomes": sa.select(*pair, a.outcome, sa.func.count()).where(a.batch_start_time >= _naive_utc(since))
                           .group_by(*pair, a.outcome),
+            "recent": sa.select(*pair, a.outcome, sa.func.count()).where(a.gp_int_id.in_(recent_of_file))
+                        .group_by(*pair, a.outcome),
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
-                        .where(a.gp_int_id.in_(latest), a.outcome.in_(sorted(REQUEUEABLE)))
+                        .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
+            "abandoned": abandoned,
         }
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        where = [sa.literal_column("bucket_name").is_not(None)]
-        if server:  # as the loader records it: FN4Client drops a trailing slash
-            where.append(sa.literal_column("findneighbour_server_url") == server.rstrip("/"))
-        return {name: query.where(*where) for name, query in queries.items()}
+        for name, query in queries.items():
+            table = b if name in ("batches", "backlog", "abandoned") else a
+            query = query.where(table.bucket_name.is_not(None))
+            if server:  # as the loader records it: FN4Client drops a trailing slash
+                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
+            queries[name] = query
+        return queries
+
+    def has_tables(self) -> bool:
+        """Return True if both catalogue tables exist. Raises SQLAlchemyError if the database cannot be read."""
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return all(inspector.has_table(t.name, schema=t.schema) for t in (self.batches, self.attempts))
 
     def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
-        """Read each loader's latest batch, last insert, recent outcomes and failed files."""
+        """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
         found: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
             rows = {name: conn.execute(query).all()
                     for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
-        for host, url, check_time, size in rows["batches"]:
-            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), backlog=size)
+        for host, url, check_time, reason in rows["batches"]:
+            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), abandoned=reason)
+        for host, url, backlog in rows["backlog"]:
+            found.setdefault((host, url), {})["backlog"] = None if backlog is None else max(backlog, 0)
+        for host, url, since, count in rows["abandoned"]:
+            found.setdefault((host, url), {}).update(abandoned_since=_aware(since), abandoned_cycles=count)
         for host, url, active, success in rows["times"]:
             found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
-        for host, url, outcome, count in rows["outcomes"]:
-            found.setdefault((host, url), {}).setdefault("outcomes", {})[outcome or "none"] = count
+        for host, url, outcome, started, error in rows["latest"]:
+            facts = found.setdefault((host, url), {})
+            ran = facts.get("last_batch") if not facts.get("abandoned") else None
+            if outcome == SERVER_UNAVAILABLE and ran and started and _aware(started) >= ran:
+                facts["paused"] = error or outcome  # the latest cycle that ran paused on it
+        for name in ("outcomes", "recent"):
+            for host, url, outcome, count in rows[name]:
+                found.setdefault((host, url), {}).setdefault(name if name == "outcomes" else "recent_files", {})[
+                    outcome or "none"] = count
         for host, url, name, outcome, parse_status, error, when in rows["failed"]:
             found.setdefault((host, url), {}).setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
@@ -1736,6 +1820,15 @@ class LoadLogger:
                      "since": _aware(r.role_since), "expires": _aware(r.expires), "lapsed": r.expires < r.now}
                     for r in conn.execute(query)]
 
+    def last_success(self, server_url: str, namespace: str, bucket: str) -> datetime | None:
+        """Return the time of this loader's last insert fn4 answered 200 or 201, or None."""
+        a = self.attempts.c
+        query = sa.select(sa.func.max(a.insert_end_time)).where(
+            a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket,
+            a.outcome.in_([INSERTED, ALREADY_PRESENT]))
+        with self.engine.connect() as conn:
+            return _aware(conn.execute(query).scalar())
+
     def file_states(self, server_url: str, namespace: str, bucket: str,
                     after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
         """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
@@ -1762,19 +1855,24 @@ class Metrics:
                  ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = CollectorRegistry()
-        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome", ["outcome"],
-                                registry=self.registry)
+        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome; a cycle abandoned "
+                                "because fn4 or Object Storage was unavailable counts as server_unavailable",
+                                ["outcome"], registry=self.registry)
         self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
                                         buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
-        self.backlog = Gauge("fn4loader_backlog", "Files of the current batch not yet tried",
+        self.backlog = Gauge("fn4loader_backlog", "Files pending: listed, neither loaded nor failed for good",
                              registry=self.registry)
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
         self.active = Gauge("fn4loader_active", "1 while this instance holds the lease and loads, 0 while it "
                             "stands by", registry=self.registry)
+        self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
+                                 "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
         for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
             self.attempts.labels(outcome)
+        for service in ABANDON_SERVICES:
+            self.abandoned.labels(service)
         self.clock = clock
         self.max_age = max_age
         self.last_progress = clock()
@@ -1787,6 +1885,11 @@ class Metrics:
             if outcome in (INSERTED, ALREADY_PRESENT):
                 self.last_success.set(insert_end.timestamp())
         self.last_progress = self.clock()
+
+    def cycle_abandoned(self, service: str) -> None:
+        self.abandoned.labels(service).inc()
+        if service != "loader":
+            self.attempts.labels(SERVER_UNAVAILABLE).inc()
 
     def cycle_done(self) -> None:
         self.cycles.inc()
@@ -1885,6 +1988,7 @@ class Loader:
         poll interval; after an outage or a cycle of only failures it backs off, capped.
         """
         failures = 0
+        self._seed_last_success()
         self.warn_of_waiting_archive()
         while not self.stop.is_set():
             if not self._active():
@@ -1898,6 +2002,7 @@ class Loader:
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
                 wait = backoff(failures)
+                self._record_abandoned(exc)
                 if isinstance(exc, OutageError):
                     log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
                 else:
@@ -1980,6 +2085,26 @@ class Loader:
         if self.lease.last_contact is not None and self.lease.clock() - self.lease.last_contact < self.lease.ttl:
             self.metrics.last_progress = self.clock()  # a standby in touch with the catalogue is healthy
         return False
+
+    def _record_abandoned(self, exc: Exception) -> None:
+        """Write a batch row that says why the cycle was abandoned, and count it."""
+        service = exc.service if isinstance(exc, OutageError) else "loader"
+        reason = str(exc) if isinstance(exc, OutageError) else f"unexpected error: {_short(exc)}"
+        self.catalogue.record_batch(BatchRow(
+            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
+            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=self.clock(),
+            abandon_reason=reason[:2000] or type(exc).__name__))
+        self.metrics.cycle_abandoned(service)
+
+    def _seed_last_success(self) -> None:
+        """Start the last-success metric from the catalogue, so a restart does not reset it to 0."""
+        try:
+            last = self.catalogue.last_success(self.fn4.base_url, self.store.namespace, self.store.bucket)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the last success from the catalogue (%s)", _short(exc))
+            return
+        if last is not None:
+            self.metrics.last_success.set(last.timestamp())
 
     def warn_of_waiting_archive(self) -> list[str]:
         """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
@@ -2146,7 +2271,6 @@ class Loader:
             if self.stop.is_set() or not self._active():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
-            self.metrics.backlog.set(len(todo) - number)
             if outcome in LOADED:
                 loaded += 1
             elif outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
@@ -2156,6 +2280,7 @@ class Loader:
                 retried += 1
             else:
                 failed += 1
+            self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
         abandon.set()
         while item is not _END and not self.stop.is_set():
             item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
@@ -2287,17 +2412,22 @@ class Loader:
         return requeued
 
     def inventory(self) -> list[dict[str, Any]]:
-        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError."""
+        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError.
+
+        The state is the one the catalogue records (see file_state), or, for a file without a
+        row, the one the next cycle will record: a guid fn4 holds is loaded, a duplicate failed.
+        """
         self._refresh_from_catalogue()
-        in_server = self.fn4.guids()
+        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
+                         key=lambda o: (o.time_created, o.name))
+        todo, settled = self._plan(objects, self.fn4.guids())
+        planned = {obj.key: outcome for obj, outcome, _ in settled} | {obj.key: "" for obj in todo}
         files = []
-        for obj in sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
-                          key=lambda o: (o.time_created, o.name)):
-            completed, outcome, attempts = self._files.get(obj.key, (0, "", 0))
-            state = ("loaded" if obj.guid in in_server else
-                     "failed" if completed and outcome not in LOADED else "pending")
-            files.append({"state": state, "name": obj.name, "guid": obj.guid, "size": obj.size,
-                          "time_created": obj.time_created, "outcome": outcome or None, "failed_attempts": attempts})
+        for obj in objects:
+            _, outcome, attempts = self._files.get(obj.key, (0, "", 0))
+            files.append({"state": file_state(planned.get(obj.key, outcome)), "name": obj.name, "guid": obj.guid,
+                          "size": obj.size, "time_created": obj.time_created, "outcome": outcome or None,
+                          "failed_attempts": attempts})
         return files
 
 
@@ -2616,43 +2746,38 @@ def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None
 @poll_interval_option
 @click.option("--critical-failure-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               envvar="FN4_CRITICAL_FAILURE_SHARE", show_envvar=True,
-              help="Critical when more than this share of the last 24 h's load attempts failed.")
+              help="Critical when more than this share of the files tried in the last hour failed for "
+                   "reasons of fn4, Object Storage or the loader.")
 @json_option
 def status(database: str | None, db_schema: str | None, log_level: str, log_format: str, server: str | None,
            poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
-    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical.
+    """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical, 3 unknown.
 
-    Critical: no batch and no attempt for 3 poll intervals (unless another host now loads the same
-    fn4 server), or more than the critical share of the last 24 h's load attempts failed (fn4
-    errors or unavailable, timeouts, failed downloads). Warning: such an attempt failed, or a file
-    failed for good.
+    Critical: no cycle and no attempt for 3 poll intervals (unless another host now loads the same
+    fn4 server); the latest cycles were abandoned or paused because fn4 or Object Storage was
+    unavailable; or more than the critical share of the files tried in the last hour failed for
+    reasons of fn4, Object Storage or the loader. Warning: such a failure, a retry in the last
+    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read.
     """
     now = utcnow()
-    with _startup(log_level, log_format):  # an unreadable catalogue is critical too: exit 2
-        catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)
-        path = catalogue.engine.url.database if catalogue.engine.url.get_backend_name() == "sqlite" else None
-        if path and not Path(path).exists():
-            raise ConfigError(f"the SQLite catalogue {path!r} does not exist: has the loader run with it?")
+    reason = None
+    with _startup(log_level, log_format):
         try:
-            found = catalogue.status(now, server)
-            newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
-                                        default=None) for r in found}
-            reports = [assess(r, now, poll_interval, critical_failure_share, newest[r.server_url]) for r in found]
-            instances = catalogue.instances(server)
-        except sa.exc.SQLAlchemyError as exc:
-            error = catalogue.unusable(exc)
-            if "column" in str(exc).lower():
-                error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
-            raise error from None
-        catalogue.engine.dispose()
+            reports, instances = _read_status(database, db_schema, server, now, poll_interval,
+                                              critical_failure_share)
+        except ConfigError as exc:
+            reason, reports, instances = redact(str(exc), _SECRETS), [], []
     lease_problems = assess_instances(instances)
-    level = max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
+    level = 3 if reason else max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
+                               **({"reason": reason} if reason else {}),
                                "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports],
                                "instances": instances,
                                "lease_problems": [f"{LEVELS[lvl]}: {text}" for lvl, text in lease_problems]},
                               default=_json_value, indent=2))
+    elif reason:
+        click.echo(f"Error: {reason}", err=True)
     else:
         click.echo(_status_text(reports, now, level, server))
         if instances:
@@ -2669,6 +2794,32 @@ def _instances_text(instances: list[dict[str, Any]], problems: list[tuple[int, s
                      + [f"  {LEVELS[lvl]}: {text}" for lvl, text in problems])
 
 
+def _read_status(database: str | None, db_schema: str | None, server: str | None, now: datetime,
+                 poll_interval: float, critical_share: float) -> tuple[list[LoaderStatus], list[dict[str, Any]]]:
+    """Read and assess every loader's status, and list the running instances (LoadLogger.instances).
+
+    Raises ConfigError when the catalogue cannot be read.
+    """
+    catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)  # CatalogueMissing
+    url = catalogue.engine.url
+    try:
+        if not catalogue.has_tables():
+            raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
+                              f"{' in schema ' + db_schema if db_schema else ''}: has the loader run with it?")
+        found = catalogue.status(now, server)
+        instances = catalogue.instances(server)
+    except sa.exc.SQLAlchemyError as exc:
+        error = catalogue.unusable(exc)
+        if "column" in str(exc).lower():
+            error = ConfigError(f"{error}; tables made by an older loader are upgraded when `run` next starts")
+        raise error from None
+    finally:
+        catalogue.engine.dispose()
+    newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
+                                default=None) for r in found}
+    return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found], instances
+
+
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
     """Return the human-readable status report: a summary table, then each loader's details."""
     lines = [f"{LEVELS[level].upper()} at {now:%Y-%m-%d %H:%M:%S} UTC: {len(reports)} loader(s)"]
@@ -2678,9 +2829,13 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     lines += ["", _table(["state", "host", "fn4 server", "last batch (UTC)", "backlog", "last insert (UTC)"],
                          [[LEVELS[r.level].upper(), r.host_name, r.server_url, _when(r.last_batch), r.backlog,
                            _when(r.last_success)] for r in reports])]
+    window = f"last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
     for r in reports:
         lines += ["", f"{r.host_name} -> {r.server_url}",
-                  "  last 24 h: " + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "no attempts")]
+                  f"  files tried in the {window}, by latest outcome: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.recent_files.items())) or "none"),
+                  f"  attempts in the {window}: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "none")]
         lines += [f"  {problem}" for problem in r.problems]
         if r.failed_files:
             lines.append(f"  failed files ({len(r.failed_files)}, latest first):")
@@ -2703,8 +2858,10 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
                as_json: bool) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
-    A file is loaded if fn4 holds its guid, failed if the catalogue says it failed for good, and
-    pending otherwise. Give the loader's --on-success, so that archived objects are left out.
+    The state is the file's latest outcome in the catalogue, as status counts it: loaded
+    (inserted, already_present, in_server), failed (failed, duplicate, vanished, gave_up) or
+    pending; a file not yet tried shows the state the next cycle will record. Give the loader's
+    --on-success, so that archived objects are left out.
     """
     with _startup(log_level, log_format):
         settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)

@@ -1,4 +1,5 @@
 """Shared fixtures: the Object Storage emulator, the fn4 stand-in, real catalogue databases."""
+import contextlib
 import os
 import sys
 import uuid
@@ -65,6 +66,26 @@ def _server_urls():
         yield pytest.param(name, id=name, marks=marks)
 
 
+@contextlib.contextmanager
+def scratch_schema(kind, url):
+    """Create a schema (PostgreSQL) or database (MariaDB) of a random name at ``url``; drop it after.
+
+    Tests work only in what they made: nothing else in the database at ``url`` is read or written.
+    """
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url)
+    create = f"CREATE SCHEMA {schema}" if kind == "postgresql" else f"CREATE DATABASE {schema}"
+    drop = f"DROP SCHEMA {schema} CASCADE" if kind == "postgresql" else f"DROP DATABASE {schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(create))
+    try:
+        yield schema
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(drop))
+        engine.dispose()
+
+
 @pytest.fixture(params=list(_server_urls()))
 def database(request, tmp_path):
     """A catalogue database URL and schema, fresh for each test: SQLite, PostgreSQL, MariaDB."""
@@ -73,18 +94,18 @@ def database(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'catalogue.sqlite'}", None
         return
     url = os.environ["FN4_TEST_POSTGRES_URL" if kind == "postgresql" else "FN4_TEST_MARIADB_URL"]
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(url)
-    create = f"CREATE SCHEMA {schema}" if kind == "postgresql" else f"CREATE DATABASE {schema}"
-    drop = f"DROP SCHEMA {schema} CASCADE" if kind == "postgresql" else f"DROP DATABASE {schema}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(create))
-    try:
+    with scratch_schema(kind, url) as schema:
         yield url, schema
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(drop))
-        engine.dispose()
+
+
+@pytest.fixture
+def postgres_schema():
+    """The FN4_TEST_POSTGRES_URL and a schema made for the test (dropped after); skips if the URL is not set."""
+    url = os.environ.get("FN4_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("FN4_TEST_POSTGRES_URL is not set")
+    with scratch_schema("postgresql", url) as schema:
+        yield url, schema
 
 
 def upload_series(emulator, items, start=T0, step=timedelta(minutes=1)):

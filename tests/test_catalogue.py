@@ -87,14 +87,28 @@ def monitoring_queries():
 
 
 def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator, fn4):
+    """The README's SQL runs unchanged on every database and counts files, each by its latest row, as status does."""
     from test_faults import Harness
     from conftest import fasta, upload_series
+    from fn4_standin import Scripted
+    from oci_emulator import Fault
     url, schema = database
-    upload_series(emulator, [("a.fasta", fasta("a")), ("bad.fasta", b">x\nACGU\n")])
+    upload_series(emulator, [("a.fasta", fasta("a")), ("bad.fasta", b">x\nACGU\n"), ("c.fasta", fasta("c")),
+                             ("d.fasta", fasta("d"))])
     harness = Harness(store, fn4, url, schema)
-    harness.cycle()
+    fn4.script(Scripted(status=403, guid="c"), Scripted(status=500, guid="d", times=2))
+    harness.cycle()  # a inserted, bad failed, c refused (failed), d to retry
+    assert sorted(harness.loader.requeue()) == ["bad.fasta", "c.fasta"]
+    harness.cycle()  # bad failed again, c inserted, d to retry again: rows and files now differ
+    emulator.add_fault(Fault(method="GET", path_contains="/o", status=503, times=-1))
+    with pytest.raises(osa.OutageError):
+        harness.loader.run(once=True)
+    emulator.clear_faults()
+    assert harness.catalogue.flush(30)
+    rows = [(r["file_name"], r["outcome"]) for r in harness.rows()]
+    assert len(rows) == 9 and rows.count(("bad.fasta", "failed")) == 2
     queries = monitoring_queries()
-    assert len(queries) >= 5
+    assert len(queries) >= 6
     engine = harness.engine
     if schema:  # the README's SQL names the tables without a schema, as a session with that default would
         prefix = {"postgresql": f"SET search_path TO {schema}", "mysql": f"USE {schema}",
@@ -110,11 +124,15 @@ def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator,
                     tzinfo=None), type_=sa.DateTime()))
             results.append(conn.execute(statement).fetchall())
     harness.close()
-    heartbeat, last_insert, outcomes, failed, waiting = results[:5]
-    assert heartbeat[0][3] == 1 and last_insert[0][2] is not None
-    assert sorted((r[1], r[2]) for r in outcomes) == [("failed", 1), ("inserted", 1)]
-    assert [(r[0], r[2]) for r in failed] == [("bad.fasta", "bad_characters")]
-    assert waiting == []
+    heartbeat, last_insert, outcomes, failed, waiting, abandoned = results[:6]
+    assert heartbeat[0][3] == 3 and last_insert[0][2] is not None
+    assert sorted((r[1], r[2]) for r in outcomes) == [("failed", 1), ("inserted", 2), ("retry", 1)]
+    assert [(r[0], r[1], r[2]) for r in failed] == [("bad.fasta", "failed", "bad_characters")]
+    assert [(r[0], r[1], r[2]) for r in waiting] == [("d.fasta", "retry", 2)]
+    assert len(abandoned) == 1 and "503" in abandoned[0][3]  # the reason Object Storage gave
+    [report] = harness.catalogue.status(osa.utcnow())  # status tells the same story
+    assert report.recent_files == {"failed": 1, "inserted": 2, "retry": 1}
+    assert [f["file_name"] for f in report.failed_files] == ["bad.fasta"] and report.abandoned
 
 
 def test_writer_thread_preserves_order_across_tables(tmp_path):

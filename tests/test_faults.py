@@ -1,6 +1,5 @@
 """Faults and bad input: every file ends loaded or finished with a reason, and nothing blocks the queue."""
 import gzip
-import os
 import threading
 from datetime import timedelta
 
@@ -224,15 +223,17 @@ def test_throttling_and_5xx_from_object_storage_are_retried_by_the_sdk(harness, 
     assert [r.status for r in emulator.requests if r.method == "GET"].count(429) == 2
 
 
-def test_listing_that_keeps_failing_abandons_the_cycle_without_a_batch_row(harness, emulator, fn4):
+def test_listing_that_keeps_failing_abandons_the_cycle_with_a_batch_row_that_says_why(harness, emulator, fn4):
     put_all(emulator, [("a.fasta", fasta("a"))])
     emulator.add_fault(Fault(method="GET", path_contains="/o", kind="status", status=503, times=-1))
     h = harness()
     with pytest.raises(osa.OutageError, match="listing bucket 'FN4-queue' failed: Object Storage answered 503"):
         h.loader.run(once=True)
     assert h.catalogue.flush(30) and not h.rows() and not fn4.inserts
+    b = h.catalogue.batches.c
     with h.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(h.catalogue.batches)).scalar() == 0
+        [row] = conn.execute(sa.select(b.batch_size, b.abandon_reason)).all()
+    assert row.batch_size is None and "listing bucket 'FN4-queue' failed" in row.abandon_reason
     emulator.clear_faults()
     h.cycle()
     assert list(fn4.guids) == ["a"]
@@ -368,15 +369,12 @@ def test_idle_cycle_does_not_fetch_the_guid_list(harness, emulator, fn4):
     assert any(r.path == "/api/v2/new/exists" for r in fn4.requests)
 
 
-@pytest.mark.skipif(not os.environ.get("FN4_TEST_POSTGRES_URL"), reason="FN4_TEST_POSTGRES_URL is not set")
-def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4):
-    url = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"])
+def test_catalogue_outage_keeps_rows_pauses_inserts_and_recovers(harness, emulator, fn4, postgres_schema):
+    url, schema = postgres_schema
+    url = sa.make_url(url)
     with TCPProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
         h = harness(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-                    retry_cap=0.2)
-        with h.engine.begin() as conn:
-            conn.execute(h.catalogue.attempts.delete())
-            conn.execute(h.catalogue.batches.delete())
+                    schema=schema, retry_cap=0.2)
         total = osa.MAX_UNWRITTEN_ROWS + 15
         put_all(emulator, [(f"s{i:03d}.fasta", fasta(f"s{i:03d}")) for i in range(total)])
         proxy.cut()

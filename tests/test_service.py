@@ -77,7 +77,7 @@ def test_status_reports_backlog_outcomes_and_failed_files(fn4, emulator, oci_con
     assert loader["host_name"] == socket.gethostname() and loader["server_url"] == fn4.url
     for key in ("last_batch", "last_success"):
         assert datetime.fromisoformat(loader[key]) > osa.utcnow() - timedelta(minutes=5)
-    assert loader["backlog"] == 4
+    assert loader["backlog"] == 0  # files pending: all are loaded or failed
     assert loader["outcomes"] == {"inserted": 3, "failed": 1}
     [failed] = loader["failed_files"]
     assert failed["file_name"] == "bad.fasta" and failed["outcome"] == "failed"
@@ -102,8 +102,8 @@ def test_status_server_filter_matches_what_the_loader_was_given(fn4, emulator, o
 def test_status_is_critical_when_the_catalogue_is_stale(loaders, emulator, database):
     """No batch nor attempt for 3 poll intervals is critical; a longer poll interval makes the same rows OK."""
     upload_series(emulator, GOOD_AND_BAD[:3])
-    hour_ago = osa.utcnow() - timedelta(hours=1)
-    loader = loaders(*database, clock=lambda: hour_ago)
+    half_hour_ago = osa.utcnow() - timedelta(minutes=30)
+    loader = loaders(*database, clock=lambda: half_hour_ago)
     loader.run(once=True)
     assert loader.catalogue.flush(30)
     code, report = status_json(database, "--poll-interval", 180)
@@ -135,17 +135,17 @@ def test_a_loader_replaced_by_another_host_is_not_critical(loaders, emulator, tm
 
 
 def test_status_is_critical_when_most_inserts_fail(fn4, emulator, oci_config, tmp_path):
-    """Inserts fn4 answers 500 count as insert failures: critical above the share, warning at share 1."""
+    """Files whose inserts fn4 answers 500 count as failures: critical above the share, warning at share 1."""
     database = (f"sqlite:///{tmp_path / 'c.sqlite'}", None)
     upload_series(emulator, GOOD_AND_BAD[:3])
     fn4.script(Scripted(status=500, times=-1))
     assert load_once(fn4, emulator, oci_config, database).exit_code == 0
     code, report = status_json(database)
     assert code == 2 and report["loaders"][0]["outcomes"] == {"retry": 3}
-    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 failed attempts" in p] == ["critical"]
+    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 of 3 files" in p] == ["critical"]
     code, report = status_json(database, "--critical-failure-share", 1)
     assert code == 1 and report["status"] == "warning"
-    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 failed attempts" in p] == ["warning"]
+    assert [p.split(":")[0] for p in report["loaders"][0]["problems"] if "3 of 3 files" in p] == ["warning"]
 
 
 def test_status_on_an_empty_catalogue_says_no_batch(tmp_path):
@@ -160,34 +160,12 @@ def test_status_on_an_empty_catalogue_says_no_batch(tmp_path):
     assert code == 2 and report["loaders"] == []
 
 
-@pytest.mark.parametrize("kind", ["sqlite-without-tables", "sqlite-missing-file", "postgresql-missing-database"])
-def test_status_on_an_unreadable_catalogue_is_one_error_line(tmp_path, kind):
-    """A catalogue that cannot be read exits 2 with one 'Error:' line and no traceback; no file is made."""
-    url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
-    if kind == "sqlite-missing-file":
-        result = CliRunner().invoke(osa.main, ["status", url])
-        assert result.exit_code == 2 and "does not exist" in result.output, result.output
-        assert not (tmp_path / "empty.sqlite").exists()
-        return
-    if kind == "sqlite-without-tables":
-        (tmp_path / "empty.sqlite").touch()
-    elif os.environ.get("FN4_TEST_POSTGRES_URL"):
-        url = sa.make_url(os.environ["FN4_TEST_POSTGRES_URL"]).set(database="no_such_catalogue_db")
-        url = url.render_as_string(hide_password=False)
-    else:
-        pytest.skip("FN4_TEST_POSTGRES_URL is not set")
-    result = status((url, None), "--json")
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "cannot use the catalogue database" in errors[0], result.output
-
-
 def test_status_queries_compile_for_oracle():
     """Every status query compiles for Oracle, schema-qualified, with no LIMIT and no boolean literals."""
     catalogue = osa.LoadLogger(sa.create_engine("sqlite://"), "FN4LOADER")
     for server in (None, "http://fn4:5025"):
         queries = catalogue.status_queries(osa.utcnow() - osa.STATUS_WINDOW, server)
-        assert set(queries) == {"batches", "times", "outcomes", "failed"}
+        assert set(queries) == {"batches", "backlog", "abandoned", "times", "latest", "outcomes", "recent", "failed"}
         for name, query in queries.items():
             sql = str(query.compile(dialect=oracle.dialect()))
             assert '"FN4LOADER".fn4' in sql, name

@@ -121,7 +121,7 @@ def test_old_rows_are_kept_and_missing_columns_added(fn4, emulator, oci_config, 
     fn4.guids.update({"old-a": "ACGT", "old-b": "ACGT"})
     status = ["status", database[0], *(["--db-schema", database[1]] if database[1] else [])]
     before = CliRunner().invoke(osa.main, status)
-    assert before.exit_code == 2 and "upgraded when `run` next starts" in before.output, before.output
+    assert before.exit_code == 3 and "upgraded when `run` next starts" in before.output, before.output
     result = run_once(fn4, emulator, oci_config, database)
     assert result.exit_code == 0, result.output
     assert "catalogue tables upgraded, every row kept" in result.output
