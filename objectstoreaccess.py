@@ -2757,7 +2757,8 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     fn4 server); the latest cycles were abandoned or paused because fn4 or Object Storage was
     unavailable; or more than the critical share of the files tried in the last hour failed for
     reasons of fn4, Object Storage or the loader. Warning: such a failure, a retry in the last
-    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read.
+    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read. Running
+    instances are listed, active or standby; critical too when none holds their lease.
     """
     now = utcnow()
     reason = None
