@@ -16,9 +16,21 @@ failure handling, metrics, deployment and monitoring SQL.
 """
 from __future__ import annotations
 
+import signal
+if __name__ == "__main__":
+    # Run as a script, the imports below take half a second. Stop signals that arrive meanwhile are
+    # held here and honoured by the command line once its own handlers are in (_install_signal_handlers).
+    # Imported as a module, nothing is installed.
+    _EARLY_SIGNALS: list[int] = []
+    _EARLY_HANDLERS = {signum: signal.signal(signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+                       for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+else:
+    _EARLY_SIGNALS, _EARLY_HANDLERS = [], {}
+
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import html
 import http.client
@@ -29,13 +41,13 @@ import os
 import queue
 import random
 import re
-import signal
 import socket
 import ssl
 import stat
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,6 +79,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
+PREFETCH_JOIN_TIMEOUT = 2.0              # seconds a batch waits for the prefetcher to end when it stops early
 PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
 WRITE_BATCH_ROWS = 16                    # catalogue rows gathered before a write (below MAX_UNWRITTEN_ROWS)
@@ -74,6 +87,7 @@ WRITE_BATCH_DELAY = 1.0                  # seconds the writer waits for more row
 MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue rows than this are unwritten
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
@@ -87,6 +101,10 @@ AUTO_RETRY_ROUNDS = 3                    # automatic re-queues of a given-up fil
 AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before it is re-queued automatically
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
+DB_CALL_TIMEOUT = 60                     # seconds a catalogue call may take before its connections are dropped
+DB_KEEPALIVE = 30                        # seconds idle before TCP keepalive probes on a catalogue connection
+ONCE_CATALOGUE_PATIENCE = 30.0           # seconds --once waits for a catalogue that refuses writes, then exits 1
+JOURNAL_COMPACT_BYTES = 1 << 20          # a journal larger than this is rewritten without its committed rows
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
@@ -98,6 +116,9 @@ STALE_POLLS = 3                          # poll intervals without progress befor
 STATUS_WINDOW = timedelta(hours=1)       # status judges recent attempts over this window: a recovery clears in it
 LEVELS = ("ok", "warning", "critical", "unknown")  # status verdicts, by exit code
 ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandoned; loader: an unexpected error
+METRICS_WORKERS = 4                      # threads answering /metrics and /healthz; more clients wait their turn
+METRICS_TIMEOUT = 5.0                    # seconds a metrics client has to send its request (and to read the answer)
+METRICS_BACKLOG = 128                    # connections the kernel holds for the metrics port: a scrape burst
 DEFAULT_LEASE_TTL = 60                   # seconds an active loader's lease lasts unless it renews it
 LEASE_CHECK_INTERVAL = 5.0               # seconds between a standby's looks at the lease (at most a third of the TTL)
 LEASE_RETRY = 1.0                        # seconds before a failed renewal is tried again (at most a sixth of the TTL)
@@ -120,7 +141,7 @@ SERVER_BUSY = "server_busy"              # fn4 or a proxy asked us to wait (409 
 REQUEUED = "requeued"                    # an operator, or the daily automatic retry, asked for another try
 UNFINISHED = frozenset({RETRY, SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED})
 LOADED = frozenset({INSERTED, ALREADY_PRESENT, IN_SERVER})
-REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE})
+REQUEUEABLE = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
 # The three states of a file that list, status, the metrics and README share, by its latest outcome:
 # loaded (LOADED), failed (FAILED_FOR_GOOD: finished, not loaded) and pending (no row yet, or UNFINISHED).
 FAILED_FOR_GOOD = frozenset({FAILED, GAVE_UP, DUPLICATE, VANISHED})
@@ -678,21 +699,29 @@ class ObjectStoreClient:
                               "check --config-file, --profile and --auth") from None
         return cls(client, namespace, bucket)
 
+    @property
+    def endpoint(self) -> str:
+        return str(self._client.base_client.endpoint)
+
     def check_access(self) -> None:
-        """Read one listing entry. Raises ConfigError for a missing bucket or refused credentials."""
+        """Read one listing entry, once, without the SDK's retries (a start-up check answers at once).
+
+        Raises ConfigError for a missing bucket or refused credentials, OutageError if Object Storage
+        does not answer or answers with an error.
+        """
         try:
-            self._client.list_objects(self.namespace, self.bucket, limit=1)
+            self._client.list_objects(self.namespace, self.bucket, limit=1,
+                                      retry_strategy=self._oci.retry.NoneRetryStrategy())
         except self._oci.exceptions.ServiceError as exc:
             if exc.status in (401, 403, 404):
                 raise ConfigError(
                     f"Object Storage answered {exc.status} {exc.code} for bucket {self.bucket!r} in "
                     f"namespace {self.namespace!r}: check the names and the credentials' policies") from None
-            log.warning("Object Storage check at start failed (%s %s); will retry in the loop",
-                        exc.status, exc.code)
+            raise OutageError(f"Object Storage at {self.endpoint} answered {exc.status} {exc.code}") from None
         except Exception as exc:  # connection faults at start are outages, not configuration
             if not _is_network_error(exc):
                 raise
-            log.warning("Object Storage is unreachable at start (%s); will retry in the loop", exc)
+            raise OutageError(f"Object Storage at {self.endpoint} is not answering: {_network_cause(exc)}") from None
 
     def list_objects(self, prefix: str | None = None, exclude: str | None = None) -> Iterator[StoredObject]:
         """Yield every FASTA object under ``prefix`` in name order, all pages. Raises OutageError.
@@ -751,7 +780,7 @@ class ObjectStoreClient:
             response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
         except oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
-                raise ObjectChanged(f"object was deleted or replaced after listing ({exc.status})") from None
+                raise self._confirm_change(obj, exc.status) from None
             raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
         except Exception as exc:
             if _is_network_error(exc):
@@ -787,6 +816,27 @@ class ObjectStoreClient:
             response.data.close()
         _check_body(response.headers, received, digest, obj.md5)
         return data
+
+    def _confirm_change(self, obj: StoredObject, status: int) -> LoaderError:
+        """Return ObjectChanged if a fresh listing confirms a 404/412 on a read, else TransientError.
+
+        A listing, not a HEAD, confirms: HEAD needs the same permission as GET, and Object Storage
+        answers 404 when access is refused, so only the listing that queued the file can tell.
+        """
+        try:
+            page = self._client.list_objects(self.namespace, self.bucket, prefix=obj.name, start=obj.name,
+                                             limit=1, fields="name,etag").data
+        except Exception as exc:
+            if not self._is_fault(exc):
+                raise
+            return TransientError(f"Object Storage answered {status} and the listing to confirm it failed: "
+                                  f"{_oci_reason(exc)}")
+        listed = next((item for item in page.get("objects", ()) if item.get("name") == obj.name), None)
+        if listed is None:
+            return ObjectChanged(f"object was deleted after listing (read answered {status}; no longer listed)")
+        if listed.get("etag") != obj.etag:
+            return ObjectChanged(f"object was replaced after listing (read answered {status}; its etag changed)")
+        return TransientError(f"Object Storage answered {status}, but the object is still listed unchanged")
 
     def archive(self, obj: StoredObject, on_success: str) -> str | None:
         """Delete a loaded object, or rename it to PREFIX + name, only if it is unchanged since listing.
@@ -852,7 +902,7 @@ def _oci_reason(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return f"Object Storage answered {status} {getattr(exc, 'code', '')}: {_short(getattr(exc, 'message', ''))}"
-    return _short(exc)
+    return f"Object Storage is not answering: {_network_cause(exc)}" if _is_network_error(exc) else _short(exc)
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -873,6 +923,37 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, requests.RequestException)) or bool(names & {
         "RequestException", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout",
         "ProtocolError", "HTTPError", "ChunkedEncodingError", "IncompleteRead", "ReadTimeoutError"})
+
+
+def _network_cause(exc: BaseException) -> str:
+    """Return the root cause of a network fault in a few words, e.g. 'connection refused'.
+
+    Looks through the chain of wrapped errors (requests, urllib3 and the OCI SDK each wrap the
+    socket's error in their own) for the first one that says what happened.
+    """
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, socket.gaierror):
+            return f"host name not found ({error.strerror or error})"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted ({error.reason}: {error.verify_message or error})"
+        if isinstance(error, ConnectionResetError):
+            return "connection reset"
+        if isinstance(error, TimeoutError) or name in ("ConnectTimeoutError", "ConnectTimeout"):
+            return "timed out"
+        if name in ("ReadTimeoutError", "ReadTimeout"):
+            return "no answer in time"
+        reason = getattr(error, "reason", None)
+        stack += [error.__cause__, error.__context__, reason if isinstance(reason, BaseException) else None]
+        stack += [arg for arg in error.args if isinstance(arg, BaseException)]
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:
@@ -915,6 +996,10 @@ class FN4Client:
         if not isinstance(value, bool):
             raise OutageError(f"fn4 GET {path} answered {_excerpt(value)}, not true or false")
         return value
+
+    def check(self) -> None:
+        """Ask fn4 for its time, as a start-up check. Raises OutageError if it does not answer properly."""
+        self._get_json("/api/v2/server_time", FN4_PROBE_TIMEOUT)
 
     def is_up(self) -> bool:
         """Return True if fn4 answers its server_time route with a JSON object."""
@@ -1020,7 +1105,7 @@ class FN4Client:
                 break
             except requests.RequestException as exc:
                 if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
-                    raise OutageError(f"fn4 GET {path} failed: {_short(exc)}") from None
+                    raise OutageError(f"fn4 at {self.base_url} is not answering: {_network_cause(exc)}") from None
                 log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
@@ -1082,7 +1167,10 @@ def _answer_text(body: bytes) -> str:
         value = json.loads(body)
         text = value if isinstance(value, str) else json.dumps(value)
     except ValueError:
-        text = html.unescape(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")))
+        page = body.decode("utf-8", "replace")
+        if re.search(r"<h1\b", page, re.I):  # the heading repeats the title (Flask, Werkzeug and nginx pages)
+            page = re.sub(r"<title\b.*?</title\s*>", " ", page, flags=re.I | re.S)
+        text = html.unescape(re.sub(r"<[^>]*>", " ", page))
     return " ".join(text.split())[:300]
 
 
@@ -1301,17 +1389,25 @@ def _hide_password(text: str) -> str:
 
 
 def _connect_args(url: sa.URL) -> dict[str, Any]:
-    """Return driver options that put a timeout on connecting (and, where possible, on queries)."""
+    """Return driver options that bound connecting and every call, so a half-open connection fails.
+
+    SQLite: the busy timeout. PostgreSQL (libpq): keepalives while idle, tcp_user_timeout for sent
+    data never acknowledged, and statement_timeout. MariaDB/MySQL: read and write timeouts. Oracle:
+    expire_time (keepalive probes, minutes); call_timeout is set on each connection (LoadLogger.connect).
+    """
     backend = url.get_backend_name()
     if backend == "sqlite":
         return {"timeout": DB_CONNECT_TIMEOUT}
     if backend == "postgresql":
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "options": "-c statement_timeout=60000"}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": DB_KEEPALIVE,
+                "keepalives_interval": DB_KEEPALIVE // 3, "keepalives_count": 3,
+                "tcp_user_timeout": DB_CALL_TIMEOUT * 1000, "options": f"-c statement_timeout={DB_CALL_TIMEOUT * 1000}"}
     if backend in ("mysql", "mariadb"):
-        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": 60, "write_timeout": 60}
+        return {"connect_timeout": DB_CONNECT_TIMEOUT, "read_timeout": DB_CALL_TIMEOUT,
+                "write_timeout": DB_CALL_TIMEOUT}
     if backend == "oracle":
         tns_admin = os.environ.get("TNS_ADMIN")
-        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT}
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}
         if tns_admin:
             args.update(config_dir=tns_admin, wallet_location=tns_admin)
             if os.environ.get("WALLET_PASSWORD"):
@@ -1517,47 +1613,271 @@ class Lease:
             self.release()
 
 
+def _bound_oracle_calls(dbapi_connection: Any, _record: Any) -> None:
+    """Give each new Oracle connection a call timeout (python-oracledb sets it per connection, in ms)."""
+    dbapi_connection.call_timeout = DB_CALL_TIMEOUT * 1000
+
+
+def _shut_socket(dbapi_connection: Any) -> None:
+    """Shut down a driver connection's socket, so a call blocked on it returns with an error at once."""
+    fileno = getattr(dbapi_connection, "fileno", None)  # libpq drivers
+    sock = getattr(dbapi_connection, "_sock", None)     # PyMySQL
+    try:
+        if callable(fileno):
+            with socket.socket(fileno=os.dup(fileno())) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        elif isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # noqa: BLE001  a connection already closed: nothing left to shut
+        pass
+
+
+#: The columns that identify a row, so a row that may already be written is written only if missing.
+_ROW_KEYS = {
+    "fn4batchload": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "check_time"),
+    "fn4loadattempt": ("host_name", "findneighbour_server_url", "oci_namespace", "bucket_name", "file_name",
+                       "object_etag", "batch_start_time", "outcome"),
+}
+_TIME_COLUMNS = frozenset(f.name for record in (BatchRow, AttemptRow) for f in dataclasses.fields(record)
+                          if f.metadata["type"] is TIMESTAMP)
+
+
+def _key_value(value: Any) -> Any:
+    """Return a key column's value as comparable across databases (Oracle stores '' as NULL)."""
+    return None if value == "" else value
+
+
+def journal_path(url: sa.URL, schema: str | None, bucket: str) -> Path:
+    """Return where ``run`` journals catalogue rows by default: beside a SQLite file, else in the state folder."""
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database)
+        return database.with_name(f"{database.name}.{safe_file_name(bucket)}.journal")
+    name = "-".join(str(part) for part in (url.get_backend_name(), url.host, url.port, url.database, schema) if part)
+    return DEFAULT_SQLITE_PATH.parent / f"{safe_file_name(name)}.{safe_file_name(bucket)}.journal"
+
+
+class RowJournal:
+    """A local append-only file of the catalogue rows not yet committed, so a dead process loses none.
+
+    Each row is one JSON line, written with one write() before it is queued for the database (no
+    fsync: it must outlive the process, not the machine); a line ``{"done": N}`` says rows up to N
+    are committed, and the file is emptied once every row in it is. ``open`` returns the rows to
+    replay; a torn last line is skipped. A ``.lock`` file beside it keeps a second loader out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.next_id = 1
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._size = 0
+        self._failed = False
+
+    def open(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """Lock the journal and return its uncommitted rows as (id, table name, values). Raises ConfigError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the journal {self.path}: {exc.strerror}; "
+                              "choose another --journal") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise ConfigError(f"the journal {self.path} is in use by another loader: give each loader "
+                              "its own --journal") from None
+        try:
+            entries = self._read()
+            self._rewrite(entries)  # drops committed rows and a torn line, so appends start on a new line
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"cannot use the journal {self.path}: {exc.strerror}; choose another --journal") from None
+        return entries
+
+    def _read(self) -> list[tuple[int, str, dict[str, Any]]]:
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        rows: dict[int, tuple[int, str, dict[str, Any]]] = {}
+        done = 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if "done" in entry:
+                    done = max(done, int(entry["done"]))
+                else:
+                    values = {k: datetime.fromisoformat(v) if k in _TIME_COLUMNS and v else v
+                              for k, v in entry["row"].items()}
+                    rows[int(entry["n"])] = (int(entry["n"]), str(entry["table"]), values)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                if number == len(lines):
+                    log.warning("skipped the torn last line of the journal %s (the process died writing it)",
+                                self.path)
+                else:
+                    log.warning("skipped unreadable line %d of the journal %s", number, self.path)
+        self.next_id = max([done, *rows]) + 1
+        return [rows[n] for n in sorted(rows) if n > done]
+
+    def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+        """Replace the file with these rows only: written beside it, then renamed over it in one step."""
+        lines = b"".join(self._line(n, table, values) for n, table, values in entries)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(lines)
+        os.replace(temporary, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(lines)
+
+    @staticmethod
+    def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
+        return json.dumps({"n": n, "table": table, "row": values}, default=_json_value).encode() + b"\n"
+
+    def append(self, n: int, table: str, values: dict[str, Any]) -> bool:
+        """Add one row in one write(); return False, once warned, if it could not be written."""
+        return self._write(self._line(n, table, values))
+
+    def committed(self, through: int, pending: deque[tuple[int, sa.Table, dict[str, Any], float]]) -> None:
+        """Note that rows up to ``through`` are in the database; ``pending`` is the writer's queue after them."""
+        if self._fd is None:
+            return
+        if not pending:
+            self._truncate()
+        elif self._size > JOURNAL_COMPACT_BYTES:
+            try:
+                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
+            except OSError as exc:
+                self._warn(exc)
+        else:
+            self._write(json.dumps({"done": through}).encode() + b"\n")
+
+    def _truncate(self) -> None:
+        try:
+            os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
+            self._size = 0
+        except OSError as exc:
+            self._warn(exc)
+
+    def _write(self, line: bytes) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                os.ftruncate(self._fd, self._size)  # never leave half a line for the next one to join
+                raise OSError(28, "short write (is the disk full?)")
+        except OSError as exc:
+            self._warn(exc)
+            return False
+        self._size += written
+        if self._failed:
+            log.warning("the journal %s can be written again", self.path)
+            self._failed = False
+        return True
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._failed:
+            log.warning("cannot write the journal %s (%s): rows not yet in the catalogue would be lost if the "
+                        "process died now", self.path, exc.strerror or exc)
+            self._failed = True
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # closing the lock file's descriptor releases the lock
+        self._fd = self._lock_fd = None
+
+
 class LoadLogger:
     """The catalogue: write batch and attempt rows, and read back which files are finished.
 
     Rows are queued and written by a background thread, in order, so an insert never waits for
     the database. When the database is down, rows stay queued and are retried with a capped
-    backoff; ``unwritten`` tells the loader how many wait.
+    backoff; ``unwritten`` tells the loader how many wait. With a ``journal`` each row is also
+    kept in a local file until committed, and rows left there by an earlier process are replayed.
+    A call that takes longer than ``call_timeout`` seconds (a half-open connection) has the
+    engine's connections shut under it, and is retried on a new one.
     """
 
-    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0) -> None:
+    def __init__(self, engine: sa.Engine, schema: str | None = None, retry_cap: float = 30.0,
+                 journal: Path | None = None, call_timeout: float = DB_CALL_TIMEOUT) -> None:
         self.engine = engine
         self.retry_cap = retry_cap
+        self.call_timeout = call_timeout
+        self.patience: float | None = None  # set for --once: seconds of refused writes before giving up
         self.metadata, self.batches, self.attempts = build_tables(schema)
         self.leases = build_lease_table(schema)
-        self._pending: deque[tuple[sa.Table, dict[str, Any]]] = deque()
+        # (id, table, values, monotonic time queued), in the order written
+        self._pending: deque[tuple[int, sa.Table, dict[str, Any], float]] = deque()
         self._changed = threading.Condition()
         self._closing = False
         self._urgent = 0  # callers waiting for rows to be written: write at once
-        self._outage_since: float | None = None
+        self._outage_since: float | None = None  # when writes began to fail; None while they succeed
+        self._last_error = ""
+        self._waited_warning = False
+        self._next_id = 1
+        self._uncertain_through = 0  # rows up to this id may be in the database already: write the missing
+        self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
+        self._unjournaled_ids: set[int] = set()
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
+        self._connections_lock = threading.Lock()
+        sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
+        self.journal = RowJournal(journal) if journal else None
+        if self.journal:
+            tables = {t.name: t for t in (self.batches, self.attempts)}
+            replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
+            self._next_id = self.journal.next_id
+            self._pending.extend((n, table, values, time.monotonic()) for n, table, values in replay)
+            self._uncertain_through = replay[-1][0] if replay else 0
+            if replay:
+                log.warning("replaying %d catalogue rows left in the journal %s by an earlier run", len(replay),
+                            self.journal.path)
+
+    def _track(self, dbapi_connection: Any, _record: Any) -> None:
+        if callable(getattr(dbapi_connection, "fileno", None)) or hasattr(dbapi_connection, "_sock"):
+            with self._connections_lock:
+                self._connections.add(dbapi_connection)
 
     @staticmethod
     def connect(database: str | None, read_only: bool = False) -> sa.Engine:
         """Return an engine for the database argument (see resolve_database). Raises ConfigError."""
         url = resolve_database(database, read_only=read_only)
         try:
-            return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, connect_args=_connect_args(url))
         except (sa.exc.NoSuchModuleError, ImportError) as exc:
             raise ConfigError(f"no database driver for {url.render_as_string(hide_password=True)}: {_short(exc)}; "
                               "check the URL's dialect+driver and that the driver is installed") from None
+        if url.get_backend_name() == "oracle":
+            sa.event.listen(engine, "connect", _bound_oracle_calls)
+        return engine
 
     @classmethod
-    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False
-                          ) -> LoadLogger:
+    def from_database_arg(cls, database: str | None, schema: str | None = None, read_only: bool = False,
+                          journal: Path | None = None, bucket: str | None = None) -> LoadLogger:
         """Connect, create or upgrade the tables and start the writer. Raises ConfigError if unreachable.
 
         ``read_only``: a missing SQLite file is an error (CatalogueMissing) instead of being made.
+        With ``bucket`` (the loader), rows are journaled: in ``journal``, or by default where
+        journal_path puts it; rows an earlier run left there are written before this returns.
         """
-        catalogue = cls(cls.connect(database, read_only), schema)
-        catalogue.at_start(catalogue.create_tables)
+        engine = cls.connect(database, read_only)
+        path = (journal or journal_path(engine.url, schema, bucket)) if bucket else None
+        catalogue = cls(engine, schema, journal=path)
+        try:
+            catalogue.at_start(catalogue.create_tables)
+        except ConfigError:
+            catalogue.close(0)
+            raise
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
-        return catalogue.start()
+        catalogue.start()
+        if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT, until_failure=True):
+            log.warning("%d rows from the journal are not yet written; they are retried", catalogue.unwritten)
+        return catalogue
 
     def at_start(self, action: Callable[[], Any]) -> Any:
         """Return what ``action`` returns; raise ConfigError if it fails (see unusable).
@@ -1607,31 +1927,56 @@ class LoadLogger:
     def record_attempt(self, row: AttemptRow) -> None:
         self._enqueue(self.attempts, row)
 
+    @property
+    def failing(self) -> bool:
+        """True while the catalogue refuses writes (the last write failed)."""
+        return self._outage_since is not None
+
     def _enqueue(self, table: sa.Table, row: Any) -> None:
         values = {f.name: _naive_utc(v) if isinstance(v := getattr(row, f.name), datetime) else v
                   for f in dataclasses.fields(row)}
         with self._changed:
-            self._pending.append((table, values))
+            n, self._next_id = self._next_id, self._next_id + 1
+            if self.journal and not self.journal.append(n, table.name, values):  # first the journal, then the queue
+                self._unjournaled_ids.add(n)
+            self._pending.append((n, table, values, time.monotonic()))
             self._changed.notify_all()
 
+    def pending_attempts(self) -> list[dict[str, Any]]:
+        """Return the values of the attempt rows not yet written, oldest first (rows replayed at start)."""
+        with self._changed:
+            return [values for _, table, values, _ in self._pending if table is self.attempts]
+
     def wait_until_below(self, limit: int, stop: threading.Event) -> None:
-        """Block while more than ``limit`` rows are unwritten, unless stop is set."""
+        """Block while more than ``limit`` rows are unwritten, unless stop is set.
+
+        Raises OutageError if ``patience`` is set and writes have failed for longer than that.
+        """
         with self._changed:
             if len(self._pending) <= limit:
                 return  # the common case: do not hurry the writer, which gathers rows
             self._urgent += 1
             self._changed.notify_all()
-            while len(self._pending) > limit and not stop.is_set():
-                self._changed.wait(0.5)
-            self._urgent -= 1
+            try:
+                while len(self._pending) > limit and not stop.is_set():
+                    if (self.patience is not None and self._outage_since is not None
+                            and time.monotonic() - self._outage_since > self.patience):
+                        raise OutageError(f"the catalogue database refused writes for {self.patience:g} s "
+                                          f"({self._last_error}); {len(self._pending)} rows wait")
+                    self._changed.wait(0.5)
+            finally:
+                self._urgent -= 1
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were."""
+    def flush(self, timeout: float, until_failure: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for every queued row to be written; True if all were.
+
+        With ``until_failure``, stop waiting as soon as a write fails.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             self._urgent += 1
             self._changed.notify_all()
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and time.monotonic() < deadline and not (until_failure and self._outage_since):
                 self._changed.wait(min(0.2, max(deadline - time.monotonic(), 0)))
             self._urgent -= 1
             return not self._pending
@@ -1642,9 +1987,62 @@ class LoadLogger:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-            left = [values for _, values in self._pending]
+            left = [values for _, _, values, _ in self._pending]
+            self.unjournaled = [values for n, _, values, _ in self._pending
+                                if self.journal is None or n in self._unjournaled_ids]
+            if self.journal:
+                self.journal.close()
         self.engine.dispose()
         return left
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a catalogue call: every ``call_timeout`` seconds it has not ended, shut its connections.
+
+        Again and again, not once: the driver may reconnect by itself (pool pre-ping) and the new
+        connection can go half-open too.
+        """
+        ended = threading.Event()
+
+        def watch() -> None:
+            while not ended.wait(self.call_timeout):
+                self._drop_connections(what)
+
+        watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            ended.set()
+            watcher.join(self.call_timeout)
+
+    def _drop_connections(self, what: str) -> None:
+        log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
+                    "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            _shut_socket(connection)
+
+    def _warn_if_waiting(self) -> None:
+        """Warn once when the oldest unwritten row has waited longer than ``call_timeout``."""
+        with self._changed:
+            waited = time.monotonic() - self._pending[0][3] if self._pending else 0.0
+        if waited > self.call_timeout and not self._waited_warning:
+            self._waited_warning = True
+            log.warning("%d catalogue rows have waited %.0f s to be written (%s); the writer keeps trying%s",
+                        len(self._pending), waited, self._last_error or "no answer",
+                        f"; they are kept in the journal {self.journal.path}" if self.journal else "")
+
+    def _missing(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return the rows not yet in the table, found by their key columns (_ROW_KEYS)."""
+        keys = _ROW_KEYS[table.name]
+        moment = "check_time" if table is self.batches else "batch_start_time"
+        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in rows})))
+        if table is self.attempts:
+            query = query.where(table.c.file_name.in_(list({r["file_name"] for r in rows})))
+        found = {tuple(map(_key_value, row)) for row in conn.execute(query)}
+        return [r for r in rows if tuple(_key_value(r[k]) for k in keys) not in found]
 
     def _write_forever(self) -> None:
         failures = 0
@@ -1658,20 +2056,32 @@ class LoadLogger:
                                        timeout=WRITE_BATCH_DELAY)
                 if self._closing:
                     return
-                table = self._pending[0][0]
-                batch = []
-                for queued_table, values in self._pending:
+                table = self._pending[0][1]
+                batch, ids = [], []
+                for n, queued_table, values, _ in self._pending:
                     if queued_table is not table or len(batch) >= 200:
                         break
                     batch.append(values)
+                    ids.append(n)
+                # A write that failed may have been committed all the same (the answer was lost):
+                # such rows, and rows replayed from the journal, are written only if missing.
+                uncertain = self._pending[0][0] <= self._uncertain_through
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(table.insert(), batch)
+                with self._deadline("write"), self.engine.begin() as conn:
+                    rows = self._missing(conn, table, batch) if uncertain else batch
+                    if rows:
+                        conn.execute(table.insert(), rows)
             except sa.exc.SQLAlchemyError as exc:
                 failures += 1
+                with self._changed:
+                    self._uncertain_through = max(self._uncertain_through, ids[-1])
+                    self._outage_since = self._outage_since or time.monotonic()
+                    self._last_error = _short(getattr(exc, "orig", None) or exc)
+                    self._changed.notify_all()
                 if failures == 1:
                     log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
-                                len(self._pending), _short(getattr(exc, "orig", None) or exc))
+                                len(self._pending), self._last_error)
+                self._warn_if_waiting()
                 with self._changed:
                     self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
                 continue
@@ -1681,6 +2091,11 @@ class LoadLogger:
             with self._changed:
                 for _ in batch:
                     self._pending.popleft()
+                self._outage_since = None
+                self._waited_warning = False
+                self._unjournaled_ids.difference_update(ids)
+                if self.journal:
+                    self.journal.committed(ids[-1], self._pending)
                 self._changed.notify_all()
 
     def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
@@ -1695,7 +2110,7 @@ class LoadLogger:
         mine = sa.and_(a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket)
         latest = (sa.select(sa.func.max(a.gp_int_id).label("id")).where(mine)
                   .group_by(a.file_name, a.object_etag).subquery())
-        with self.engine.begin() as conn:
+        with self._deadline("removal of old rows"), self.engine.begin() as conn:
             batches = conn.execute(self.batches.delete().where(
                 b.findneighbour_server_url == server_url, b.oci_namespace == namespace, b.bucket_name == bucket,
                 b.check_time < before))
@@ -1838,7 +2253,7 @@ class LoadLogger:
                  .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
                         a.bucket_name == bucket, a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
-        with self.engine.connect() as conn:
+        with self._deadline("read"), self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
 
 
@@ -1903,12 +2318,20 @@ class Metrics:
                                       "max_age": self.max_age, "cycles": self.completed_cycles}
 
     def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from a daemon thread; return the server. Raises ConfigError."""
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+
+        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
+        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
+        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
+        away early is logged at DEBUG only.
+        """
+        from http.server import BaseHTTPRequestHandler, HTTPServer
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = METRICS_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -1927,12 +2350,52 @@ class Metrics:
             def log_message(self, *_args: Any) -> None:
                 pass
 
+        class Server(HTTPServer):
+            request_queue_size = METRICS_BACKLOG
+
+            def __init__(self, address: tuple[str, int]) -> None:
+                super().__init__(address, Handler)
+                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
+                self.closing = threading.Event()
+                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
+                                for n in range(METRICS_WORKERS)]
+                for worker in self.workers:
+                    worker.start()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # Waits while every worker is busy, so that further clients wait in the backlog.
+                while not self.closing.is_set():
+                    try:
+                        self.accepted.put((request, client_address), timeout=0.5)
+                        return
+                    except queue.Full:
+                        continue
+                self.shutdown_request(request)
+
+            def work(self) -> None:
+                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
+                    try:
+                        self.finish_request(*item)
+                    except Exception:
+                        self.handle_error(*item)
+                    finally:
+                        self.shutdown_request(item[0])
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
+
+            def shutdown(self) -> None:
+                self.closing.set()
+                super().shutdown()
+                for _ in self.workers:
+                    with contextlib.suppress(queue.Full):
+                        self.accepted.put_nowait(None)
+
         try:
-            server = ThreadingHTTPServer((host, port), Handler)
+            server = Server((host, port))
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
                               "choose another --metrics-port") from None
-        server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 
@@ -2055,12 +2518,14 @@ class Loader:
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
         summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
+        # rows are written a moment after they are made: only rows the database does not take now are news
+        unwritten = 0 if self.catalogue.flush(WRITE_BATCH_DELAY) else self.catalogue.unwritten
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
-                 "%d failed, %d to retry%s; %d catalogue rows unwritten", self.cycles + 1, len(objects),
+                 "%d failed, %d to retry%s%s", self.cycles + 1, len(objects),
                  len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
-                 self.catalogue.unwritten, extra={"fields": {
+                 f"; {unwritten} catalogue rows waiting to be written" if unwritten else "", extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
-                     "settled": len(settled), **dataclasses.asdict(summary)}})
+                     "settled": len(settled), "unwritten": unwritten, **dataclasses.asdict(summary)}})
         return summary
 
     def _active(self) -> bool:
@@ -2158,6 +2623,12 @@ class Loader:
         Returns True if the catalogue was read up to our own latest row.
         """
         if self.catalogue.unwritten:
+            if not self._files:  # at start: rows replayed from the journal are the newest known
+                for row in self.catalogue.pending_attempts():
+                    if (row["findneighbour_server_url"], row["oci_namespace"], row["bucket_name"]) == (
+                            self.fn4.base_url, self.store.namespace, self.store.bucket):
+                        self._files[(row["file_name"], row["object_etag"])] = (
+                            row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
             return False  # our own rows are not all in yet; the in-memory state is newer
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
@@ -2196,6 +2667,7 @@ class Loader:
         """
         owners: dict[str, StoredObject] = {}
         candidates, settled = [], []
+        skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
         for obj in objects:  # oldest first, so the oldest object owns its guid
             completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
             owner = owners.get(obj.guid)
@@ -2205,6 +2677,10 @@ class Loader:
                 if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
                     log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
                     candidates.append(obj)
+                else:
+                    skipped[outcome] = skipped.get(outcome, 0) + 1
+                    if outcome not in LOADED:
+                        log.debug("skipping %s: finished earlier as %s", obj.name, outcome)
                 continue
             if owner is not None and owner.name != obj.name:
                 settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
@@ -2212,6 +2688,10 @@ class Loader:
                 settled.append((obj, FAILED, problem))
             else:
                 candidates.append(obj)
+        if skipped:
+            loaded = sum(n for outcome, n in skipped.items() if outcome in LOADED)
+            log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
+                      "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
             server_guids = self.fn4.guids()
             self._server_count = len(server_guids)
@@ -2249,10 +2729,9 @@ class Loader:
 
     def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
         """Insert each prepared sample while the next ones download; return counts and paused."""
-        loaded = failed = retried = 0
         self.metrics.backlog.set(len(todo))
         if not todo:
-            return loaded, failed, retried, False
+            return 0, 0, 0, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
         abandon = threading.Event()
         # While the prefetcher runs Python code, fn4's answer waits for the GIL up to the switch
@@ -2261,7 +2740,17 @@ class Loader:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         producer = threading.Thread(target=self._prefetch, args=(todo, prepared, abandon),
                                     name="prefetch", daemon=True)
-        producer.start()
+        try:  # whatever happens in the batch, the prefetcher ends and the switch interval is put back
+            producer.start()
+            return self._insert_each(todo, started, prepared)
+        finally:
+            self._end_prefetch(producer, prepared, abandon)
+            sys.setswitchinterval(switch_interval)
+
+    def _insert_each(self, todo: list[StoredObject], started: datetime, prepared: queue.Queue[Any]
+                     ) -> tuple[int, int, int, bool]:
+        """Insert samples as the prefetcher hands them over, until the end, a stop or an outage."""
+        loaded = failed = retried = 0
         number = 0
         paused = False
         while (item := prepared.get()) is not _END:
@@ -2281,12 +2770,17 @@ class Loader:
             else:
                 failed += 1
             self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
-        abandon.set()
-        while item is not _END and not self.stop.is_set():
-            item = prepared.get()  # unblock the prefetcher so it sees abandon and ends
-            prepared.task_done()
-        sys.setswitchinterval(switch_interval)
         return loaded, failed, retried, paused
+
+    def _end_prefetch(self, producer: threading.Thread, prepared: queue.Queue[Any], abandon: threading.Event) -> None:
+        """Tell the prefetcher to stop and join it, bounded; a download in flight ends it a little later."""
+        with prepared.all_tasks_done:
+            abandon.set()
+            prepared.all_tasks_done.notify_all()
+        if producer.ident is not None:
+            producer.join(PREFETCH_JOIN_TIMEOUT)
+        if producer.is_alive():
+            log.debug("the prefetcher is still reading a sample; it ends when the read does")
 
     def _prefetch(self, todo: list[StoredObject], prepared: queue.Queue[Any],
                   abandon: threading.Event) -> None:
@@ -2299,10 +2793,13 @@ class Loader:
             for obj in todo:
                 if abandon.is_set() or self.stop.is_set():
                     break
-                prepared.put(self._prepare(obj))
-                prepared.join()
+                prepared.put(self._prepare(obj))  # the queue is empty here: this never blocks
+                with prepared.all_tasks_done:  # wait until the inserter takes it, or abandons the batch
+                    while prepared.unfinished_tasks and not abandon.is_set():
+                        prepared.all_tasks_done.wait()
         finally:
-            prepared.put(_END)
+            if not abandon.is_set():  # an abandoning inserter reads no more, and a full queue would block
+                prepared.put(_END)
 
     def _prepare(self, obj: StoredObject) -> Prepared:
         """Download, parse and validate one object; failures become part of the result."""
@@ -2310,8 +2807,13 @@ class Loader:
         sample: Sample | None = None
         error: LoaderError | None = None
         try:
-            # No name holds the downloaded text: it is freed as soon as it is parsed (peak memory).
-            seqid, seq = parse_fasta(self.store.read_object(obj, self.settings.max_object_bytes))
+            began = time.monotonic()
+            content = self.store.read_object(obj, self.settings.max_object_bytes)
+            downloaded = time.monotonic()
+            seqid, seq = parse_fasta(content)
+            del content  # the downloaded text is freed as soon as it is parsed (peak memory)
+            log.debug("read %s: %d bytes downloaded in %.0f ms, parsed in %.0f ms: %d bases", obj.name, obj.size,
+                      (downloaded - began) * 1000, (time.monotonic() - downloaded) * 1000, len(seq))
             expected = self.settings.expected_length
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
@@ -2341,6 +2843,8 @@ class Loader:
         result = self.fn4.post_insert(sample.form)
         facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
                      insert_status_code=result.status_code)
+        log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name, len(sample.form),
+                  result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
         if result.outcome == INSERTED:
             self._server_count += 1
         # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
@@ -2392,7 +2896,8 @@ class Loader:
                   "read_ms": _ms(row.bucket_read_start_time, row.bucket_read_end_time),
                   "insert_ms": _ms(row.insert_start_time, row.insert_end_time),
                   "status": row.insert_status_code, "error": row.error_text}
-        log.log(level, "%s %s: %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.size,
+        log.log(level, "%s %s: %s, %s bytes, read %s ms, insert %s ms, status %s%s", outcome, obj.guid, obj.name,
+                obj.size,
                 *("-" if fields[k] is None else fields[k] for k in ("read_ms", "insert_ms", "status")),
                 f" ({row.error_text})" if row.error_text else "", extra={"fields": fields})
         return outcome
@@ -2493,13 +2998,23 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
     root.setLevel(level.upper())
     for noisy in ("oci", "urllib3", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    if log_format == "json":  # so that every line on stderr is JSON: warnings and tracebacks go through logging
+        logging.captureWarnings(True)
+        sys.excepthook = lambda kind, error, trace: log.critical("unexpected error: %s", _short(error),
+                                                                 exc_info=(kind, error, trace))
+        threading.excepthook = lambda args: log.error(
+            "unexpected error in thread %s: %s", args.thread.name if args.thread else "?",
+            _short(args.exc_value or Exception()), exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT: finish the current sample and exit; second: exit at once.
+    """First SIGTERM/SIGINT/SIGHUP: finish the current sample and exit; second: exit at once.
 
-    A first signal also arms a deadline that ends the process SHUTDOWN_GRACE seconds later.
-    Returns a function that disarms it and puts the previous handlers back.
+    The handler interrupts the main thread wherever it is, perhaps inside a lock that logging or
+    Sentry holds, so it takes no lock and logs nothing: it writes the signal's number to a pipe. A
+    small thread reads it, sets ``stop``, logs, and arms a deadline that ends the process
+    SHUTDOWN_GRACE seconds later. A signal held while the script imported its libraries counts as a
+    first signal. Returns a function that disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
         log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
@@ -2509,31 +3024,89 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
 
     deadline = threading.Timer(SHUTDOWN_GRACE, give_up_waiting)
     deadline.daemon = True
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
     def handle(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        if stop.is_set():  # reads a flag: no lock
             os._exit(128 + signum)
-        stop.set()  # first, so that a second signal arriving during this handler exits at once
-        deadline.start()
-        log.info("%s received: finishing the current sample, then exiting", signal.Signals(signum).name)
+        with contextlib.suppress(OSError):
+            os.write(write_end, bytes([signum]))
 
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    def watch() -> None:
+        received = 0
+        with open(read_end, "rb", buffering=0) as pipe:
+            while (data := pipe.read(1)) and data[0]:  # a 0 byte: restore() ends the watch
+                received += 1
+                if received > 1:  # a second signal came before the first was acted on
+                    os._exit(128 + data[0])
+                stop.set()
+                deadline.start()
+                log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
+
+    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher.start()
+    previous = {signum: _EARLY_HANDLERS.pop(signum, signal.signal(signum, handle)) for signum in STOP_SIGNALS}
+    if _EARLY_SIGNALS:  # held during the imports: acted on now, before anything is loaded
+        handle(_EARLY_SIGNALS[0], None)
+        _EARLY_SIGNALS.clear()
+        stop.wait(1.0)
 
     def restore() -> None:
         deadline.cancel()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"\0")
+        watcher.join(1.0)
+        os.close(write_end)
 
     return restore
 
 
+def _release_early_signals() -> None:
+    """Put back the handlers the script found at start and deliver a stop signal held since (commands but run)."""
+    for signum in list(_EARLY_HANDLERS):
+        signal.signal(signum, _EARLY_HANDLERS.pop(signum))
+    if _EARLY_SIGNALS:
+        signal.raise_signal(_EARLY_SIGNALS.pop(0))
+
+
 class DefaultGroup(click.Group):
-    """A group that runs ``run`` when the first word is not a subcommand, and shows its help."""
+    """A group that runs ``run`` when the first word is not a subcommand, and shows its help.
+
+    With no words at all it runs ``run`` if FN4_URL, OCI_NAMESPACE or OCI_BUCKET is set (in the
+    environment or .env), and shows help otherwise. Errors are one line (see ``main``).
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args.insert(0, "run")
+        elif not args and any(os.environ.get(name) for name in ("FN4_URL", "OCI_NAMESPACE", "OCI_BUCKET")):
+            args.insert(0, "run")
         return super().parse_args(ctx, args)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the command line; a usage error or a ClickException is one line on stderr, 'Error: ...'
+        (JSON under --log-format json), with exit code 2 for usage errors and 1 for the others."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            code = super().main(words, prog_name, complete_var, False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # no words, nothing set: help (click 8.2+)
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as exc:
+            if not _logs_are_json() and _json_wanted(words):
+                _configure_logging("INFO", _SECRETS, "json")
+            _print_error(_error_message(exc))
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _print_error("interrupted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         run = self.commands["run"]
@@ -2543,22 +3116,61 @@ class DefaultGroup(click.Group):
         self.format_commands(ctx, formatter)
 
 
+def _json_wanted(words: list[str]) -> bool:
+    """Return True if the command line or FN4_LOG_FORMAT asks for JSON logs (read before options are parsed)."""
+    pairs = zip(words, words[1:] + [""])
+    return os.environ.get("FN4_LOG_FORMAT") == "json" or any(
+        word == "--log-format=json" or (word, following) == ("--log-format", "json") for word, following in pairs)
+
+
+def _error_message(exc: click.ClickException) -> str:
+    """Return a click error as one line that names an environment variable only if the value came from it."""
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.BadParameter) and exc.param is not None and ctx is not None and not exc.param_hint:
+        param = exc.param
+        hint = (click.Parameter.get_error_hint(param, ctx) if isinstance(param, click.Option)
+                else param.get_error_hint(ctx))
+        envvar = param.envvar if isinstance(param.envvar, str) else None
+        if envvar and ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.ENVIRONMENT:
+            hint += f" (from {envvar})"
+        elif envvar and isinstance(exc, click.MissingParameter):
+            hint += f" (give it, or set {envvar})"
+        exc.param_hint = hint
+    message = exc.format_message()
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
 def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
-           endpoint: str | None) -> ObjectStoreClient:
-    """Build the Object Storage client and check the bucket can be read. Raises ConfigError."""
+           endpoint: str | None, fail_fast: bool = True) -> ObjectStoreClient:
+    """Build the Object Storage client and check the bucket can be read (see _check_service)."""
     store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
-    store.check_access()
+    _check_service(store.check_access, fail_fast)
     return store
 
 
 def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, read_only: bool = False, **oci: Any
-             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
-    """Build the three clients once, failing with ConfigError on anything that needs fixing."""
+             ca_bundle: str | None, fail_fast: bool = True, read_only: bool = False, journaled: bool = False,
+             journal: Path | None = None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+    """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
     fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
-    store = _store(namespace, bucket, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only)
+    _check_service(fn4.check, fail_fast)
+    store = _store(namespace, bucket, fail_fast=fail_fast, **oci)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
     return store, fn4, catalogue
+
+
+def _check_service(check: Callable[[], None], fail_fast: bool) -> None:
+    """Run a start-up check. ConfigError (a thing to fix) passes through; a service that does not answer
+    raises OutageError if ``fail_fast`` (--once, list, upload, download), else it is a warning: the
+    daemon starts anyway, and its loop retries with backoff until the service answers."""
+    try:
+        check()
+    except OutageError as exc:
+        if fail_fast:
+            raise
+        log.warning("%s; loading starts once it answers", exc, extra={"fields": {"event": "unavailable"}})
 
 
 def _apply(decorators: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -2640,8 +3252,11 @@ poll_interval_option = click.option(
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first."""
+    if ctx.invoked_subcommand != "run":  # run installs its own handlers; the others stop as usual
+        _release_early_signals()
 
 
 @main.command()
@@ -2673,11 +3288,16 @@ def main() -> None:
               help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
                    "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
                    "one dying; give every instance the same value.")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
+              help="Local file that keeps catalogue rows until the database has them; rows left there are "
+                   "written at the next start. Default: beside a SQLite catalogue, else in "
+                   "~/.local/state/fn4loader/.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float) -> None:
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float,
+        journal: Path | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -2686,15 +3306,21 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     """
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * poll_interval)
-    with _startup(log_level, log_format) as secrets:
-        settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                            max_object_bytes, reconcile_interval, on_success, retention_days)
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
-        lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
-        server = metrics.serve(*metrics_port) if metrics_port else None
+    with _startup(log_level, log_format):
+        restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
+        try:
+            settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
+                                max_object_bytes, reconcile_interval, on_success, retention_days)
+            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
+                                             fail_fast=once, journaled=True, journal=journal, auth=auth,
+                                             config_file=config_file, profile=profile, endpoint=endpoint)
+            lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
+            server = metrics.serve(*metrics_port) if metrics_port else None
+        except BaseException:
+            restore_signals()
+            raise
+    catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
-    restore_signals = _install_signal_handlers(stop)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
@@ -2703,14 +3329,16 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
             loader.run(once=once)
         if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
             failed = True
-            click.echo(f"Error: the cycle paused with files left to load: {redact(loader.pause_reason or '', secrets)}",
-                       err=True)
+            _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
     except OutageError as exc:
         failed = True
-        click.echo(f"Error: {redact(str(exc), secrets)}", err=True)
+        _print_error(str(exc))
     finally:
-        left = catalogue.close(timeout=3.0 if stop.is_set() else 30.0)
-        for row in left:
+        left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
+        if kept := len(left) - len(catalogue.unjournaled):
+            log.error("%d catalogue rows not written: kept in the journal %s, they are written at the next start",
+                      kept, catalogue.journal.path if catalogue.journal else None)
+        for row in catalogue.unjournaled:
             log.error("catalogue row not written: %s", json.dumps(row, default=str))
         fn4.close()
         restore_signals()
@@ -2725,7 +3353,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
               help="Object name to re-queue; repeat for several. Default: every failed file.")
 def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
-    """Re-queue failed, given-up and duplicate files so the loader tries them again."""
+    """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
     with _startup(log_level, log_format):
         fn4 = FN4Client(fn4_url)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
@@ -2778,7 +3406,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
                                "lease_problems": [f"{LEVELS[lvl]}: {text}" for lvl, text in lease_problems]},
                               default=_json_value, indent=2))
     elif reason:
-        click.echo(f"Error: {reason}", err=True)
+        _print_error(reason)
     else:
         click.echo(_status_text(reports, now, level, server))
         if instances:
@@ -2886,26 +3514,27 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
 
 @main.command()
 @bucket_arguments
-@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.argument("files", nargs=-1, metavar="FILES...", type=click.Path())
 @oci_options
 @prefix_option
 @max_object_bytes_option
 @log_options
-def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, config_file: str | None,
-           profile: str | None, endpoint: str | None, prefix: str | None, max_object_bytes: int, log_level: str,
-           log_format: str) -> None:
+@click.pass_context
+def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ...], auth: str,
+           config_file: str | None, profile: str | None, endpoint: str | None, prefix: str | None,
+           max_object_bytes: int, log_level: str, log_format: str) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
     Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
     a regular file (links followed) within --max-object-bytes holding one FASTA record, gzip or not.
     Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
-    was not uploaded.
+    was not uploaded. NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, files = _bucket_words(ctx, namespace, bucket, files, "FILES...")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
     results = []
-    with click.progressbar(files, label="uploading", item_show_func=lambda p: p and Path(p).name,
-                           file=sys.stderr) as bar:
+    with _progress(files, "uploading", item_show_func=lambda p: p and Path(p).name) as bar:
         for path in bar:
             name = (prefix or "") + Path(path).name
             problem = None if fasta_suffix(name) else "not a FASTA name: " + ", ".join(FASTA_SUFFIXES) + " (.gz)"
@@ -2925,19 +3554,22 @@ def upload(namespace: str, bucket: str, files: tuple[str, ...], auth: str, confi
 
 @main.command()
 @bucket_arguments
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, metavar="NAMES...")
 @click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the files into (made if missing); existing files are never replaced.")
 @oci_options
 @log_options
-def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
+@click.pass_context
+def download(ctx: click.Context, namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
              config_file: str | None, profile: str | None, endpoint: str | None, log_level: str,
              log_format: str) -> None:
     """Download objects, as stored, into a folder under safe local names.
 
     An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
     become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
+    NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
+    namespace, bucket, names = _bucket_words(ctx, namespace, bucket, names, "NAMES...")
     with _startup(log_level, log_format):
         store = _store(namespace, bucket, auth, config_file, profile, endpoint)
         try:
@@ -2945,7 +3577,7 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
         except OSError as exc:
             raise ConfigError(f"cannot make the folder {str(folder)!r}: {exc.strerror}") from None
     results = []
-    with click.progressbar(names, label="downloading", file=sys.stderr) as bar:
+    with _progress(names, "downloading") as bar:
         for name in bar:
             target = folder / safe_file_name(name)
             try:
@@ -2960,6 +3592,23 @@ def download(namespace: str, bucket: str, names: tuple[str, ...], folder: Path, 
                     raise
                 results.append((name, _oci_reason(exc)))
     _report("downloaded", results)
+
+
+def _bucket_words(ctx: click.Context, namespace: str, bucket: str, items: tuple[str, ...], metavar: str
+                  ) -> tuple[str, str, tuple[str, ...]]:
+    """Return (namespace, bucket, items), NAMESPACE and BUCKET left out when OCI_NAMESPACE and OCI_BUCKET are set.
+
+    click gives the first words to NAMESPACE and BUCKET; when both variables are set and those words
+    are not their values, the words are items (files or object names), as in ``upload a.fasta b.fasta``.
+    """
+    given = [value for name, value in (("namespace", namespace), ("bucket", bucket))
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    named = (os.environ.get("OCI_NAMESPACE"), os.environ.get("OCI_BUCKET"))
+    if named[0] and named[1] and given and tuple(given) != named:
+        namespace, bucket, items = named[0], named[1], (*given, *items)
+    if not items:
+        raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
+    return namespace, bucket, items
 
 
 def read_upload(path: str, max_bytes: int) -> bytes:
@@ -3039,8 +3688,32 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     try:
         yield _SECRETS
     except ConfigError as exc:
-        click.echo(f"Error: {redact(str(exc), _SECRETS)}", err=True)
+        _print_error(str(exc))
         sys.exit(2)
+    except OutageError as exc:  # a service did not answer a start-up check (see _check_service)
+        _print_error(str(exc))
+        sys.exit(1)
+
+
+def _print_error(message: str) -> None:
+    """Print a fatal error as one line on stderr: 'Error: ...', or a JSON entry when logs are JSON."""
+    line = "Error: " + redact(" ".join(message.split()), _SECRETS)
+    if _logs_are_json():
+        log.critical("%s", line, extra={"fields": {"event": "fatal"}})
+    else:
+        click.echo(line, err=True)
+
+
+def _logs_are_json() -> bool:
+    return any(isinstance(h, _StderrHandler) and isinstance(h.formatter, _JsonFormatter)
+               for h in logging.getLogger().handlers)
+
+
+def _progress(items: Iterable[Any], label: str, **options: Any) -> Any:
+    """Return a progress bar over items on stderr; under JSON logs, just the items (stderr stays JSON)."""
+    if _logs_are_json():
+        return contextlib.nullcontext(items)
+    return click.progressbar(items, label=label, file=sys.stderr, **options)
 
 
 def _warn_of_password_in_argv() -> None:

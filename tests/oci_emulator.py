@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 MAX_LIST_LIMIT = 1000
 LIST_FIELDS = {f.lower(): f for f in (
     "name", "size", "etag", "md5", "timeCreated", "timeModified", "storageTier", "archivalState")}
-FAULT_KINDS = ("status", "delay", "drop", "truncate", "corrupt")
+FAULT_KINDS = ("status", "delay", "drop", "truncate", "corrupt", "delete", "replace")
 _STATUS_CODES = {400: "InvalidParameter", 401: "NotAuthenticated", 403: "NotAuthorized",
                  404: "NotFound", 409: "Conflict", 412: "PreconditionFailed",
                  429: "TooManyRequests", 503: "ServiceUnavailable"}
@@ -59,6 +59,8 @@ class Fault:
     delay: float = 0.0           # kind="delay": seconds to wait server-side before serving normally
     fraction: float = 0.5        # kind="truncate": share of the body sent before closing
     times: int = 1               # matching requests it applies to; -1 = until clear_faults()
+    # kind="delete" / "replace": the object the request names is deleted, or replaced by new bytes
+    # (a new etag), just before the request is served normally: a change between listing and reading.
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in ("*", method) and self.path_contains in path
@@ -274,6 +276,19 @@ class ObjectStoreEmulator:
                             self._faults.remove(fault)
                     return fault
         return None
+
+    def _change(self, raw_path: str, kind: str) -> None:
+        match = _OBJECT_RE.match(raw_path)
+        if match is None:
+            return
+        _ns, bucket, name = map(unquote, match.groups())
+        with self._lock:
+            objects = self._buckets.get(bucket, {})
+            if name in objects and kind == "delete":
+                del objects[name]
+            elif name in objects:
+                old = objects[name]
+                objects[name] = replace(_new_object(old.data + b"\n", old.time_created), time_modified=_now())
 
     def _record(self, record: RequestRecord) -> None:
         with self._lock:
@@ -507,6 +522,8 @@ class _Handler(BaseHTTPRequestHandler):
             return _error_reply(fault.status, _fault_code(fault.status), "Injected fault")
         if fault is not None and fault.kind == "delay":
             emulator._stopping.wait(fault.delay)
+        if fault is not None and fault.kind in ("delete", "replace"):
+            emulator._change(raw_path, fault.kind)
         if emulator.require_auth and "authorization" not in headers:
             raise OciError(401, "NotAuthenticated", "The required information to complete authentication "
                                                     "was not provided")

@@ -7,8 +7,9 @@ Usage::
         ...
         proxy.cut()        # live connections are closed; new ones are accepted then reset
         proxy.cut(refuse=True)   # ... or: stop listening, so new connections are refused
-        proxy.blackhole()  # connections stay open but nothing gets through, either way: a silent network
         proxy.restore()    # same port, connections are relayed again
+        proxy.blackhole()  # live connections stay open but every byte is dropped; new ones are relayed
+        proxy.blackhole(new=True)  # ... and new ones are accepted but never answered: a silent network
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Link:
 
     def __init__(self, proxy: "TCPProxy", client: socket.socket, upstream: socket.socket):
         self.proxy, self.client, self.upstream = proxy, client, upstream
+        self.blackholed = False  # set by TCPProxy.blackhole(): read and drop, like a dead network path
         self._pending = 2
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._pump, args=(client, upstream), daemon=True),
@@ -69,9 +71,8 @@ class _Link:
                 data = src.recv(65536)
                 if not data:
                     break
-                if self.proxy.is_blackholed:
-                    continue   # swallowed: neither side hears of it
-                dst.sendall(data)
+                if not self.blackholed:
+                    dst.sendall(data)
         except OSError:
             _shutdown(src)
         finally:
@@ -93,8 +94,6 @@ class TCPProxy:
 
     ``cut()`` closes every live connection; until ``restore()``, new connections are accepted and
     immediately reset, or with ``cut(refuse=True)`` the port stops listening so connects are refused.
-    ``blackhole()`` keeps every connection open but relays nothing, and holds new ones unanswered, as a
-    network that silently drops packets would; ``restore()`` resets the connections held so.
     At most ``max_connections`` links are relayed at once; extra connections are reset.
     """
 
@@ -110,8 +109,8 @@ class TCPProxy:
         self.rejected = 0        # connections reset while cut or over max_connections
         self._cut = False
         self._refuse = False
-        self._blackhole = False
-        self._held: list[socket.socket] = []   # connections accepted while black-holed
+        self._hold_new = False                 # set by blackhole(new=True)
+        self._held: list[socket.socket] = []   # connections accepted and left unanswered meanwhile
         self._closed = threading.Event()   # set by the accept loop once it closed the listener
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
@@ -155,14 +154,6 @@ class TCPProxy:
         return self._cut
 
     @property
-    def is_blackholed(self) -> bool:
-        return self._blackhole
-
-    def blackhole(self) -> None:
-        """Relay nothing from now on, in either direction, and leave new connections unanswered."""
-        self._blackhole = True
-
-    @property
     def active_connections(self) -> int:
         with self._lock:
             return len(self._links)
@@ -177,10 +168,21 @@ class TCPProxy:
             self._closed.wait(timeout=5)   # the accept loop closes its own listener
         self._kill_links()
 
+    def blackhole(self, new: bool = False) -> int:
+        """Drop every byte of the live connections from now on, both ways, leaving them open (a half-open
+        path, as when a firewall forgets a connection); new connections are relayed, or with ``new``
+        accepted and held unanswered until restore() resets them. Returns how many live ones."""
+        with self._lock:
+            self._hold_new = new
+            links = list(self._links)
+        for link in links:
+            link.blackholed = True
+        return len(links)
+
     def restore(self) -> None:
         """Relay connections again, on the same port."""
         with self._lock:
-            self._cut = self._refuse = self._blackhole = False
+            self._cut = self._refuse = self._hold_new = False
             held, self._held = self._held, []
             relisten = self._listener is None and self._thread is not None
         for sock in held:
@@ -237,7 +239,7 @@ class TCPProxy:
                 continue
             client.settimeout(None)
             with self._lock:
-                if self._blackhole:
+                if self._hold_new:
                     self._held.append(client)
                     continue
                 refuse = self._cut or len(self._links) >= self.max_connections

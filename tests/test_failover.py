@@ -374,7 +374,7 @@ def test_an_active_cut_off_from_the_catalogue_stops_before_the_standby_starts(
         instances.append(b)
         wait_for(lambda: "standby: " in b.text(), 60)
         wait_for(lambda: fn4.inserts_begun >= 5, 60)
-        proxy.blackhole()  # a's catalogue falls silent: no error, no answer
+        proxy.blackhole(new=True)  # a's catalogue falls silent: no error, no answer
         cut = time.perf_counter()
         wait_for(lambda: all_loaded(fn4, guids, a, b), 90)
         assert_each_sample_inserted_once(fn4, guids)

@@ -29,7 +29,7 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
         if roll < 0.10:
             kind = rng.choice(["bad_input", "403", "500_once", "500_always", "drop", "409", "truncate",
                                "corrupt", "throttle", "deleted", "duplicate", "cut_off_always",
-                               "500_database", "429", "408", "wrong_length", "slow_download"])
+                               "500_database", "429", "408", "wrong_length", "slow_download", "404_once"])
             faults[kind] += 1
         if kind == "bad_input":
             bad_name, data, *_ = rng.choice(bad)
@@ -60,8 +60,10 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
             emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="truncate", times=-1))
         elif kind == "throttle":
             emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="status", status=429, times=2))
-        elif kind == "deleted":
-            emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="status", status=404, times=-1))
+        elif kind == "deleted":  # deleted between listing and download
+            emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="delete"))
+        elif kind == "404_once":  # a transient 404 on the download: read again, not vanished
+            emulator.add_fault(Fault(method="GET", path_contains=f"/{guid}.", kind="status", status=404))
         elif kind == "duplicate":
             emulator.put(BUCKET, f"copies/{guid}.fa", data, time_created=T0 + timedelta(days=1, seconds=i))
         emulator.put(BUCKET, name, gzip.compress(data) if name.endswith(".gz") and kind != "bad_input" else data,
@@ -78,7 +80,9 @@ def test_every_file_ends_loaded_or_finished_with_a_reason(store, emulator, fn4, 
     h.close()
 
     objects = emulator.names(BUCKET)
+    assert len(objects) == FILES + faults["duplicate"] - faults["deleted"]
     latest = h.latest()
+    objects += [name for name, row in latest.items() if row["outcome"] == "vanished"]
     for name in objects:
         row = latest[name]
         assert row["completed"] == 1, (name, row)

@@ -1,0 +1,242 @@
+"""Signals and threads, with real processes and real signals: SIGHUP, a signal during the imports, an
+unexpected error inside a batch, and a metrics port under a flood of idle or rude clients."""
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+import objectstoreaccess as osa
+from conftest import BUCKET, NAMESPACE, fasta, upload_series
+from fn4_standin import Scripted
+from test_shutdown import PROMPT, Loader, count, stop_and_time, wait_for
+
+SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FN4_", "OCI_", "FN_SENTRY"))}
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+
+def test_sighup_finishes_the_sample_and_writes_its_row(fn4, emulator, oci_config, tmp_path):
+    """SIGHUP (a closed terminal, or a reload) is a warm stop like SIGTERM: exit 0, every insert has its row."""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(20)])
+    fn4.insert_delay = 0.5
+    loader = Loader([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file", str(oci_config),
+                     "--endpoint", emulator.endpoint, "--poll-interval", "3600"])
+    try:
+        wait_for(lambda: fn4.inserts_begun >= 1)
+        code, took, err = stop_and_time(loader, signal.SIGHUP)
+    finally:
+        loader.kill()
+    assert code == 0, err
+    assert "still busy" not in err and took < PROMPT  # the 0.5 s sample was finished, not cut off
+    assert "SIGHUP received: finishing the current sample" in err
+    inserted = len(fn4.guids)
+    assert 1 <= inserted < 20
+    assert count(db, "fn4loadattempt") == inserted
+    assert "catalogue row not written" not in err
+
+
+def _third_party_code_loaded(pid):
+    """True once the process has mapped a compiled module from site-packages: it is importing its libraries."""
+    try:
+        return "site-packages/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the imports happen")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_the_imports_is_a_clean_stop(fn4, emulator, oci_config, tmp_path, signum):
+    """A stop signal while the script still imports its libraries ends it with exit 0, nothing loaded."""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    upload_series(emulator, [("a.fasta", fasta("a"))])
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file", str(oci_config),
+         "--endpoint", emulator.endpoint, "--poll-interval", "3600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    tick, deadline = threading.Event(), time.monotonic() + 10
+    while not _third_party_code_loaded(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        tick.wait(0.001)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert "Traceback" not in err
+    assert fn4.guids == {}
+
+
+HOLD_THE_LOCK = """
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import objectstoreaccess as osa
+stop = threading.Event()
+restore = osa._install_signal_handlers(stop)
+with stop._cond:  # the Event's own lock, which the main thread holds for a moment inside stop.wait()
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, in this thread, before the lock is let go
+print("handler returned", flush=True)
+print("stopped" if stop.wait(5) else "not stopped", flush=True)
+restore()
+"""
+
+
+def test_a_signal_that_lands_while_the_main_thread_holds_a_lock_does_not_hang_it():
+    """A handler that took a lock (the stop Event's, logging's, Sentry's) could wait for ever on its own thread:
+    a SIGTERM during the idle wait of a loader polling every second hung it. The handler takes none."""
+    done = subprocess.run([sys.executable, "-c", HOLD_THE_LOCK, str(SCRIPT.parent)], capture_output=True, text=True,
+                          timeout=20, env=clean_env())
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["handler returned", "stopped"], done
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the imports happen")
+def test_a_signal_held_during_the_imports_still_stops_other_commands(tmp_path):
+    """Only run turns a held signal into a warm stop; status, say, is ended by it as usual, not made deaf."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "status", f"sqlite:///{tmp_path / 'none.sqlite'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    tick, deadline = threading.Event(), time.monotonic() + 10
+    while not _third_party_code_loaded(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        tick.wait(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
+
+
+def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator, store, fn4, tmp_path):
+    """An fn4 answer that raises where nothing expects it ends the batch; the prefetcher ends, the GIL
+    switch interval is back, and the loader loads everything in the next cycle."""
+    upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(3)])
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    catalogue = osa.LoadLogger(engine)
+    catalogue.create_tables()
+    catalogue.start()
+    client = osa.FN4Client(fn4.url)
+    loader = osa.Loader(store, client, catalogue, osa.Settings(fn4.url, NAMESPACE, BUCKET))
+    before = sys.getswitchinterval()
+    try:
+        # JSON nested deeper than Python's recursion limit: json.loads raises RecursionError, not ValueError
+        fn4.script(Scripted(status=200, body="[" * 100_000 + "]" * 100_000))
+        with pytest.raises(RecursionError):
+            loader.run(once=True)
+        assert sys.getswitchinterval() == before
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name == "prefetch"], seconds=10)
+        assert loader.run(once=True) == 1
+        assert sorted(fn4.guids) == ["s0", "s1", "s2"]
+        assert sys.getswitchinterval() == before
+    finally:
+        sys.setswitchinterval(before)  # do not let a failure here slow every later test
+        catalogue.close()
+        client.close()
+
+
+# ---- the metrics port --------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_with_metrics(fn4, emulator, oci_config, tmp_path, port, *extra, max_files=None):
+    """Start the loader with --metrics-port, optionally limited to ``max_files`` open descriptors."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, f"sqlite:///{tmp_path / 'c.sqlite'}",
+         "--config-file", str(oci_config), "--endpoint", emulator.endpoint, "--poll-interval", "1",
+         "--metrics-port", f"127.0.0.1:{port}", *extra],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=limit if max_files else None)
+
+
+def get(url, proc, condition=lambda r: r.status_code == 200, seconds=30):
+    """GET url until condition(answer) holds; fail at the deadline or if the process has ended."""
+    deadline, tick = time.monotonic() + seconds, threading.Event()
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            answer = requests.get(url, timeout=3)
+            if condition(answer):
+                return answer
+        except requests.RequestException:
+            pass
+        tick.wait(0.05)
+    raise AssertionError(f"{url} never answered as expected (loader exit code {proc.poll()})")
+
+
+def open_descriptors(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to count descriptors")
+def test_idle_connections_to_the_metrics_port_do_not_starve_the_loader(fn4, emulator, oci_config, tmp_path):
+    """300 idle clients on --metrics-port, with the loader limited to 128 descriptors: it keeps few of them
+    open, keeps inserting, and answers /metrics again once they are gone."""
+    port = free_port()
+    proc = start_with_metrics(fn4, emulator, oci_config, tmp_path, port, max_files=128)
+    idle = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        get(base + "/healthz", proc, lambda r: r.status_code == 200 and r.json()["cycles"] >= 1)
+        for _ in range(300):  # until the server neither accepts nor has room in its backlog
+            sock = socket.socket()
+            sock.settimeout(3)  # a first SYN dropped by a full backlog is sent again after 1 s
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                break
+            idle.append(sock)
+        assert len(idle) > 100
+        upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(5)])
+        wait_for(lambda: len(fn4.guids) == 5 or proc.poll() is not None, seconds=30)
+        assert len(fn4.guids) == 5, proc.poll()
+        assert open_descriptors(proc.pid) < 64
+        for sock in idle:
+            sock.close()
+        idle = []
+        text = get(base + "/metrics", proc).text
+        assert 'fn4loader_attempts_total{outcome="inserted"} 5.0' in text
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Too many open files" not in err and "Traceback" not in err
+
+
+def test_clients_that_go_away_early_leave_the_json_log_clean(fn4, emulator, oci_config, tmp_path):
+    """Clients that reset the connection mid-request, or before reading the answer, log nothing:
+    every line on stderr stays JSON, and no traceback."""
+    port = free_port()
+    proc = start_with_metrics(fn4, emulator, oci_config, tmp_path, port, "--log-format", "json")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        get(base + "/healthz", proc, lambda r: r.status_code == 200 and r.json()["cycles"] >= 1)
+        for request in (b"GET /metrics HTTP/1.1\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") * 5:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(request)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # closed with a zero linger time: the server sees a reset, not an orderly end
+        assert "fn4loader_cycles_total" in get(base + "/metrics", proc).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    for line in err.splitlines():
+        json.loads(line)
