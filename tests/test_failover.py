@@ -209,7 +209,8 @@ class Instance:
         url_default, schema = database
         command = [sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, url or url_default,
                    "--config-file", str(oci_config), "--endpoint", emulator.endpoint, "--poll-interval", "1",
-                   "--lease-ttl", str(TTL)] + (["--db-schema", schema] if schema else [])
+                   "--lease-ttl", str(TTL), "--journal", str(tmp_path / f"{name}.journal")
+                   ] + (["--db-schema", schema] if schema else [])
         if host:
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *command]
         self.name, self.log = name, tmp_path / f"{name}.log"
