@@ -89,6 +89,9 @@ BACKOFF_BASE = 5.0                       # seconds: first wait after an outage o
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
 SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
+#: Logged (with SHUTDOWN_GRACE) when that deadline, not the loader, ended the process after a first signal.
+GRACE_EXPIRED_LOG = ("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
+                     "at the next start")
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
@@ -1642,9 +1645,54 @@ _TIME_COLUMNS = frozenset(f.name for record in (BatchRow, AttemptRow) for f in d
                           if f.metadata["type"] is TIMESTAMP)
 
 
+def _connection_failure(exc: BaseException) -> bool:
+    """Return True if a catalogue write failed for its connection (no connection, or one lost), not a row."""
+    return isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or exc.statement is None)
+
+
+def sanitised_row(table: sa.Table, values: dict[str, Any], refusal: str) -> tuple[dict[str, Any], list[str]]:
+    """Return a row a database refused, made storable, and what was changed (e.g. ``file_name escaped``).
+
+    Text that is not printable ASCII is stored escaped (``\\udcff``, ``\\x00``) and text longer than its
+    column is cut; error_text then says so, and why the row was refused, so the file keeps a state row.
+    """
+    clean, changed = dict(values), []
+    for column in table.columns:
+        value = values.get(column.name)
+        if not isinstance(value, str) or column.name == "error_text":
+            continue
+        text = value if value.isascii() and value.isprintable() else value.encode("unicode_escape").decode("ascii")
+        how = ["escaped"] if text != value else []
+        if column.type.length and len(text) > column.type.length:
+            text, how = text[:column.type.length], [*how, f"cut to {column.type.length} characters"]
+        if how:
+            clean[column.name] = text
+            changed.append(f"{column.name} {' and '.join(how)}")
+    if "error_text" in table.columns:
+        note = f"stored with {', '.join(changed) or 'error_text escaped'}: the catalogue database refused " \
+               f"the row as it was ({refusal})"
+        earlier = values.get("error_text")
+        text = f"{note}; {earlier}" if earlier else note
+        text = text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
+        if text != values.get("error_text"):
+            clean["error_text"] = text[:table.c.error_text.type.length]
+            changed = changed or ["error_text escaped"]
+    return clean, changed
+
+
 def _key_value(value: Any) -> Any:
     """Return a key column's value as comparable across databases (Oracle stores '' as NULL)."""
     return None if value == "" else value
+
+
+def catalogue_name(url: sa.URL, schema: str | None) -> str:
+    """Return what names a catalogue whatever the driver, user or password: the journal's owner."""
+    if url.get_backend_name() == "sqlite":
+        name = f"sqlite:///{Path(url.database).resolve()}" if url.database else "sqlite://"
+    else:
+        name = sa.URL.create(url.get_backend_name(), host=url.host, port=url.port,
+                             database=url.database).render_as_string()
+    return f"{name} (schema {schema})" if schema else name
 
 
 def journal_path(url: sa.URL, schema: str | None, bucket: str) -> Path:
@@ -1663,10 +1711,14 @@ class RowJournal:
     fsync: it must outlive the process, not the machine); a line ``{"done": N}`` says rows up to N
     are committed, and the file is emptied once every row in it is. ``open`` returns the rows to
     replay; a torn last line is skipped. A ``.lock`` file beside it keeps a second loader out.
+    While it holds rows its first line names the catalogue they belong to (``{"journal": owner}``):
+    rows of another catalogue are refused, never replayed into this one.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owner: str | None = None) -> None:
         self.path = Path(path)
+        self.owner = owner
+        self._found_owner: str | None = None
         self.next_id = 1
         self._fd: int | None = None
         self._lock_fd: int | None = None
@@ -1689,6 +1741,11 @@ class RowJournal:
                               "its own --journal") from None
         try:
             entries = self._read()
+            if entries and self.owner and self._found_owner and self._found_owner != self.owner:
+                self.close()
+                raise ConfigError(f"the journal {self.path} holds {len(entries)} rows of the catalogue "
+                                  f"{self._found_owner}, not of {self.owner}: run with that catalogue to write them, "
+                                  "or give this one its own --journal")
             self._rewrite(entries)  # drops committed rows and a torn line, so appends start on a new line
         except OSError as exc:
             self.close()
@@ -1707,7 +1764,9 @@ class RowJournal:
                 continue
             try:
                 entry = json.loads(line)
-                if "done" in entry:
+                if "journal" in entry:
+                    self._found_owner = str(entry["journal"])
+                elif "done" in entry:
                     done = max(done, int(entry["done"]))
                 else:
                     values = {k: datetime.fromisoformat(v) if k in _TIME_COLUMNS and v else v
@@ -1725,6 +1784,7 @@ class RowJournal:
     def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
         """Replace the file with these rows only: written beside it, then renamed over it in one step."""
         lines = b"".join(self._line(n, table, values) for n, table, values in entries)
+        lines = self._header() + lines if lines else lines
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_bytes(lines)
         os.replace(temporary, self.path)
@@ -1732,6 +1792,9 @@ class RowJournal:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = len(lines)
+
+    def _header(self) -> bytes:
+        return json.dumps({"journal": self.owner}).encode() + b"\n" if self.owner else b""
 
     @staticmethod
     def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
@@ -1765,6 +1828,8 @@ class RowJournal:
     def _write(self, line: bytes) -> bool:
         if self._fd is None:
             return False
+        if self._size == 0:  # the first line after an empty file: name the catalogue first
+            line = self._header() + line
         try:
             written = os.write(self._fd, line)
             if written != len(line):
@@ -1827,7 +1892,7 @@ class LoadLogger:
         self._connections_lock = threading.Lock()
         sa.event.listen(engine, "connect", self._track)
         self._writer = threading.Thread(target=self._write_forever, name="catalogue-writer", daemon=True)
-        self.journal = RowJournal(journal) if journal else None
+        self.journal = RowJournal(journal, catalogue_name(engine.url, schema)) if journal else None
         if self.journal:
             tables = {t.name: t for t in (self.batches, self.attempts)}
             replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
@@ -2066,12 +2131,11 @@ class LoadLogger:
                 # A write that failed may have been committed all the same (the answer was lost):
                 # such rows, and rows replayed from the journal, are written only if missing.
                 uncertain = self._pending[0][0] <= self._uncertain_through
-            try:
-                with self._deadline("write"), self.engine.begin() as conn:
-                    rows = self._missing(conn, table, batch) if uncertain else batch
-                    if rows:
-                        conn.execute(table.insert(), rows)
-            except sa.exc.SQLAlchemyError as exc:
+            written, exc = self._write_rows(table, batch, uncertain)
+            if written:
+                with self._changed:
+                    self._committed(ids[:written])
+            if exc is not None:
                 failures += 1
                 with self._changed:
                     self._uncertain_through = max(self._uncertain_through, ids[-1])
@@ -2088,15 +2152,64 @@ class LoadLogger:
             if failures:
                 log.warning("catalogue database is back after %d failed writes", failures)
                 failures = 0
-            with self._changed:
-                for _ in batch:
-                    self._pending.popleft()
-                self._outage_since = None
-                self._waited_warning = False
-                self._unjournaled_ids.difference_update(ids)
-                if self.journal:
-                    self.journal.committed(ids[-1], self._pending)
-                self._changed.notify_all()
+
+    def _committed(self, ids: list[int]) -> None:
+        """Take the rows ``ids``, the first ones queued and now written, off the queue (caller holds _changed)."""
+        for _ in ids:
+            self._pending.popleft()
+        self._outage_since = None
+        self._waited_warning = False
+        self._unjournaled_ids.difference_update(ids)
+        if self.journal:
+            self.journal.committed(ids[-1], self._pending)
+        self._changed.notify_all()
+
+    def _insert(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool) -> None:
+        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing."""
+        with self._deadline("write"), self.engine.begin() as conn:
+            rows = self._missing(conn, table, rows) if uncertain else rows
+            if rows:
+                conn.execute(table.insert(), rows)
+
+    def _write_rows(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool
+                    ) -> tuple[int, Exception | None]:
+        """Write rows, in order; return how many were written and the failure that stopped the rest, if any.
+
+        One bad row must not block the queue: when the database refuses the batch for a reason other
+        than the connection, the rows are written one by one, and a row refused for its content (text a
+        driver cannot encode, too long for its column) is written sanitised (see sanitised_row).
+        """
+        try:  # a driver raises ValueError, not a database error, for text it cannot encode: catch all
+            self._insert(table, rows, uncertain)
+            return len(rows), None
+        except Exception as exc:  # noqa: BLE001
+            if _connection_failure(exc):
+                return 0, exc
+        for done, values in enumerate(rows):
+            try:
+                self._insert_alone(table, values, uncertain)
+            except Exception as exc:  # noqa: BLE001
+                return done, exc
+        return len(rows), None
+
+    def _insert_alone(self, table: sa.Table, values: dict[str, Any], uncertain: bool) -> None:
+        """Insert one row; if the database refuses it but not for its connection, insert it sanitised.
+
+        Raises the failure if the sanitised row is refused too (then it was not the row: a full disk, say).
+        """
+        try:
+            self._insert(table, [values], uncertain)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if _connection_failure(exc):
+                raise
+            refusal, error = _short(getattr(exc, "orig", None) or exc), exc
+        clean, changed = sanitised_row(table, values, refusal)
+        if not changed:
+            raise error
+        self._insert(table, [clean], uncertain)
+        log.warning("the catalogue database refused a row of %s for its content (%s): written with %s, "
+                    "file %s", table.name, refusal, " and ".join(changed), clean.get("file_name"))
 
     def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
         """Delete this loader's rows from before ``before``; return (batch rows, attempt rows) removed.
@@ -3017,8 +3130,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     first signal. Returns a function that disarms the deadline and puts the previous handlers back.
     """
     def give_up_waiting() -> None:
-        log.warning("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
-                    "at the next start", SHUTDOWN_GRACE)
+        log.warning(GRACE_EXPIRED_LOG, SHUTDOWN_GRACE)
         logging.shutdown()
         os._exit(0)
 
@@ -3398,17 +3510,19 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
             reason, reports, instances = redact(str(exc), _SECRETS), [], []
     lease_problems = assess_instances(instances)
     level = 3 if reason else max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
+    # Rows written before redaction existed (or by an older loader) may quote a secret: redact on output.
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
                                **({"reason": reason} if reason else {}),
-                               "loaders": [{**dataclasses.asdict(r), "status": LEVELS[r.level]} for r in reports],
+                               "loaders": [redact_all({**dataclasses.asdict(r), "status": LEVELS[r.level]}, _SECRETS)
+                                           for r in reports],
                                "instances": instances,
                                "lease_problems": [f"{LEVELS[lvl]}: {text}" for lvl, text in lease_problems]},
                               default=_json_value, indent=2))
     elif reason:
         _print_error(reason)
     else:
-        click.echo(_status_text(reports, now, level, server))
+        click.echo(redact(_status_text(reports, now, level, server), _SECRETS))
         if instances:
             click.echo(_instances_text(instances, lease_problems))
     sys.exit(level)

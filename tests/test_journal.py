@@ -4,6 +4,7 @@ A half-open database connection, a catalogue that refuses writes (a full disk), 
 exit, and kill -9 of the loader: each is injected at a real boundary (a TCP proxy that black-holes a
 live PostgreSQL connection, a SQLite trigger that refuses inserts, a real process killed by SIGKILL).
 """
+import dataclasses
 import logging
 import random
 import os
@@ -180,7 +181,7 @@ def test_replay_is_idempotent_after_a_crash_between_commit_and_trim(database, tm
     for row in rows:
         first.record_attempt(row)  # journaled at once; the writer has not started
     crashed = journal.read_bytes()
-    assert crashed.count(b"\n") == len(rows)
+    assert crashed.count(b"\n") == 1 + len(rows)  # a first line naming the catalogue, then one line a row
     first.start()
     assert first.flush(30) and first.close() == []
     assert journal.read_bytes() == b""  # everything committed: the journal is compacted
@@ -214,7 +215,7 @@ def test_rows_unwritten_when_the_database_is_down_at_exit_are_written_at_the_nex
         for i in range(5):
             first.record_attempt(attempt(i))
         left = first.close(timeout=1.0)
-        assert len(left) == 5 and journal.read_bytes().count(b"\n") == 5
+        assert len(left) == 5 and journal.read_bytes().count(b"\n") == 1 + 5  # the catalogue's line, the rows
         proxy.restore()
         second = osa.LoadLogger(osa.LoadLogger.connect(proxied(PG, proxy)), pg_schema, journal=journal)
         second.create_tables()
@@ -422,3 +423,88 @@ def test_soak_catalogue_black_holed_again_and_again_loses_no_row(
     assert sum(holes) >= 5, holes
     assert "dropping its connections and reconnecting" in caplog.text
     assert not finished_and_counted(attempt_rows(PG, pg_schema), names, fn4)
+
+
+# ---- a row the database refuses for its content never blocks the queue ----
+
+
+POISON_NAMES = {
+    "surrogate": "run 1/a\udcff.fasta",            # a lone surrogate: no driver can encode it
+    "four_byte": "run 1/\U0001f9ec-s1.fasta",      # 4-byte UTF-8: refused by a MariaDB utf8mb3 column
+    "too_long": "run 1/" + "x" * 1100 + ".fasta",  # longer than the 1024-character column
+    "nul": "run 1/a\x00b.fasta",                   # PostgreSQL refuses NUL in text
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISON_NAMES))
+def test_a_row_the_database_refuses_for_its_content_is_written_sanitised_and_the_queue_drains(
+        database, tmp_path, caplog, poison):
+    url, schema = database
+    engine = sa.create_engine(url)
+    if engine.dialect.name in ("mysql", "mariadb") and poison == "four_byte":
+        with engine.begin() as conn:  # a catalogue made by an older MariaDB, in utf8mb3
+            conn.exec_driver_sql(f"ALTER DATABASE {schema} CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
+    catalogue = osa.LoadLogger(engine, schema, retry_cap=0.2, journal=tmp_path / "rows.journal")
+    catalogue.create_tables()
+    good = [attempt(i) for i in range(5)]
+    bad = dataclasses.replace(attempt(9), file_name=POISON_NAMES[poison])
+    with caplog.at_level(logging.WARNING, logger="fn4loader"):
+        catalogue.start()
+        for row in good[:2] + [bad] + good[2:]:
+            catalogue.record_attempt(row)
+        try:
+            drained = catalogue.flush(10)
+        finally:
+            left = catalogue.close(1.0)
+    assert drained and left == [], f"{len(left)} rows never written: the queue is blocked"
+    rows = attempt_rows(url, schema)
+    assert [r["file_name"] for r in rows if r["object_etag"] != bad.object_etag] == [r.file_name for r in good]
+    [written] = [r for r in rows if r["object_etag"] == bad.object_etag]
+    assert written["outcome"] == bad.outcome and written["fn4id"] == bad.fn4id  # the file still has its state
+    if written["file_name"] != bad.file_name:  # refused as it was: stored escaped or cut, and says so
+        assert len(written["file_name"]) <= 1024 and written["file_name"].isprintable()
+        assert written["error_text"].startswith("stored with file_name ")
+        assert caplog.text.count("refused a row") == 1
+    assert (tmp_path / "rows.journal").read_bytes() == b""
+    engine.dispose()
+
+
+def test_a_journal_of_another_catalogue_is_refused_not_replayed_into_this_one(fn4, emulator, oci_config, tmp_path):
+    journal = tmp_path / "rows.journal"
+    first, other = f"sqlite:///{tmp_path / 'first.sqlite'}", f"sqlite:///{tmp_path / 'other.sqlite'}"
+    catalogue = osa.LoadLogger(sa.create_engine(first), journal=journal)
+    catalogue.create_tables()
+    for i in range(3):
+        catalogue.record_attempt(attempt(i))  # journaled; the writer never started: the process "died"
+    assert len(catalogue.close(0)) == 3
+    result = CliRunner().invoke(osa.main, [*run_args(fn4, emulator, oci_config, other), "--journal", str(journal)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert str(journal) in errors[0] and "first.sqlite" in errors[0]
+    assert not fn4.inserts and (not Path(tmp_path / "other.sqlite").exists() or attempt_rows(other) == [])
+    again = CliRunner().invoke(osa.main, [*run_args(fn4, emulator, oci_config, first), "--journal", str(journal)])
+    assert again.exit_code == 0, again.output  # its own catalogue takes its rows
+    assert [r["file_name"] for r in attempt_rows(first)] == [attempt(i).file_name for i in range(3)]
+    assert journal.read_bytes() == b""
+
+
+def test_objects_named_with_a_lone_surrogate_do_not_stall_the_loader(store, fn4, emulator, database, tmp_path):
+    """Object Storage can list a name no driver encodes; the loop goes on and every file gets a state row."""
+    url, schema = database
+    names = ["a0.fasta", "run\udcff/s1.fasta", "bad\udcff.fasta", "a2.fasta"]
+    upload_series(emulator, [(name, fasta(f"g{i}")) for i, name in enumerate(names)])
+    catalogue = osa.LoadLogger(sa.create_engine(url), schema, retry_cap=0.2, journal=tmp_path / "rows.journal")
+    catalogue.create_tables()
+    client = osa.FN4Client(fn4.url)
+    loader = osa.Loader(store, client, catalogue.start(), osa.Settings(fn4.url, NAMESPACE, BUCKET),
+                        stop=threading.Event())
+    try:
+        loader.run_cycle()
+        assert catalogue.flush(30), f"{catalogue.unwritten} catalogue rows never written: the queue is blocked"
+    finally:
+        left = catalogue.close(1.0)
+        client.close()
+    assert left == []
+    rows = attempt_rows(url, schema)
+    assert sorted(r["file_name"] for r in rows) == sorted(n.encode("unicode_escape").decode() for n in names)
+    assert sorted(fn4.guids) == ["a0", "a2"]

@@ -241,8 +241,13 @@ def test_metrics_port_serves_the_running_cli(fn4, emulator, oci_config, tmp_path
         assert "fn4loader_cycles_total" in text
         assert 'fn4loader_attempts_total{outcome="inserted"} 1.0' in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:  # it ignored SIGTERM: the test fails, and leaves no process behind
+                proc.kill()
+                proc.communicate(timeout=10)
     assert proc.returncode == 0, err
 
 

@@ -5,6 +5,7 @@ an hour passes without a sleep; `status` runs as the real command line or as the
 """
 import json
 from datetime import timedelta
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -383,3 +384,29 @@ def test_the_abandon_reason_upgrade_renders_for_oracle():
     text = sql.getvalue()
     assert "ALTER TABLE fn4batchload ADD abandon_reason VARCHAR2(2000 CHAR)" in text
     assert "COMMENT ON COLUMN fn4batchload.abandon_reason IS 'Why the cycle was abandoned" in text
+
+
+def test_status_redacts_known_secrets_from_error_text_written_before_redaction(tmp_path):
+    """An old row's error_text that quotes a secret is shown redacted, in text and in JSON."""
+    secret = "w@llet/S3cret"
+    database = (f"sqlite:///{tmp_path / 'c.sqlite'}", None)
+    catalogue = osa.LoadLogger(sa.create_engine(database[0]))
+    catalogue.create_tables()
+    now = osa.utcnow()
+    catalogue.record_batch(osa.BatchRow(host_name="vm-1", findneighbour_server_url="http://fn4:5025",
+                                        oci_namespace=NAMESPACE, bucket_name=BUCKET, check_time=now, batch_size=1))
+    catalogue.record_attempt(osa.AttemptRow(
+        host_name="vm-1", findneighbour_server_url="http://fn4:5025", oci_namespace=NAMESPACE, bucket_name=BUCKET,
+        file_name="s1.fasta", object_etag="e1", batch_start_time=now, batch_sample_number=1, completed=1,
+        outcome="failed", parse_status="fn4_refused", failed_attempts=0,
+        error_text=f"fn4 answered 403: wallet {secret} refused; as sent: {quote(secret, safe='')}"))
+    catalogue.start()
+    assert catalogue.flush(30) and catalogue.close() == []
+    text = cli("status", database[0], WALLET_PASSWORD=secret)
+    as_json = cli("status", database[0], "--json", WALLET_PASSWORD=secret)
+    code, report = as_json.exit_code, json.loads(as_json.stdout)
+    assert "s1.fasta" in text.stdout and code == text.exit_code == 1, text.stdout
+    [failed] = report["loaders"][0]["failed_files"]
+    assert failed["error_text"] == "fn4 answered 403: wallet *** refused; as sent: ***"
+    for output in (text.stdout, json.dumps(report)):
+        assert "S3cret" not in output
