@@ -16,6 +16,8 @@ failure handling, metrics, deployment and monitoring SQL.
 """
 from __future__ import annotations
 
+import bisect
+import codecs
 import signal
 if __name__ == "__main__":
     # Run as a script, the imports below take half a second. Stop signals that arrive meanwhile are
@@ -34,7 +36,9 @@ import fcntl
 import hashlib
 import html
 import http.client
+import itertools
 import base64
+import heapq
 import json
 import logging
 import os
@@ -49,7 +53,9 @@ import threading
 import time
 import weakref
 import zlib
+from array import array
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
@@ -79,6 +85,7 @@ DEFAULT_MAX_ATTEMPTS = 3                 # file-specific transient failures befo
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20    # cap on download and decompressed size: a 4.4 Mb genome x 14
 DEFAULT_RECONCILE_INTERVAL = 86400       # seconds between full comparisons with fn4's guid list
 EXISTS_CHECK_LIMIT = 200                 # above this many candidates, fetch the full guid list instead
+SETTLE_WHILE_LISTING = 10000             # above this many unknown files in fn4, record them as pages arrive
 PREFETCH_JOIN_TIMEOUT = 2.0              # seconds a batch waits for the prefetcher to end when it stops early
 PREFETCH_DEPTH = 1                       # samples prepared ahead of the one being inserted
 GIL_SWITCH_INTERVAL = 0.0002            # seconds a thread may hold the GIL while another waits, in a batch
@@ -111,7 +118,14 @@ JOURNAL_COMPACT_BYTES = 1 << 20          # a journal larger than this is rewritt
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 DOWNLOAD_TRIES = 3                       # reads of one object within an attempt when cut off midway
 DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a time
+OCI_IDLE_REOPEN = 10.0                   # seconds idle after which the download connection is reopened
 OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
+LIST_PAGE_SIZE = 1000                    # objects per ListObjects page, the service's largest
+DEFAULT_LIST_WORKERS = 16                # key ranges listed at once, each by its own OCI client
+RANGES_PER_WORKER = 4                    # key ranges per worker, so a worker with a short range takes another
+#: Where a first listing splits the key space when it has learnt nothing yet (after its first page).
+FIRST_LISTING_SPLITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+GUIDS_CHUNK = 1 << 20                    # bytes of fn4's guid list parsed at a time
 DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
 RETENTION_INTERVAL = 86400               # seconds between removals of old rows: once a day, not every cycle
@@ -232,6 +246,16 @@ class StoredObject:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What a listing by key ranges kept, in name order, and what it saw."""
+
+    objects: list[StoredObject]   # the FASTA objects the caller's filter kept
+    listed: int                   # every FASTA object listed, kept or not
+    pages: list[tuple[str, int]]  # every page's first name and entries: where to split the key space next time
+    next_start: str | None = None  # where a listing cut short by max_pages would go on
+
+
+@dataclass(frozen=True)
 class Sample:
     """A downloaded, parsed and validated sample, its insert request body already built."""
 
@@ -295,6 +319,7 @@ class Settings:
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     on_success: str = "keep"             # keep, delete, or rename:PREFIX/
     retention_days: int = DEFAULT_RETENTION_DAYS
+    list_workers: int = DEFAULT_LIST_WORKERS
 
     def __post_init__(self) -> None:
         if problem := on_success_problem(self.on_success):
@@ -448,19 +473,77 @@ def on_success_problem(value: str) -> str | None:
     return None
 
 
-def key_ranges(prefix: str | None, exclude: str | None) -> list[tuple[str | None, str | None]]:
+def prefix_end(prefix: str) -> str | None:
+    """Return the first name after every name that starts with ``prefix`` (None: no such name)."""
+    while prefix and prefix[-1] == chr(0x10FFFF):
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+
+
+def key_ranges(prefix: str | None, exclude: str | None,
+               boundaries: Iterable[str] = ()) -> list[tuple[str | None, str | None]]:
     """Return the name ranges [start, end) that cover names under ``prefix`` but none under ``exclude``.
 
     Object Storage sorts names by their UTF-8 bytes, which is code point order, so the names under
     ``exclude`` are exactly those from ``exclude`` up to (not including) ``exclude`` with its last
     character raised by one: arch/ leaves out [arch/, arch0), and arch.fasta and arch_1.fasta stay.
+    The ranges are split further at ``boundaries``, to be listed concurrently; None leaves a side
+    open. Concatenated in order, the ranges' listings are the listing of the whole.
     """
     prefix = prefix or ""
-    if not exclude or not (exclude.startswith(prefix) or prefix.startswith(exclude)):
-        return [(None, None)]
-    if prefix.startswith(exclude):
+    if exclude and prefix.startswith(exclude):
         return []
-    return [(None, exclude), (exclude[:-1] + chr(ord(exclude[-1]) + 1), None)]
+    cuts = sorted(set(boundaries))
+    ranges = list(zip([None] + cuts, cuts + [None]))
+    if not exclude or not exclude.startswith(prefix):
+        return ranges
+    hole_start, hole_end = exclude, prefix_end(exclude)
+    kept: list[tuple[str | None, str | None]] = []
+    for start, end in ranges:
+        if start is None or start < hole_start:  # the part before the hole
+            kept.append((start, hole_start if end is None or end > hole_start else end))
+        if hole_end is not None and (end is None or end > hole_end):  # the part after it
+            kept.append((hole_end if start is None or start < hole_end else start, end))
+    return kept
+
+
+def sorted_array(values: array) -> array:  # type: ignore[type-arg]
+    """Return a sorted copy of an array of integers, sorting it a slice at a time then merging the slices.
+
+    A plain sorted() would hold every value as a Python int at once: 80 MB for 2 million values,
+    against 16 MB for the array itself.
+    """
+    step = 1 << 18
+    slices = [array(values.typecode, sorted(values[i:i + step])) for i in range(0, len(values), step)]
+    return array(values.typecode, heapq.merge(*slices))
+
+
+def _repeated(values: Iterable[int]) -> set[int]:
+    """Return the values that occur more than once."""
+    ordered = sorted_array(array("q", values))
+    return {a for a, b in zip(ordered, itertools.islice(ordered, 1, None)) if a == b}
+
+
+def split_points(pages: Iterable[tuple[str, int]], ranges: int) -> list[str]:
+    """Return page first names that split a listing's pages into about ``ranges`` ranges of at least a page."""
+    pages = list(pages)
+    size = max(LIST_PAGE_SIZE, sum(count for _, count in pages) // max(ranges, 1))
+    points, filled = [], 0
+    for name, count in pages:
+        if filled >= size and _utf8(name):  # a name that cannot be sent back (a lone surrogate) splits nothing
+            points.append(name)
+            filled = 0
+        filled += count
+    return points
+
+
+def _utf8(text: str) -> bool:
+    """Return True if ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def guid_problem(guid: str) -> str | None:
@@ -653,11 +736,20 @@ def oci_retry_strategy(oci: Any) -> Any:
 class ObjectStoreClient:
     """List and read FASTA objects in one bucket through the OCI SDK."""
 
-    def __init__(self, client: Any, namespace: str, bucket: str) -> None:
+    def __init__(self, client: Any, namespace: str, bucket: str, new_client: Callable[[], Any] | None = None) -> None:
         self._oci = _import_oci()
         self._client = client
         self.namespace = namespace
         self.bucket = bucket
+        # Listing workers each use a client of their own (the SDK's clients are not documented as
+        # thread-safe), built once by new_client and kept; without new_client, listing is sequential.
+        self._new_client = new_client
+        self._list_clients: list[Any] = []
+        # Downloads go straight over one kept-alive connection when requests would add nothing from
+        # the environment (see _lean): no proxy to go through.
+        self._direct = new_client is not None and not client.base_client.session.trust_env
+        self._conn: http.client.HTTPConnection | None = None
+        self._conn_used = 0.0
 
     @classmethod
     def from_config(cls, namespace: str, bucket: str, auth: str = "api_key",
@@ -700,7 +792,8 @@ class ObjectStoreClient:
             reason = f"the profile lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else _short(exc)
             raise ConfigError(f"OCI {auth} authentication is not usable: {reason}; "
                               "check --config-file, --profile and --auth") from None
-        return cls(client, namespace, bucket)
+        return cls(_lean(client), namespace, bucket,
+                   lambda: _lean(oci.object_storage.ObjectStorageClient(config, **kwargs)))
 
     @property
     def endpoint(self) -> str:
@@ -742,23 +835,96 @@ class ObjectStoreClient:
         ``start`` is inclusive and ``end`` exclusive, as in ListObjects; None leaves that side open.
         Raises OutageError.
         """
+        cursor = start
         while True:
-            try:
-                page = self._client.list_objects(
-                    self.namespace, self.bucket, prefix=prefix, start=start, end=end, limit=1000,
-                    fields="name,size,etag,md5,timeCreated").data
-            except Exception as exc:
-                if self._is_fault(exc):
-                    raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}",
-                                      "object_storage") from None
-                raise
+            page = self._page(self._client, prefix, cursor, end)
             for item in page.get("objects", ()):
                 if fasta_suffix(item["name"]):
-                    yield StoredObject(item["name"], int(item.get("size") or 0), item.get("etag") or "",
-                                       item.get("md5"), _parse_time(item.get("timeCreated")))
-            start = page.get("nextStartWith")
-            if not start:
+                    yield _stored_object(item)
+            cursor = page.get("nextStartWith")
+            if not cursor:
                 return
+
+    def list_ranges(self, ranges: list[tuple[str | None, str | None]], prefix: str | None = None,
+                    workers: int = 1, keep: Callable[[dict[str, Any]], bool] | None = None,
+                    max_pages: int | None = None) -> Listing:
+        """List key ranges [start, end), ``workers`` at a time, and merge them in name order.
+
+        ``keep(entry)`` decides, page by page as they arrive, which FASTA objects are kept (the entry is
+        the listing's JSON: name, size, etag, md5, timeCreated); it is
+        called from the listing threads. ``max_pages`` stops each range after that many pages (a
+        probe: see ``next_start``). Raises OutageError when any range fails.
+        """
+        workers = max(1, min(workers, len(ranges))) if self._new_client else 1
+        while len(self._list_clients) < workers - 1:
+            self._list_clients.append(self._new_client())  # type: ignore[misc]
+        clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for client in [self._client] + self._list_clients[:workers - 1]:
+            clients.put(client)
+        failed = threading.Event()
+
+        def list_one(start: str | None, end: str | None
+                     ) -> tuple[list[StoredObject], int, list[tuple[str, int]], str | None]:
+            client = clients.get()
+            try:
+                return self._list_range(client, prefix, start, end, keep, failed, max_pages)
+            except BaseException:
+                failed.set()  # the other ranges stop after their current page
+                raise
+            finally:
+                clients.put(client)
+
+        if workers == 1:
+            parts = [list_one(start, end) for start, end in ranges]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="list") as pool:
+                futures = [pool.submit(list_one, start, end) for start, end in ranges]
+                try:
+                    parts = [future.result() for future in futures]
+                finally:
+                    failed.set()
+                    for future in futures:
+                        future.cancel()
+        return Listing([obj for part in parts for obj in part[0]], sum(part[1] for part in parts),
+                       [page for part in parts for page in part[2]], next((p[3] for p in parts if p[3]), None))
+
+    def _list_range(self, client: Any, prefix: str | None, start: str | None, end: str | None,
+                    keep: Callable[[dict[str, Any]], bool] | None, failed: threading.Event,
+                    max_pages: int | None
+                    ) -> tuple[list[StoredObject], int, list[tuple[str, int]], str | None]:
+        objects: list[StoredObject] = []
+        listed = 0
+        starts: list[tuple[str, int]] = []
+        cursor, pages = start, 0
+        while not failed.is_set() and (max_pages is None or pages < max_pages):
+            items = (page := self._page(client, prefix, cursor, end)).get("objects") or ()
+            pages += 1
+            if items:
+                starts.append((items[0]["name"], len(items)))
+            for item in items:
+                if fasta_suffix(item["name"]):
+                    listed += 1
+                    if keep is None or keep(item):
+                        objects.append(_stored_object(item))
+            cursor = page.get("nextStartWith")
+            if not cursor:
+                return objects, listed, starts, None
+        return objects, listed, starts, cursor
+
+    def _page(self, client: Any, prefix: str | None, start: str | None, end: str | None) -> dict[str, Any]:
+        """Return one ListObjects page as plain JSON. Raises OutageError."""
+        try:
+            page = client.list_objects(self.namespace, self.bucket, prefix=prefix, start=start, end=end,
+                                       limit=LIST_PAGE_SIZE, fields="name,size,etag,md5,timeCreated").data
+        except Exception as exc:
+            if self._is_fault(exc):
+                raise OutageError(f"listing bucket {self.bucket!r} failed: {_oci_reason(exc)}",
+                                  "object_storage") from None
+            raise
+        if not isinstance(page, dict) or not isinstance(page.get("objects", []), list):
+            raise OutageError(f"listing bucket {self.bucket!r} answered something that is not a listing",
+                              "object_storage")
+        return page
 
     def read_object(self, obj: StoredObject, max_bytes: int) -> bytearray:
         """Download an object whole and return its decompressed content.
@@ -780,7 +946,7 @@ class ObjectStoreClient:
     def _read_once(self, obj: StoredObject, max_bytes: int) -> bytearray:
         oci = self._oci
         try:
-            response = self._client.get_object(self.namespace, self.bucket, obj.name, if_match=obj.etag)
+            response = self._get_object(obj.name, obj.etag)
         except oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
                 raise self._confirm_change(obj, exc.status) from None
@@ -796,7 +962,7 @@ class ObjectStoreClient:
 
         def counted() -> Iterator[bytes]:
             nonlocal received, ended
-            for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
+            for chunk in response.chunks:
                 received += len(chunk)
                 if received > max_bytes:
                     raise SampleError("too_large", f"object exceeds the limit of {max_bytes} bytes")
@@ -816,9 +982,91 @@ class ObjectStoreClient:
                 raise TransientError(f"download cut off after {received} bytes: {_short(exc)}") from None
             raise
         finally:
-            response.data.close()
+            response.close()
         _check_body(response.headers, received, digest, obj.md5)
         return data
+
+    def _get_object(self, name: str, etag: str) -> SimpleNamespace:
+        """GET an object if it still has ``etag``; return its headers, its body's chunks and close.
+
+        The SDK's get_object spends about 1 ms of CPU a call above the request itself (model layers,
+        per-request objects, the environment read again). So, without a proxy, the GET goes over one
+        kept-alive connection instead, signed by the SDK's own signer and retried by its own retry
+        strategy, exactly as get_object would. Raises the SDK's ServiceError for error answers.
+        """
+        if not self._direct:
+            response = self._client.get_object(self.namespace, self.bucket, name, if_match=etag)
+            return SimpleNamespace(headers=response.headers, close=response.data.close,
+                                   chunks=response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False))
+        strategy = self._client.retry_strategy or self._oci.retry.NoneRetryStrategy()
+        response = strategy.make_retrying_call(self._get_direct, name, etag)
+
+        def close() -> None:
+            if not response.isclosed():  # the body was not read to its end: the connection is spent
+                self._drop_connection()
+
+        headers = {key.lower(): value for key, value in response.getheaders()}
+        return SimpleNamespace(headers=headers, close=close,
+                               chunks=iter(lambda: response.read(DOWNLOAD_CHUNK), b""))
+
+    def _get_direct(self, name: str, etag: str) -> http.client.HTTPResponse:
+        """One signed GET; errors are raised as the SDK's own, so its retry strategy judges them alike."""
+        from oci._vendor import requests as sdk_requests
+        base = self._client.base_client
+        endpoint = urlsplit(base.endpoint)
+        path = (f"{endpoint.path.rstrip('/')}/n/{quote(self.namespace, safe='')}/b/{quote(self.bucket, safe='')}"
+                f"/o/{quote(name, safe='')}")
+        request = sdk_requests.PreparedRequest()
+        request.method, request.url, request.body = "GET", f"{endpoint.scheme}://{endpoint.netloc}{path}", None
+        request.headers = sdk_requests.structures.CaseInsensitiveDict({"accept": "*/*", "if-match": etag})
+        base.signer(request)
+        try:
+            verify = base.session.verify
+            conn = self._connection(endpoint, sdk_requests.utils.DEFAULT_CA_BUNDLE_PATH if verify is True else verify)
+            conn.request("GET", path, headers=dict(request.headers))
+            response = conn.getresponse()
+        except Exception as exc:
+            self._drop_connection()
+            if isinstance(exc, TimeoutError):
+                raise sdk_requests.exceptions.ReadTimeout(f"Object Storage did not answer: {exc}") from None
+            if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):
+                raise sdk_requests.exceptions.ConnectionError(f"Object Storage answered badly: {exc!r}") from None
+            raise
+        self._conn_used = time.monotonic()
+        if response.status == 200:
+            return response
+        body = response.read()
+        if response.will_close:
+            self._drop_connection()
+        try:
+            answer = json.loads(body)
+            code, message = answer.get("code", ""), answer.get("message", "")
+        except (ValueError, AttributeError):
+            code, message = "", _answer_text(body)
+        raise self._oci.exceptions.ServiceError(response.status, code, dict(response.getheaders()), message)
+
+    def _connection(self, endpoint: Any, verify: bool | str) -> http.client.HTTPConnection:
+        if self._conn is not None and time.monotonic() - self._conn_used > OCI_IDLE_REOPEN:
+            self._drop_connection()
+        if self._conn is None:
+            if endpoint.scheme == "https":
+                context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+                if verify is False:
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    endpoint.hostname or "", endpoint.port, timeout=OCI_TIMEOUT[0], context=context)
+            else:
+                conn = http.client.HTTPConnection(endpoint.hostname or "", endpoint.port, timeout=OCI_TIMEOUT[0])
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock.settimeout(OCI_TIMEOUT[1])
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _confirm_change(self, obj: StoredObject, status: int) -> LoaderError:
         """Return ObjectChanged if a fresh listing confirms a 404/412 on a read, else TransientError.
@@ -888,6 +1136,30 @@ class ObjectStoreClient:
     def _is_fault(self, exc: BaseException) -> bool:
         """Return True for an Object Storage error answer or a network fault."""
         return isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc)
+
+
+def _listing_entry(obj: StoredObject) -> dict[str, Any]:
+    """Return a StoredObject as the listing entry it came from (see _stored_object)."""
+    return {"name": obj.name, "size": obj.size, "etag": obj.etag, "md5": obj.md5,
+            "timeCreated": obj.time_created.isoformat()}
+
+
+def _lean(client: Any) -> Any:
+    """Return an SDK client whose session reads the environment once, not at every request (about
+    0.3 ms of CPU each): unless a proxy is set, the CA bundle requests would find there is fixed now."""
+    if any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" for name in os.environ):
+        return client
+    session = client.base_client.session
+    session.trust_env = False  # signed requests never take .netrc credentials, the other thing it reads
+    if session.verify is True:
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    return client
+
+
+def _stored_object(item: dict[str, Any]) -> StoredObject:
+    """Return a listing entry as a StoredObject."""
+    return StoredObject(item["name"], int(item.get("size") or 0), item.get("etag") or "", item.get("md5"),
+                        _parse_time(item.get("timeCreated")))
 
 
 def _check_body(headers: Any, received: int, digest: Any, listed_md5: str | None) -> None:
@@ -968,6 +1240,91 @@ def _short(exc: BaseException) -> str:
 # ---- fn4 client ------------------------------------------------------------------------------
 
 
+class GuidSet:
+    """fn4's guids held compactly: a sorted array of their 64-bit hashes, 8 bytes a guid.
+
+    Only ``in`` and ``len`` are offered. Two different guids share a hash with a chance of about
+    one in 10**13 at 2 million guids; the daily reconciliation would then find the sample missing.
+    """
+
+    def __init__(self, guids: Iterable[str] = ()) -> None:
+        self._hashes = array("q", (key for key, _ in itertools.groupby(sorted_array(array("q", map(hash, guids))))))
+
+    def __contains__(self, guid: object) -> bool:
+        key = hash(guid)
+        index = bisect.bisect_left(self._hashes, key)
+        return index < len(self._hashes) and self._hashes[index] == key
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+
+def json_strings(chunks: Iterable[bytes], what: str) -> Iterator[str]:
+    """Yield the items of a JSON array of strings read chunk by chunk, holding one chunk at a time.
+
+    Raises OutageError naming ``what`` if the text is anything but a JSON array of strings.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    scan = json.decoder.scanstring  # type: ignore[attr-defined]
+    pieces = iter(chunks)
+    text, position, ended = "", 0, False
+
+    def bad(reason: str) -> OutageError:
+        return OutageError(f"{what} answered something that is not a JSON list of strings: {reason}")
+
+    def fill() -> bool:
+        """Append the next chunk to what is left of the text; False when there is no more."""
+        nonlocal text, position, ended
+        if ended:
+            return False
+        chunk = next(pieces, None)
+        try:
+            added = decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise bad("it is not UTF-8") from None
+        ended = chunk is None
+        text, position = text[position:] + added, 0
+        return bool(added) or not ended
+
+    def token() -> str:
+        """Move to the next character that is not white space and return it; "" at the end."""
+        nonlocal position
+        while True:
+            while position < len(text) and text[position] in " \t\r\n":
+                position += 1
+            if position < len(text):
+                return text[position]
+            if not fill():
+                return ""
+
+    if token() != "[":
+        raise bad(f"it starts with {text[position:position + 20]!r}")
+    position += 1
+    if token() == "]":
+        position += 1
+    else:
+        while True:
+            if token() != '"':
+                raise bad(f"an item starts with {text[position:position + 20]!r}")
+            while True:
+                try:
+                    value, end = scan(text, position + 1)
+                    break
+                except ValueError:  # cut by the chunk's end, or bad: read on to tell which
+                    if not fill():
+                        raise bad(f"a string is not closed or not valid: {text[position:position + 20]!r}") from None
+            yield value
+            position = end
+            separator = token()
+            position += 1
+            if separator == "]":
+                break
+            if separator != ",":
+                raise bad(f"{separator!r} follows an item" if separator else "it ends early")
+    if token():
+        raise bad(f"{text[position:position + 20]!r} follows the list")
+
+
 class FN4Client:
     """Talk to one findNeighbour4 server over one keep-alive session."""
 
@@ -991,6 +1348,21 @@ class FN4Client:
         if not isinstance(value, list) or not all(isinstance(guid, str) for guid in value):
             raise OutageError(f"fn4 GET /api/v2/guids answered {_excerpt(value)}, not a JSON list of guids")
         return set(value)
+
+    def guid_set(self) -> GuidSet:
+        """Return every guid fn4 holds, compactly, parsing the list as it arrives. Raises OutageError.
+
+        At 2 million guids the answer is about 80 MB: neither its text nor a list of its strings is
+        ever held whole.
+        """
+        path = "/api/v2/guids"
+        with self._get(path, self.timeout, stream=True) as response:
+            if response.status_code != 200:
+                raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
+            try:
+                return GuidSet(json_strings(response.iter_content(GUIDS_CHUNK), f"fn4 GET {path}"))
+            except requests.RequestException as exc:
+                raise OutageError(f"fn4 GET {path} was cut off: {_short(exc)}") from None
 
     def exists(self, guid: str) -> bool:
         """Return True if fn4 holds the guid. Raises OutageError, also for an answer that is not true or false."""
@@ -1095,8 +1467,8 @@ class FN4Client:
         self._drop_insert_connection()
         self._session.close()
 
-    def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
-        """GET a route and return its JSON. Raises OutageError.
+    def _get(self, path: str, timeout: tuple[float, float], stream: bool = False) -> requests.Response:
+        """GET a route. Raises OutageError.
 
         A GET cut off without an answer (as when the server closes an idle kept-alive connection under
         it) is asked once more at once; a timeout is not.
@@ -1104,12 +1476,16 @@ class FN4Client:
         for last_try in (False, True):
             try:
                 # verify is passed on each call: a session's own setting loses to REQUESTS_CA_BUNDLE
-                response = self._session.get(self.base_url + path, timeout=timeout, verify=self.verify)
-                break
+                return self._session.get(self.base_url + path, timeout=timeout, verify=self.verify, stream=stream)
             except requests.RequestException as exc:
                 if last_try or not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.Timeout):
                     raise OutageError(f"fn4 at {self.base_url} is not answering: {_network_cause(exc)}") from None
                 log.debug("fn4 GET %s was cut off (%s); asking again", path, _short(exc))
+        raise AssertionError("unreachable")
+
+    def _get_json(self, path: str, timeout: tuple[float, float]) -> Any:
+        """GET a route and return its JSON. Raises OutageError (see _get)."""
+        response = self._get(path, timeout)
         if response.status_code != 200:
             raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
         try:
@@ -2520,6 +2896,77 @@ _END = object()  # marks the end of the prefetch queue
 _EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has none
 
 
+class FileStates:
+    """(file name, etag) -> (completed, outcome, failed attempts): what the catalogue says of each file.
+
+    Files loaded at the first attempt (nearly all of them, at 2 million files) are kept as 8 bytes
+    each: the key's 64-bit hash with the outcome in its two low bits, in a sorted array (and 8 more
+    for its name's hash, see ``loaded_by_name``). Every other file is kept whole, and ``items()``
+    yields exactly those: the files that may need work.
+    """
+
+    _LOADED_CODES = (INSERTED, ALREADY_PRESENT, IN_SERVER)
+
+    def __init__(self) -> None:
+        self._whole: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._recent: dict[int, int] = {}     # key hash -> outcome code, not yet merged into _packed
+        self._packed = array("q")             # sorted key hashes, outcome code in the two low bits
+        self._recent_names: set[int] = set()  # name hashes of files compacted since the last merge
+        self._names = array("q")              # sorted name hashes of files ever compacted
+
+    @staticmethod
+    def _hash(key: tuple[str, str]) -> int:
+        return hash(key) & ~3
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        if (state := self._whole.get(key)) is not None:
+            return state
+        hashed = self._hash(key)
+        code = self._recent.get(hashed)
+        if code is None:
+            packed = self._packed  # once: a listing thread may merge meanwhile
+            index = bisect.bisect_left(packed, hashed)
+            if index == len(packed) or packed[index] & ~3 != hashed:
+                return default
+            code = packed[index] & 3
+        return (1, self._LOADED_CODES[code], 0)
+
+    def __setitem__(self, key: tuple[str, str], state: tuple[int, str, int]) -> None:
+        completed, outcome, attempts = state
+        hashed = self._hash(key)
+        if completed and not attempts and outcome in self._LOADED_CODES:
+            self._whole.pop(key, None)
+            self._recent[hashed] = self._LOADED_CODES.index(outcome)
+            self._recent_names.add(hash(key[0]))
+            if len(self._recent) > max(1 << 16, len(self._packed) // 16):
+                self._merge()
+        else:
+            self._whole[key] = state
+            self._recent.pop(hashed, None)
+
+    def __bool__(self) -> bool:
+        return bool(self._whole or self._recent or self._packed)
+
+    def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, str, int]]]:
+        """Yield the files kept whole: every file not loaded at its first attempt."""
+        return iter(list(self._whole.items()))
+
+    def loaded_by_name(self, name: str) -> bool:
+        """Return True if a file of this name was loaded at its first attempt (the etag aside)."""
+        hashed = hash(name)
+        names = self._names
+        index = bisect.bisect_left(names, hashed)
+        return hashed in self._recent_names or (index < len(names) and names[index] == hashed)
+
+    def _merge(self) -> None:
+        recent = self._recent
+        older = (packed for packed in self._packed if packed & ~3 not in recent)
+        self._packed = array("q", heapq.merge(older, sorted(hashed | code for hashed, code in recent.items())))
+        self._recent = {}
+        self._names = array("q", heapq.merge(self._names, sorted(self._recent_names)))
+        self._recent_names = set()
+
+
 class Loader:
     """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
 
@@ -2539,7 +2986,8 @@ class Loader:
         self.stop = stop or threading.Event()
         self.host_name = host_name or socket.gethostname()
         # (file name, etag) -> (completed, outcome, failed attempts), folded from the catalogue.
-        self._files: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._files = FileStates()
+        self._boundaries: list[str] = []  # where the last listing's pages started: the next one splits there
         self._last_row_id = 0
         self._next_reconcile: datetime | None = None
         self._server_count = 0
@@ -2607,13 +3055,12 @@ class Loader:
         started = self.clock()
         self._retry_after = self.pause_reason = None
         caught_up = self._refresh_from_catalogue()
-        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
-                         key=lambda o: (o.time_created, o.name))
         reconcile = self._next_reconcile is None or started >= self._next_reconcile
-        server_guids = self.fn4.guids() if reconcile else None
+        server_guids = self.fn4.guid_set() if reconcile else None
         if server_guids is not None:
             self._server_count = len(server_guids)
             self._next_reconcile = started + timedelta(seconds=self.settings.reconcile_interval)
+        objects, listed = self._list_bucket(server_guids, started)
         if caught_up and self._given_up:
             self._requeue_given_up(objects, started)
         todo, settled = self._plan(objects, server_guids)
@@ -2621,7 +3068,7 @@ class Loader:
         self.catalogue.record_batch(BatchRow(
             host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
             oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
-            objects_listed=len(objects), batch_size=len(todo), number_in_server=self._server_count,
+            objects_listed=listed, batch_size=len(todo), number_in_server=self._server_count,
             reconciled=int(reconcile)))
         for number, (obj, outcome, reason) in enumerate(settled):
             if number % 1000 == 999:  # a first look at a big bucket settles many: keep the queue bounded
@@ -2630,11 +3077,11 @@ class Loader:
                          parse_status="ok" if outcome == IN_SERVER else outcome)
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
-        summary = CycleSummary(len(objects), len(todo), loaded, failed, retried, paused)
+        summary = CycleSummary(listed, len(todo), loaded, failed, retried, paused)
         # rows are written a moment after they are made: only rows the database does not take now are news
         unwritten = 0 if self.catalogue.flush(WRITE_BATCH_DELAY) else self.catalogue.unwritten
         log.info("cycle %d: %d FASTA objects, %d settled without loading, %d to load: %d loaded, "
-                 "%d failed, %d to retry%s%s", self.cycles + 1, len(objects),
+                 "%d failed, %d to retry%s%s", self.cycles + 1, listed,
                  len(settled), len(todo), loaded, failed, retried, f", paused: {self.pause_reason}" if paused else "",
                  f"; {unwritten} catalogue rows waiting to be written" if unwritten else "", extra={"fields": {
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
@@ -2698,7 +3145,7 @@ class Loader:
         try:
             for obj in self.store.list_objects(archive):
                 seen += 1
-                if obj.name[len(archive):] not in loaded:
+                if (name := obj.name[len(archive):]) not in loaded and not self._files.loaded_by_name(name):
                     waiting.append(obj.name)
                 if seen >= ARCHIVE_CHECK_LIMIT:
                     break
@@ -2729,6 +3176,97 @@ class Loader:
                  self.settings.retention_days)
 
     # -- working out what to load --
+
+    def _list_bucket(self, server_guids: GuidSet | None, started: datetime) -> tuple[list[StoredObject], int]:
+        """List the bucket; return the objects that may need work, oldest first, and the FASTA count.
+
+        Files loaded in an earlier cycle are counted as their pages arrive and not kept, unless
+        --on-success must still move them or fn4's guid list lacks them. When one of them holds the
+        guid of a kept object, the bucket is listed again keeping everything, so _plan sees both
+        (which is older decides which is the duplicate): rare, as duplicates are. When more than
+        SETTLE_WHILE_LISTING unknown files are in fn4 (a first cycle against a full fn4), see
+        _settle_while_listing.
+        """
+        if self.settings.on_success != "keep":
+            listing = self._list(None)
+        else:
+            skipped, in_server = array("q"), array("q")  # guid hashes: loaded earlier; unknown, in fn4, not kept
+            unknown_in_server = 0
+
+            def keep(entry: dict[str, Any]) -> bool:
+                nonlocal unknown_in_server
+                state = self._files.get((entry["name"], entry.get("etag") or ""))
+                if state is not None and not (state[0] and state[1] in LOADED):
+                    return True
+                guid = guid_from_name(entry["name"])
+                if server_guids is not None and guid not in server_guids:
+                    return True
+                if state is not None:
+                    skipped.append(hash(guid))
+                    return False
+                if server_guids is None or guid_problem(guid):
+                    return True
+                unknown_in_server += 1
+                if unknown_in_server <= SETTLE_WHILE_LISTING:
+                    return True
+                in_server.append(hash(guid))
+                return False
+            listing = self._list(keep)
+            if in_server:
+                shared = _repeated(itertools.chain(skipped, in_server, (hash(o.guid) for o in listing.objects)))
+                listing = self._settle_while_listing(server_guids, shared, started)
+            elif skipped and (held := {hash(obj.guid) for obj in listing.objects}) and any(
+                    guid in held for guid in skipped):
+                log.info("a file loaded earlier shares its guid with a new file: listing again in full")
+                listing = self._list(None)
+        self._boundaries = split_points(listing.pages, self.settings.list_workers * RANGES_PER_WORKER)
+        return sorted(listing.objects, key=lambda o: (o.time_created, o.name)), listing.listed
+
+    def _settle_while_listing(self, server_guids: GuidSet, shared: set[int], started: datetime) -> Listing:
+        """List again, recording each unknown file fn4 already holds as in_server as its page arrives.
+
+        Memory stays bounded however many there are (a first cycle against an fn4 holding millions):
+        only files whose guid another listed file shares (``shared``: _plan decides between them),
+        and files that may need loading, are kept.
+        """
+        lock = threading.Lock()
+        settled = 0
+
+        def keep(entry: dict[str, Any]) -> bool:
+            nonlocal settled
+            guid = guid_from_name(entry["name"])
+            state = self._files.get((entry["name"], entry.get("etag") or ""))
+            if hash(guid) in shared or guid not in server_guids or (state is not None and not (
+                    state[0] and state[1] in LOADED)):
+                return True
+            if state is None:
+                if guid_problem(guid):
+                    return True
+                with lock:  # one listing thread records at a time
+                    self._record(_stored_object(entry), IN_SERVER, started, parse_status="ok")
+                    settled += 1
+                    if settled % 1000 == 0:
+                        self.catalogue.wait_until_below(1000, self.stop)
+            return False
+        listing = self._list(keep)
+        log.info("%d files fn4 already holds recorded in_server as they were listed", settled)
+        return listing
+
+    def _list(self, keep: Callable[[dict[str, Any]], bool] | None) -> Listing:
+        """List every key range but the archive prefix's, concurrently, split where the last listing's pages began.
+
+        With nothing learnt yet, one page of each range is listed first: a bucket bigger than that is
+        then split at FIRST_LISTING_SPLITS.
+        """
+        prefix, archive, workers = self.settings.prefix, self.settings.archive_prefix, self.settings.list_workers
+        boundaries = self._boundaries
+        if not boundaries and workers > 1:
+            probe = self.store.list_ranges(key_ranges(prefix, archive), prefix, workers, None, max_pages=1)
+            if probe.next_start is None:  # that was the whole bucket: filter it as if listed so
+                kept = [obj for obj in probe.objects if keep is None or keep(_listing_entry(obj))]
+                return dataclasses.replace(probe, objects=kept)
+            boundaries = [(prefix or "") + split for split in FIRST_LISTING_SPLITS]
+        return self.store.list_ranges(key_ranges(prefix, archive, boundaries), prefix, workers, keep)
 
     def _refresh_from_catalogue(self) -> bool:
         """Fold rows written since the last look (by us or by a requeue) into the file states.
@@ -2772,7 +3310,7 @@ class Loader:
                              error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
                                         f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
 
-    def _plan(self, objects: list[StoredObject], server_guids: set[str] | None
+    def _plan(self, objects: list[StoredObject], server_guids: GuidSet | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
         """Split listed objects into those to load and those settled without loading.
 
@@ -2806,7 +3344,7 @@ class Loader:
             log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
                       "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
-            server_guids = self.fn4.guids()
+            server_guids = self.fn4.guid_set()
             self._server_count = len(server_guids)
         todo = []
         for obj in candidates:
@@ -3400,6 +3938,9 @@ def main(ctx: click.Context) -> None:
               help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
                    "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
                    "one dying; give every instance the same value.")
+@click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
+              envvar="FN4_LIST_WORKERS", show_envvar=True,
+              help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
               help="Local file that keeps catalogue rows until the database has them; rows left there are "
                    "written at the next start. Default: beside a SQLite catalogue, else in "
@@ -3409,6 +3950,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
         on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float,
+        list_workers: int,
         journal: Path | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
@@ -3422,7 +3964,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
         try:
             settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                                max_object_bytes, reconcile_interval, on_success, retention_days)
+                                max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
             store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
                                              fail_fast=once, journaled=True, journal=journal, auth=auth,
                                              config_file=config_file, profile=profile, endpoint=endpoint)

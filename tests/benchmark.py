@@ -10,6 +10,13 @@ markdown-friendly table of:
 4. an idle cycle at scale (100,000 objects, all loaded): time, RSS growth, bytes fn4 sent;
 5. list+diff time at 10,000 and 100,000 objects.
 
+With ``--scale`` it prints instead the national-scale figures, each beside its target and the
+sequential reference: idle cycles at 2,000,000 objects and guids with a list page latency
+(``--page-latency``, 100 ms by default), listing by key ranges and page by page; an idle cycle
+with ``--on-success rename:loaded/`` and 2,000,000 archived objects; peak RSS; the migration
+cycle against an fn4 that holds everything; CPU per SARS-CoV-2 sample; utilisation at the three
+speed profiles. ``--objects`` makes it smaller (the targets are for 2,000,000).
+
 The Object Storage emulator and the fn4 stand-in each run in a process of their own, and every
 measured loader runs in a freshly spawned process, so the CPU time and RSS measured are the
 loader's alone. Genomes are synthetic (random ACGT with N runs, gaps and a few IUPAC codes),
@@ -20,13 +27,11 @@ wait is bounded.
 from __future__ import annotations
 
 import argparse
-import bisect
 import cProfile
 import gc
 import gzip
 import hashlib
 import io
-import json
 import logging
 import multiprocessing
 import os
@@ -57,8 +62,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import objectstoreaccess as osa  # noqa: E402
 from fn4_standin import FN4StandIn  # noqa: E402
-from oci_emulator import (Fault, ObjectStoreEmulator, _parse_fields, _parse_limit, _Reply,  # noqa: E402
-                          _summary, write_oci_config)
+from oci_emulator import Fault, ObjectStoreEmulator, _Reply, write_oci_config  # noqa: E402
 
 AC587 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ac587"
 NAMESPACE = "benchns"
@@ -91,7 +95,7 @@ class Profile:
 PROFILES = (
     Profile("tb", "tuberculosis-like", 4_411_532, 0.654, 20, 0.400, 0.150, 0.98),
     Profile("gono", "gonorrhoea-like", 2_200_000, 0.525, 40, 0.175, 0.060, 0.97),
-    Profile("sars", "SARS-CoV-2-like", 29_903, 0.380, 200, 0.025, 0.015, 0.95),
+    Profile("sars", "SARS-CoV-2-like", 29_903, 0.380, 200, 0.025, 0.015, 0.96),
 )
 QUICK_SAMPLES = {"tb": 6, "gono": 12, "sars": 60}
 SCALE_SIZES = (10_000, 100_000)
@@ -100,6 +104,14 @@ CPU_TARGET_MS = 60.0
 PEAK_TARGET_GENOMES = 5.0
 IDLE_TARGET_S = 3.0
 IDLE_TARGET_MB = 150.0
+# --scale: the targets of the national-scale figures
+NATIONAL_OBJECTS = 2_000_000
+NATIONAL_WAITING = 100
+NATIONAL_IDLE_TARGET_S = 60.0
+NATIONAL_RENAME_TARGET_S = 2.0
+NATIONAL_RSS_TARGET_MB = 400.0
+NATIONAL_MIGRATION_TARGET_S = 900.0
+SARS_CPU_TARGET_MS = 1.5
 
 
 # ---- Synthetic genomes -----------------------------------------------------------------------
@@ -183,74 +195,25 @@ def _generate(task: tuple[str, int, str, int, Shape, int, float]) -> tuple[str, 
 
 
 class FastListingEmulator(ObjectStoreEmulator):
-    """The test emulator with a ListObjects that finds its page by bisection in a cached index.
+    """The test emulator, which finds each list page by bisection in its sorted index, timed.
 
-    The stock emulator sorts the whole bucket for every page (about 0.4 s a page at 100,000
-    objects), which would swamp the loader's own cost. Answers are the same; ``list_seconds``
-    adds up the time spent building list pages so the table can show it.
+    ``list_seconds`` adds up the time spent building list pages (the ``list_latency`` wait left
+    out), so the tables can show what the emulator itself cost inside the loader's wall time.
     """
 
     def __init__(self, namespace: str) -> None:
         super().__init__(namespace=namespace)
-        self._index: dict[str, list[str]] = {}
-        self._json: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
         self.list_calls = 0
         self.list_seconds = 0.0
 
-    def _forget(self, bucket: str | None = None) -> None:
-        with self._lock:
-            if bucket is None:
-                self._index.clear()
-                self._json.clear()
-            else:
-                self._index.pop(bucket, None)
-                for key in [k for k in self._json if k[0] == bucket]:
-                    del self._json[key]
-
-    def put(self, bucket: str, name: str, data: bytes, time_created: datetime | None = None) -> str:
-        with self._lock:
-            self._forget(bucket)
-            return super().put(bucket, name, data, time_created)
-
-    def delete(self, bucket: str, name: str) -> None:
-        with self._lock:
-            self._forget(bucket)
-            super().delete(bucket, name)
-
-    def route(self, method: str, raw_path: str, query: dict[str, str], headers: dict[str, str],
-              body: bytes) -> _Reply:
-        try:
-            return super().route(method, raw_path, query, headers, body)
-        finally:
-            if method in ("PUT", "DELETE", "POST"):
-                self._forget()
-
     def _list_objects(self, namespace: str, bucket: str, query: dict[str, str]) -> _Reply:
-        if any(key in query for key in ("delimiter", "end", "startAfter")):
-            return super()._list_objects(namespace, bucket, query)
         started = time.perf_counter()
-        limit = _parse_limit(query.get("limit"))
-        fields = _parse_fields(query.get("fields"))
-        prefix = query.get("prefix", "")
-        with self._lock:
-            objects = self._bucket(namespace, bucket)
-            names = self._index.get(bucket)
-            if names is None:
-                names = self._index[bucket] = sorted(objects)
-            cache = self._json.setdefault((bucket, tuple(sorted(fields))), {})
-            first = bisect.bisect_left(names, max(prefix, query.get("start", "")))
-            page = []
-            for name in names[first:first + limit + 1]:
-                if not name.startswith(prefix):
-                    break
-                if name not in cache:
-                    cache[name] = json.dumps(_summary(name, objects[name], fields))
-                page.append(name)
-        more = f', "nextStartWith": {json.dumps(page[limit])}' if len(page) > limit else ""
-        text = '{"objects": [' + ", ".join(cache[n] for n in page[:limit]) + '], "prefixes": []' + more + "}"
-        self.list_calls += 1
-        self.list_seconds += time.perf_counter() - started
-        return _Reply(200, {"Content-Type": "application/json"}, text.encode())
+        try:
+            return super()._list_objects(namespace, bucket, query)
+        finally:
+            with self._lock:
+                self.list_calls += 1
+                self.list_seconds += time.perf_counter() - started - self.list_latency
 
 
 # ---- Server processes ------------------------------------------------------------------------
@@ -266,6 +229,14 @@ def _oci_put_tiny(emu: FastListingEmulator, bucket: str, count: int, seed: int) 
 def _oci_put(emu: FastListingEmulator, bucket: str, name: str, data: bytes, created: datetime) -> str:
     emu.create_bucket(bucket)
     return emu.put(bucket, name, data, created)
+
+
+def _oci_seed(emu: FastListingEmulator, bucket: str, count: int, seed: int, prefix: str) -> int:
+    """Put ``count`` tiny FASTA objects named PREFIX + uuid + .mfasta.gz, one second apart."""
+    emu.create_bucket(bucket)
+    items = ((f"{prefix}{guid}.mfasta.gz", b">" + guid.encode() + b"\nACGTN\n", T0 + timedelta(seconds=i))
+             for i, guid in enumerate(uuid_guids(count, seed)))
+    return emu.put_many(bucket, items)
 
 
 def _fn4_reset(st: FN4StandIn) -> None:
@@ -301,6 +272,8 @@ OCI_COMMANDS: dict[str, Callable[..., Any]] = {
     "clear_requests": lambda emu: emu.clear_requests(),
     "list_stats": lambda emu: (emu.list_calls, emu.list_seconds),
     "errors": lambda emu: list(emu.errors),
+    "seed": lambda emu, bucket, count, seed, prefix="": _oci_seed(emu, bucket, count, seed, prefix),
+    "set_latency": _set_attr("list_latency"),
 }
 FN4_COMMANDS: dict[str, Callable[..., Any]] = {
     "reset": _fn4_reset,
@@ -488,7 +461,7 @@ class Probe:
     def figures(self) -> dict[str, float]:
         baseline = self.rss0 if self.baseline is None else self.baseline
         return {"wall": self.wall, "cpu": self.cpu, "peak": self.peak, "retained": self.retained,
-                "footprint": self.hwm - baseline,
+                "footprint": self.hwm - baseline, "hwm": self.hwm,
                 "fn4_bytes": self.fn4_bytes, "list_pages": self.list_pages, "list_seconds": self.list_seconds}
 
 
@@ -727,7 +700,7 @@ def _ceiling(fn4: Remote, client: osa.FN4Client, store: osa.ObjectStoreClient, o
 def _per_genome_breakdown(store: osa.ObjectStoreClient, fn4: osa.FN4Client,
                           objects: list[osa.StoredObject]) -> dict[str, float]:
     """CPU seconds of each step for one genome, median over a few, measured in one thread."""
-    steps: dict[str, list[float]] = {"read_object (SDK GET, md5, gunzip)": [], "parse_fasta": [],
+    steps: dict[str, list[float]] = {"read_object (signed GET, md5, gunzip)": [], "parse_fasta": [],
                                      "FN4Client.insert (client side)": [],
                                      "AttemptRow + LoadLogger.record_attempt": []}
     engine = sa.create_engine("sqlite://")
@@ -766,8 +739,9 @@ def _loader_cycle(loader: osa.Loader, catalogue: osa.LoadLogger, probe: Probe) -
         t0 = time.perf_counter()
         summary = loader.run_cycle()
         cycle = time.perf_counter() - t0
-        written = catalogue.flush(600)
-    return {**probe.figures(), "cycle": cycle, "written": written, "found": summary.found}
+        written = catalogue.flush(1800)
+    return {**probe.figures(), "cycle": cycle, "written": written, "found": summary.found, "listed": summary.listed,
+            "loaded": summary.loaded}
 
 
 def _scale_first_worker(params: dict[str, Any]) -> dict[str, Any]:
@@ -835,8 +809,70 @@ def _scale_reference_worker(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ---- National scale (--scale): 2 million objects --------------------------------------------
+
+
+def _national_loader(setup: Setup, catalogue: osa.LoadLogger, bucket: str, **settings: Any) -> osa.Loader:
+    return osa.Loader(setup.store(bucket), setup.fn4_client, catalogue,
+                      replace(setup.settings(bucket), **settings), clock=osa.utcnow, stop=threading.Event())
+
+
+def _attempt_rows(catalogue: osa.LoadLogger) -> int:
+    with catalogue.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(catalogue.attempts)).scalar() or 0
+
+
+def _national_first_worker(params: dict[str, Any]) -> dict[str, Any]:
+    """Fresh process, empty catalogue, fn4 holding every guid: the migration cycle, then idle cycles."""
+    setup, catalogue, baseline = _scale_setup(params)
+    loader = _national_loader(setup, catalogue, params["bucket"], list_workers=params["workers"])
+    out: dict[str, Any] = {"baseline": baseline}
+    for name in ("migration", "idle", "idle2"):
+        out[name] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    out["rows"] = _attempt_rows(catalogue)
+    out["unwritten"] = len(catalogue.close(30))
+    return out
+
+
+def _national_restart_worker(params: dict[str, Any]) -> dict[str, Any]:
+    """Fresh process on the filled catalogue: the first cycle (reads the catalogue, reconciles), an idle
+    cycle listing by key ranges, then an idle cycle listing page by page (the sequential reference);
+    then fn4's guid list fetched alone, streamed and whole."""
+    setup, catalogue, baseline = _scale_setup(params)
+    loader = _national_loader(setup, catalogue, params["bucket"], list_workers=params["workers"])
+    out: dict[str, Any] = {"baseline": baseline}
+    out["restart"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    out["idle"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    loader.settings = replace(loader.settings, list_workers=1)
+    out["sequential"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    catalogue.close(30)
+    for name, fetch in (("guid_set", setup.fn4_client.guid_set), ("guids", setup.fn4_client.guids)):
+        gc.collect()
+        with Probe(setup.fn4, setup.oci) as probe:
+            held = fetch()
+        out[name] = {**probe.figures(), "count": len(held)}
+        del held
+    return out
+
+
+def _national_rename_worker(params: dict[str, Any]) -> dict[str, Any]:
+    """Fresh process, --on-success rename:loaded/, a bucket of N archived objects: the first cycle
+    (reconciles, loads the waiting), then a cycle with new objects waiting, then one with none."""
+    setup, catalogue, baseline = _scale_setup(params)
+    bucket, waiting = params["bucket"], params["waiting"]
+    loader = _national_loader(setup, catalogue, bucket, list_workers=params["workers"], on_success="rename:loaded/")
+    out: dict[str, Any] = {"baseline": baseline}
+    out["first"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    setup.oci("seed", bucket, waiting, params["seed"] + 1)
+    out["waiting"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    out["empty"] = _loader_cycle(loader, catalogue, Probe(setup.fn4, setup.oci, baseline))
+    out["unwritten"] = len(catalogue.close(30))
+    return out
+
+
 WORKERS = {"backlog": _backlog_worker, "scale_first": _scale_first_worker, "scale_restart": _scale_restart_worker,
-           "scale_reference": _scale_reference_worker}
+           "scale_reference": _scale_reference_worker, "national_first": _national_first_worker,
+           "national_restart": _national_restart_worker, "national_rename": _national_rename_worker}
 
 
 def _worker_main(kind: str, params: dict[str, Any], conn: Any) -> None:
@@ -1029,44 +1065,220 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
                          "total s"], rows)
 
 
+def put_genomes(ctx: Any, servers: Servers, profiles: list[Profile], shape: Shape) -> dict[str, list[int]]:
+    """Generate every profile's genomes in a pool and put them, and the warm-up sample; return gzip sizes."""
+    tasks = []
+    for p_index, p in enumerate(profiles):
+        for i, guid in enumerate(uuid_guids(p.samples, 1000 + p_index)):
+            tasks.append((p.key, i, guid, p.length, shape, 7919 * p_index + i, p.gc))
+    tasks.sort(key=lambda t: -t[3])  # biggest first, so the pool finishes together
+    gz_sizes: dict[str, list[int]] = {}
+    with ctx.Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+        made = pool.imap_unordered(_generate, tasks, chunksize=1)
+        for _ in tasks:
+            bucket, index, name, data = made.next(timeout=300)
+            servers.oci("put", bucket, name, data, T0 + timedelta(minutes=index))
+            gz_sizes.setdefault(bucket, []).append(len(data))
+    warm = gzip.compress(genome_fasta("warm-sample", 29_903, shape, 1), 6)
+    servers.oci("put", WARM_BUCKET, "warm-sample.fasta.gz", warm, T0)
+    return gz_sizes
+
+
+def _run_backlog(ctx: Any, base: dict[str, Any], p: Profile, mode: str) -> dict[str, Any]:
+    params = {**base, "tag": f"{p.key}-{mode}", "bucket": p.key, "mode": mode, "profile": p.label,
+              "L": p.insert_delay, "D": p.download_parse}
+    budget = 90 + p.samples * (p.insert_delay + p.download_parse) * 5
+    return run_worker(ctx, "backlog", params, budget)
+
+
+def national(args: argparse.Namespace, progress: Callable[[str], None]) -> list[str]:
+    """Run the --scale figures; return the report's lines."""
+    ctx = multiprocessing.get_context("spawn")
+    shape = shape_of_ac587()
+    profiles = [replace(p, samples=QUICK_SAMPLES[p.key]) if args.quick else p for p in PROFILES]
+    profiles = [replace(p, length=shape.length) if p.key == "tb" else p for p in profiles]
+    count, workers, latency = args.objects, args.list_workers, args.page_latency
+    runs: dict[str, dict[str, Any]] = {}
+    backlog: list[tuple[Profile, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="fn4bench-") as tmp, Servers(ctx) as servers:
+        base = {"oci": servers.info["oci"][0], "fn4": servers.info["fn4"][0], "authkey": servers.authkey,
+                "fn4_url": servers.fn4_url, "endpoint": servers.endpoint, "tmp": tmp, "profile_run": args.profile,
+                "oci_config": str(write_oci_config(Path(tmp) / "oci")), "workers": workers}
+        progress(f"putting {count:,} objects kept in place, {count:,} archived under loaded/ and "
+                 f"{args.waiting} waiting; {count:,} guids into fn4")
+        servers.oci("seed", "national", count, 9000, timeout=1800)
+        servers.oci("seed", "archived", count, 9100, "loaded/", timeout=1800)
+        servers.oci("seed", "archived", args.waiting, 9200, timeout=60)
+        servers.fn4("reset")
+        servers.fn4("add_guids", count, 9000, timeout=600)
+        servers.oci("set_latency", latency)
+        budget = 600 + count * latency / 1000 * 3 + count / 1000
+        for kind, bucket in (("national_first", "national"), ("national_restart", "national"),
+                             ("national_rename", "archived")):
+            progress(f"{kind}: {bucket}, {workers} list workers, {latency * 1000:.0f} ms a page")
+            params = {**base, "tag": bucket, "bucket": bucket, "seed": 9200, "waiting": args.waiting}
+            runs[kind] = run_worker(ctx, kind, params, budget)
+        servers.oci("set_latency", 0.0)
+        progress("generating genomes for the utilisation and CPU figures")
+        put_genomes(ctx, servers, profiles, shape)
+        for p in profiles:
+            progress(f"{p.label}: Loader, {p.samples} samples")
+            backlog.append((p, _run_backlog(ctx, base, p, "loader")))
+        errors = servers.oci("errors")
+    lines = _report_national(runs, backlog, count, workers, latency, args.waiting)
+    if errors:
+        lines += ["", f"emulator errors: {len(errors)}; first:", errors[0]]
+    if args.profile:
+        lines += [""] + [r["profile_text"] for _, r in backlog if r.get("profile_text")]
+    return lines
+
+
+def _mb(value: float) -> str:
+    return f"{value / MB:.0f}"
+
+
+def _report_national(runs: dict[str, dict[str, Any]], backlog: list[tuple[Profile, dict[str, Any]]], count: int,
+                     workers: int, latency: float, waiting: int) -> list[str]:
+    first, restart, rename = (runs.get(k, {}) for k in ("national_first", "national_restart", "national_rename"))
+    pages = count / osa.LIST_PAGE_SIZE
+    out = [f"## National scale: {count:,} objects, {latency * 1000:.0f} ms a list page, "
+           f"{osa.LIST_PAGE_SIZE:,} objects a page, {workers} list workers", "",
+           "The emulator (its own process) answers each ListObjects page after a fixed latency, in a thread per "
+           "request, so concurrent pages overlap as on the service; it finds each page by bisection in a sorted "
+           "index and caches each object's JSON entry, so its own cost per page stays small ('list s' = its time "
+           "building pages, latency left out). Every loader runs in a fresh process; wall = the cycle plus the "
+           "catalogue flush after it; RSS = the loader process's VmHWM during the cycle (reset before it). "
+           "fn4 is the stand-in holding the guids. SQLite catalogue on local disk.", ""]
+    rows = []
+
+    def cell(result: dict[str, Any], key: str) -> dict[str, Any] | None:
+        return None if "error" in result else result.get(key)
+
+    idle = cell(restart, "idle") or cell(first, "idle")
+    sequential = cell(restart, "sequential")
+    if idle:
+        ok = idle["wall"] <= NATIONAL_IDLE_TARGET_S
+        ref = (f"{sequential['wall']:.1f} s listing page by page" if sequential else "-") + \
+            f"; page latency alone {pages * latency:.0f} s"
+        rows.append([f"idle cycle, {count:,} objects kept in place, {count:,} guids in fn4",
+                     f"{idle['wall']:.1f} s", f"≤ {NATIONAL_IDLE_TARGET_S:.0f} s", ref, _verdict(ok)])
+    waiting_cycle, empty = cell(rename, "waiting"), cell(rename, "empty")
+    if waiting_cycle:
+        rows.append([f"idle cycle with --on-success rename:loaded/, {count:,} archived + {waiting} waiting "
+                     f"(loads them: {waiting_cycle['loaded']})", f"{waiting_cycle['wall']:.2f} s",
+                     f"≤ {NATIONAL_RENAME_TARGET_S:.0f} s",
+                     f"next cycle, nothing waiting: {empty['wall']:.2f} s" if empty else "-",
+                     _verdict(waiting_cycle["wall"] <= NATIONAL_RENAME_TARGET_S)])
+    idle_peaks = [c["hwm"] for c in (cell(first, "idle"), cell(first, "idle2"), cell(restart, "idle"),
+                                     sequential, waiting_cycle, empty) if c]
+    if idle_peaks:
+        rows.append(["peak RSS during those idle cycles", f"{_mb(max(idle_peaks))} MB",
+                     f"≤ {NATIONAL_RSS_TARGET_MB:.0f} MB", f"sequential idle: {_mb(sequential['hwm'])} MB"
+                     if sequential else "-", _verdict(max(idle_peaks) / MB <= NATIONAL_RSS_TARGET_MB)])
+    migration = cell(first, "migration")
+    if migration:
+        rows.append([f"first cycle against an fn4 holding all {count:,} (migration)",
+                     f"{migration['wall']:.0f} s, peak RSS {_mb(migration['hwm'])} MB, "
+                     f"{first.get('rows', 0):,} rows written ({first.get('rows', 0) / migration['wall']:.0f}/s)",
+                     f"≤ {NATIONAL_MIGRATION_TARGET_S / 60:.0f} min, bounded memory", "-",
+                     _verdict(migration["wall"] <= NATIONAL_MIGRATION_TARGET_S) + " (time)"])
+    sars = next((r for p, r in backlog if p.key == "sars" and "error" not in r), None)
+    if sars:
+        per = sars["cpu"] / max(sars["samples"], 1) * 1000
+        rows.append(["loader CPU per SARS-CoV-2-sized sample (29,903 bases), steady state", f"{per:.2f} ms",
+                     f"≤ {SARS_CPU_TARGET_MS} ms", "-", _verdict(per <= SARS_CPU_TARGET_MS)])
+    for p, r in backlog:
+        if "error" in r:
+            rows.append([f"utilisation, {p.label}", _error_line(r), f"≥ {p.target:.2f}", "-", "-"])
+            continue
+        util = r.get("utilisation", float("nan"))
+        ceiling = r.get("ceiling", {}).get("utilisation", float("nan"))
+        rows.append([f"utilisation, {p.label} (L {p.insert_delay * 1000:.0f} ms, D {p.download_parse * 1000:.0f} ms)",
+                     f"{util:.3f}", f"≥ {p.target:.2f}", f"back-to-back ceiling {ceiling:.3f}",
+                     _verdict(util >= p.target)])
+    out += _table(["figure", "measured", "target", "sequential reference / context", "result"], rows)
+    out += ["", "Every cycle measured:", ""]
+    rows = []
+    labels = (("national_first", "migration", "first cycle, empty catalogue, fn4 holds all (migration)"),
+              ("national_first", "idle", "next cycle, same process (idle)"),
+              ("national_first", "idle2", "next cycle, same process (idle)"),
+              ("national_restart", "restart", "first cycle after a restart: reads the catalogue, reconciles"),
+              ("national_restart", "idle", "next cycle (idle), listing by key ranges"),
+              ("national_restart", "sequential", "next cycle (idle), listing page by page (--list-workers 1)"),
+              ("national_rename", "first", "rename:loaded/: first cycle (reconciles, loads the waiting)"),
+              ("national_rename", "waiting", f"rename:loaded/: {waiting} new objects waiting"),
+              ("national_rename", "empty", "rename:loaded/: nothing waiting"))
+    for kind, key, label in labels:
+        result = runs.get(kind, {})
+        if "error" in result:
+            rows.append([label, _error_line(result)] + [""] * 7)
+            continue
+        if key not in result:
+            continue
+        m = result[key]
+        rows.append([label, f"{m['wall']:.2f}", f"{m['cpu']:.2f}", str(m["list_pages"]), f"{m['list_seconds']:.2f}",
+                     f"{m['listed']:,}", f"{m['found']:,}", _mb(m["hwm"] - m["peak"]), _mb(m["hwm"]),
+                     f"{m['fn4_bytes'] / MB:.0f}"])
+    out += _table(["cycle", "wall s", "CPU s", "list pages", "list s (emulator)", "FASTA listed", "to load",
+                   "RSS at start MB", "VmHWM MB", "MB from fn4"], rows)
+    if sars and sars.get("breakdown"):
+        out += ["", "Where one SARS-CoV-2-sized sample's CPU goes, each step alone in one thread (thread_time, "
+                    "median of 5); the rest of the per-sample figure is the prefetch hand-over, GIL switches and "
+                    "the catalogue writer:", ""]
+        out += _table(["step", "ms"], [[step, f"{value * 1000:.2f}"] for step, value in sars["breakdown"].items()]
+                      + [["sum", f"{sum(sars['breakdown'].values()) * 1000:.2f}"]])
+    if "guid_set" in restart:
+        out += ["", "fn4's guid list fetched alone (after the cycles above):", ""]
+        rows = [[name, f"{restart[key]['count']:,}", f"{restart[key]['wall']:.2f}", f"{restart[key]['cpu']:.2f}",
+                 _mb(restart[key]["peak"])]
+                for key, name in (("guid_set", "FN4Client.guid_set(): parsed as it streams, 8-byte hashes"),
+                                  ("guids", "FN4Client.guids(): whole text, then a set of strings"))]
+        out += _table(["how", "guids", "wall s", "CPU s", "peak RSS growth MB"], rows)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and objects: about a minute")
     parser.add_argument("--profile", action="store_true",
                         help="also print cProfile tables of the per-genome path and of the idle cycle")
+    parser.add_argument("--scale", action="store_true",
+                        help="national scale instead: idle cycles, migration and RSS at --objects objects, "
+                             "CPU per SARS-CoV-2 sample and utilisation (about 15 minutes)")
+    parser.add_argument("--objects", type=int, default=NATIONAL_OBJECTS, help="--scale: objects in the bucket")
+    parser.add_argument("--page-latency", type=float, default=0.1, help="--scale: seconds per list page")
+    parser.add_argument("--list-workers", type=int, default=osa.DEFAULT_LIST_WORKERS, help="--scale: list workers")
+    parser.add_argument("--waiting", type=int, default=NATIONAL_WAITING,
+                        help="--scale: objects waiting beside the archived ones")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     fingerprint = code_fingerprint()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    if args.scale:
+        lines = [f"# findNeighbour4 loader benchmark, national scale{' (--quick)' if args.quick else ''}", "",
+                 f"- machine: {machine()}", f"- code measured: {fingerprint}", ""]
+        lines += national(args, progress)
+        if code_fingerprint() != fingerprint:
+            lines += ["", f"- **warning: the code changed while the benchmark ran (now {code_fingerprint()})**"]
+        print("\n".join(lines + ["", f"total wall time: {time.perf_counter() - started:.1f} s"]))
+        return 0
     ctx = multiprocessing.get_context("spawn")
     shape = shape_of_ac587()
     profiles = [replace(p, samples=QUICK_SAMPLES[p.key]) if args.quick else p for p in PROFILES]
     profiles = [replace(p, length=shape.length) if p.key == "tb" else p for p in profiles]
     sizes = QUICK_SCALE_SIZES if args.quick else SCALE_SIZES
 
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
     backlog: list[tuple[Profile, dict[str, Any]]] = []
     scale: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fn4bench-") as tmp, Servers(ctx) as servers:
         oci_config = str(write_oci_config(Path(tmp) / "oci"))
         progress("generating genomes")
-        tasks = []
-        for p_index, p in enumerate(profiles):
-            for i, guid in enumerate(uuid_guids(p.samples, 1000 + p_index)):
-                tasks.append((p.key, i, guid, p.length, shape, 7919 * p_index + i, p.gc))
-        tasks.sort(key=lambda t: -t[3])  # biggest first, so the pool finishes together
-        gz_sizes: dict[str, list[int]] = {}
-        with ctx.Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
-            made = pool.imap_unordered(_generate, tasks, chunksize=1)
-            for _ in tasks:
-                bucket, index, name, data = made.next(timeout=300)
-                servers.oci("put", bucket, name, data, T0 + timedelta(minutes=index))
-                gz_sizes.setdefault(bucket, []).append(len(data))
-        warm = gzip.compress(genome_fasta("warm-sample", 29_903, shape, 1), 6)
-        servers.oci("put", WARM_BUCKET, "warm-sample.fasta.gz", warm, T0)
+        gz_sizes = put_genomes(ctx, servers, profiles, shape)
         progress(f"putting {sum(sizes):,} tiny objects for the scale runs")
         scale_plan = [(size, 5000 + i) for i, size in enumerate(sizes)]
         for size, seed in scale_plan:
@@ -1077,10 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in profiles:
             for mode in ("loader", "reference"):
                 progress(f"{p.label}: {mode}, {p.samples} samples")
-                params = {**base, "tag": f"{p.key}-{mode}", "bucket": p.key, "mode": mode, "profile": p.label,
-                          "L": p.insert_delay, "D": p.download_parse}
-                budget = 90 + p.samples * (p.insert_delay + p.download_parse) * 5
-                backlog.append((p, run_worker(ctx, "backlog", params, budget)))
+                backlog.append((p, _run_backlog(ctx, base, p, mode)))
         for size, seed in scale_plan:
             for kind in ("scale_first", "scale_restart", "scale_reference"):
                 progress(f"{size:,} objects: {kind}")

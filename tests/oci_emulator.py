@@ -12,10 +12,18 @@ Signatures are not verified, but an ``Authorization`` header must be present.  E
 JSON bodies (``{"code", "message"}``); failed preconditions are 412 ``IfMatchFailed`` /
 ``IfNoneMatchFailed`` as on OCI.  Tests seed state directly (``create_bucket``, ``put``), read
 the request log (``requests``) and script failures with ``add_fault(Fault(...))``.
+
+Listing scales to millions of objects: each bucket keeps its names in a sorted index (updated by
+bisection on every write), so a page costs a bisection plus its own entries, never a sort of the
+bucket; page entries are cached as JSON text per object until the object changes. ``list_latency``
+(seconds, default 0) makes every ListObjects answer wait that long before it is sent, outside the
+lock, so concurrent pages overlap as on the real service: benchmarks use it to stand for the
+service's per-page latency; ``list_pages`` counts the pages served. Bulk seeding: ``put_many``.
 """
 from __future__ import annotations
 
 import base64
+import bisect
 import email.utils
 import hashlib
 import json
@@ -30,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterable, Iterator
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 MAX_LIST_LIMIT = 1000
@@ -74,6 +83,7 @@ class RequestRecord:
     status: int                  # 0 when the connection was dropped without a response
     fault: str = ""              # kind of the fault applied to this request, "" if none
     headers: dict[str, str] = field(default_factory=dict)   # lower-cased names
+    target: str = ""             # the request target as sent (path and query, not decoded)
 
 
 @dataclass
@@ -177,13 +187,17 @@ def _parse_range(header: str, size: int) -> tuple:
 class ObjectStoreEmulator:
     """Thread-safe in-memory object store served over HTTP; see the module docstring."""
 
-    def __init__(self, namespace: str = "lxxxx", require_auth: bool = True):
+    def __init__(self, namespace: str = "lxxxx", require_auth: bool = True, list_latency: float = 0.0):
         self.namespace = namespace
         self.require_auth = require_auth
+        self.list_latency = list_latency     # seconds each ListObjects answer waits, outside the lock
+        self.list_pages = 0                  # ListObjects answers served
         self.endpoint = ""
         self.errors: list[str] = []          # tracebacks of emulator bugs (answered as 500)
         self._lock = threading.RLock()
         self._buckets: dict[str, dict[str, StoredObject]] = {}
+        self._index: dict[str, list[str]] = {}                  # bucket -> its names, sorted
+        self._entries: dict[tuple, dict[str, str]] = {}         # (bucket, fields) -> name -> JSON entry
         self._faults: list[Fault] = []
         self._requests: list[RequestRecord] = []
         self._stopping = threading.Event()
@@ -220,16 +234,39 @@ class ObjectStoreEmulator:
     def create_bucket(self, name: str) -> None:
         with self._lock:
             self._buckets.setdefault(name, {})
+            self._index.setdefault(name, [])
 
     def put(self, bucket: str, name: str, data: bytes, time_created: datetime | None = None) -> str:
         obj = _new_object(data, time_created)
         with self._lock:
-            self._objects(bucket)[name] = obj
+            self._objects(bucket)
+            self._store(bucket, name, obj)
         return obj.etag
+
+    def put_many(self, bucket: str, items: Iterable[tuple[str, bytes, datetime | None]]) -> int:
+        """Seed many objects at once (name, data, time created); the index is sorted once at the end."""
+        with self._lock:
+            objects = self._objects(bucket)
+            added, count = [], 0
+            for name, data, time_created in items:
+                if name not in objects:
+                    added.append(name)
+                objects[name] = _new_object(data, time_created)
+                self._forget_entry(bucket, name)
+                count += 1
+            index = self._index[bucket]
+            if len(added) * 100 < len(index):
+                for name in added:
+                    bisect.insort(index, name)
+            else:
+                self._index[bucket] = sorted(objects)
+        return count
 
     def delete(self, bucket: str, name: str) -> None:
         with self._lock:
-            del self._objects(bucket)[name]
+            if name not in self._objects(bucket):
+                raise KeyError(name)
+            self._remove(bucket, name)
 
     def get(self, bucket: str, name: str) -> bytes:
         with self._lock:
@@ -237,7 +274,27 @@ class ObjectStoreEmulator:
 
     def names(self, bucket: str) -> list[str]:
         with self._lock:
-            return sorted(self._objects(bucket))
+            self._objects(bucket)
+            return list(self._index[bucket])
+
+    def _store(self, bucket: str, name: str, obj: StoredObject) -> None:
+        """Add or replace an object, keeping the bucket's sorted index and entry cache true (lock held)."""
+        objects = self._buckets[bucket]
+        if name not in objects:
+            bisect.insort(self._index[bucket], name)
+        objects[name] = obj
+        self._forget_entry(bucket, name)
+
+    def _remove(self, bucket: str, name: str) -> None:
+        del self._buckets[bucket][name]
+        index = self._index[bucket]
+        del index[bisect.bisect_left(index, name)]
+        self._forget_entry(bucket, name)
+
+    def _forget_entry(self, bucket: str, name: str) -> None:
+        for key, entries in self._entries.items():
+            if key[0] == bucket:
+                entries.pop(name, None)
 
     def _objects(self, bucket: str) -> dict[str, StoredObject]:
         if bucket not in self._buckets:
@@ -285,10 +342,11 @@ class ObjectStoreEmulator:
         with self._lock:
             objects = self._buckets.get(bucket, {})
             if name in objects and kind == "delete":
-                del objects[name]
+                self._remove(bucket, name)
             elif name in objects:
                 old = objects[name]
-                objects[name] = replace(_new_object(old.data + b"\n", old.time_created), time_modified=_now())
+                new = replace(_new_object(old.data + b"\n", old.time_created), time_modified=_now())
+                self._store(bucket, name, new)
 
     def _record(self, record: RequestRecord) -> None:
         with self._lock:
@@ -336,26 +394,44 @@ class ObjectStoreEmulator:
         prefix, delimiter = query.get("prefix", ""), query.get("delimiter")
         if delimiter not in (None, "/"):
             raise OciError(400, "InvalidParameter", "Only '/' is supported as a delimiter")
+        entries, prefixes, next_start = [], [], None
         with self._lock:
-            entries = sorted((name, obj) for name, obj in self._bucket(namespace, bucket).items()
-                             if _in_listing(name, prefix, query))
-        objects, prefixes, next_start = [], [], None
-        for name, obj in entries:
-            rest = name[len(prefix):]
-            folded = prefix + rest[:rest.index("/") + 1] if delimiter and "/" in rest else None
-            if folded is not None and prefixes and prefixes[-1] == folded:
-                continue
-            if len(objects) + len(prefixes) == limit:
-                next_start = name
-                break
-            if folded is not None:
-                prefixes.append(folded)
-            else:
-                objects.append(_summary(name, obj, fields))
-        result = {"objects": objects, "prefixes": prefixes}
-        if next_start is not None:
-            result["nextStartWith"] = next_start
-        return _Reply(200, {"Content-Type": "application/json"}, json.dumps(result).encode())
+            objects = self._bucket(namespace, bucket)
+            cache = self._entries.setdefault((bucket, tuple(sorted(fields))), {})
+            for name in self._listed_names(bucket, prefix, query):
+                rest = name[len(prefix):]
+                folded = prefix + rest[:rest.index("/") + 1] if delimiter and "/" in rest else None
+                if folded is not None and prefixes and prefixes[-1] == folded:
+                    continue
+                if len(entries) + len(prefixes) == limit:
+                    next_start = name
+                    break
+                if folded is not None:
+                    prefixes.append(folded)
+                    continue
+                entry = cache.get(name)
+                if entry is None:
+                    entry = cache[name] = json.dumps(_summary(name, objects[name], fields))
+                entries.append(entry)
+            self.list_pages += 1
+        more = f', "nextStartWith": {json.dumps(next_start)}' if next_start is not None else ""
+        text = '{"objects": [' + ", ".join(entries) + '], "prefixes": ' + json.dumps(prefixes) + more + "}"
+        if self.list_latency > 0:
+            self._stopping.wait(self.list_latency)
+        return _Reply(200, {"Content-Type": "application/json"}, text.encode())
+
+    def _listed_names(self, bucket: str, prefix: str, query: dict[str, str]) -> Iterator[str]:
+        """Yield the bucket's names that a listing with these parameters covers, in order (lock held)."""
+        index = self._index[bucket]
+        first = bisect.bisect_left(index, max(prefix, query.get("start", "")))
+        if "startAfter" in query:
+            first = max(first, bisect.bisect_right(index, query["startAfter"]))
+        end = query.get("end")
+        for position in range(first, len(index)):
+            name = index[position]
+            if not name.startswith(prefix) or (end is not None and name >= end):
+                return
+            yield name
 
     def _get_object(self, namespace: str, bucket: str, name: str, headers: dict[str, str]) -> _Reply:
         with self._lock:
@@ -380,7 +456,8 @@ class ObjectStoreEmulator:
         with self._lock:
             objects = self._bucket(namespace, bucket)
             _check_write_conditions(objects.get(name), headers.get("if-match"), headers.get("if-none-match"))
-            obj = objects[name] = _new_object(body)
+            obj = _new_object(body)
+            self._store(bucket, name, obj)
         return _Reply(200, {"etag": obj.etag, "opc-content-md5": obj.md5, "content-md5": obj.md5,
                             "last-modified": email.utils.format_datetime(obj.time_modified, usegmt=True)})
 
@@ -388,7 +465,7 @@ class ObjectStoreEmulator:
         with self._lock:
             obj = self._lookup(namespace, bucket, name)
             _check_write_conditions(obj, headers.get("if-match"), None)
-            del self._buckets[bucket][name]
+            self._remove(bucket, name)
         return _Reply(204)
 
     def _rename_object(self, namespace: str, bucket: str, body: bytes) -> _Reply:
@@ -403,8 +480,8 @@ class ObjectStoreEmulator:
             _check_write_conditions(obj, details.get("srcObjIfMatchETag"), None)
             _check_write_conditions(objects.get(new), details.get("newObjIfMatchETag"),
                                     details.get("newObjIfNoneMatchETag"))
-            del objects[source]
-            objects[new] = replace(obj, time_modified=_now())
+            self._remove(bucket, source)
+            self._store(bucket, new, replace(obj, time_modified=_now()))
         return _Reply(200)
 
 
@@ -422,12 +499,6 @@ def _parse_fields(value: str | None) -> set:
     if unknown:
         raise OciError(400, "InvalidParameter", f"Unknown fields: {sorted(unknown)}")
     return {LIST_FIELDS[f] for f in requested} | {"name"}
-
-
-def _in_listing(name: str, prefix: str, query: dict[str, str]) -> bool:
-    return (name.startswith(prefix) and name >= query.get("start", "")
-            and ("end" not in query or name < query["end"])
-            and ("startAfter" not in query or name > query["startAfter"]))
 
 
 def _summary(name: str, obj: StoredObject, fields: set) -> dict:
@@ -493,7 +564,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         headers = {key.lower(): value for key, value in self.headers.items()}
         query = dict(parse_qsl(url.query, keep_blank_values=True))    # "+" is a space, as requests sends it
-        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers)
+        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers, target=self.path)
         fault = emulator._take_fault(self.command, record.path)
         record.fault = fault.kind if fault else ""
         try:

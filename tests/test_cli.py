@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote
 
@@ -312,8 +313,10 @@ def test_secrets_never_reach_logs_sentry_tables_or_metrics(emulator, fn4, tmp_pa
                 served = service.communicate(timeout=20)
             assert service.returncode == 0, served[1]
             assert 'fn4loader_attempts_total{outcome="failed"} 1.0' in metrics
-            # JSON nested too deep to parse: an error nobody foresaw, which reaches Sentry through `run`
-            fn4.script(Scripted(status=200, route="guids", body="[" * 100000 + "]" * 100000))
+            # An insert answered with JSON nested too deep to parse: an error nobody foresaw, which reaches
+            # Sentry through `run` (the guid list is parsed as it streams, so nesting there is an outage)
+            upload_series(emulator, [("c.fasta", fasta("c"))], start=T0 + timedelta(hours=1))
+            fn4.script(Scripted(status=200, guid="c", body="[" * 100000 + "]" * 100000))
             crashed = subprocess.run([*args, "--once"], cwd=tmp_path, env=env, capture_output=True, text=True,
                                      timeout=60)
             assert crashed.returncode == 1 and "RecursionError" in crashed.stderr, \

@@ -326,6 +326,72 @@ def test_retry_strategy_retries_through_one_fault(emu, sdk_config, fault):
     assert datetime.now(timezone.utc) - start < timedelta(seconds=2)
 
 
+# ---- Listing at scale: sorted index, page latency ----
+
+def _expected_names(names, prefix="", start="", end=None, start_after=None):
+    """What a listing covers, worked out by brute force over every name."""
+    return [n for n in sorted(names) if n.startswith(prefix) and n >= start and (end is None or n < end)
+            and (start_after is None or n > start_after)]
+
+
+def test_sorted_index_follows_every_write(emu, client):
+    Rename = oci.object_storage.models.RenameObjectDetails
+    emu.put_many(BUCKET, ((f"s/{i:04d}.fa", b"x", None) for i in range(0, 300, 3)))
+    client.put_object(NS, BUCKET, "s/0001.fa", b"y")                      # new name through HTTP
+    emu.put(BUCKET, "日本/配列.fasta", b"z")                                 # new name, unicode
+    emu.put(BUCKET, "s/0003.fa", b"replaced")                              # same name again
+    client.delete_object(NS, BUCKET, "s/0006.fa")
+    emu.delete(BUCKET, "s/0009.fa")
+    client.rename_object(NS, BUCKET, Rename(source_name="s/0012.fa", new_name="done/s/0012.fa"))
+    names = set(emu._buckets[BUCKET])
+    assert emu.names(BUCKET) == sorted(names)
+    cases = [{}, {"prefix": "s/"}, {"start": "s/0100.fa"}, {"end": "s/0100.fa"}, {"start": "s/01", "end": "s/02"},
+             {"start": "t", "end": "u"}, {"prefix": "s/", "start": "a", "end": "s/0020.fa"},
+             {"start_after": "s/0003.fa", "end": "s/0030.fa"}]
+    for case in cases:
+        listed, start = [], case.get("start")
+        while True:
+            page = client.list_objects(NS, BUCKET, prefix=case.get("prefix"), start=start, end=case.get("end"),
+                                       start_after=case.get("start_after"), limit=7).data
+            listed += [o.name for o in page.objects]
+            start = page.next_start_with
+            if start is None:
+                break
+        assert listed == _expected_names(names, **case), case
+
+
+def test_page_entries_change_with_their_object(emu, client):
+    emu.put(BUCKET, "a.fa", b"one")
+    first = client.list_objects(NS, BUCKET, fields=FIELDS).data.objects[0]
+    etag = emu.put(BUCKET, "a.fa", b"second")
+    again = client.list_objects(NS, BUCKET, fields=FIELDS).data.objects[0]
+    assert (again.etag, again.size, again.md5) == (etag, 6, md5_b64(b"second")) != (first.etag, 3, first.md5)
+
+
+def test_list_latency_delays_each_page_and_pages_overlap(emu, sdk_config):
+    import threading
+    import time
+    emu.put_many(BUCKET, ((f"{i:03d}.fa", b"x", None) for i in range(8)))
+    emu.list_latency = 0.4
+    pages_before = emu.list_pages
+    clients = [make_client(emu, sdk_config) for _ in range(4)]
+    started = time.perf_counter()
+    assert len(clients[0].list_objects(NS, BUCKET).data.objects) == 8
+    alone = time.perf_counter() - started
+    results = []
+    threads = [threading.Thread(target=lambda c=c: results.append(len(c.list_objects(NS, BUCKET).data.objects)))
+               for c in clients]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    together = time.perf_counter() - started
+    assert alone >= 0.4 and together >= 0.4 and results == [8] * 4
+    assert together < 4 * 0.4 + 0.4          # four pages at once overlap: well below four in a row
+    assert emu.list_pages - pages_before == 5
+
+
 def test_list_objects_start_is_inclusive_and_end_exclusive_across_pages(emu, client):
     """As on OCI: names >= start and < end, in code point (UTF-8) order, paged with nextStartWith inside the range."""
     names = ["arch.fasta", "arch/", "arch/a.fasta", "arch/\u00fc.fasta", "arch/\U0001f600.fasta", "arch0",
