@@ -136,6 +136,11 @@ ABANDON_SERVICES = ("fn4", "object_storage", "loader")  # why a cycle is abandon
 METRICS_WORKERS = 4                      # threads answering /metrics and /healthz; more clients wait their turn
 METRICS_TIMEOUT = 5.0                    # seconds a metrics client has to send its request (and to read the answer)
 METRICS_BACKLOG = 128                    # connections the kernel holds for the metrics port: a scrape burst
+DEFAULT_LEASE_TTL = 60                   # seconds an active loader's lease lasts unless it renews it
+LEASE_CHECK_INTERVAL = 5.0               # seconds between a standby's looks at the lease (at most a third of the TTL)
+LEASE_RETRY = 1.0                        # seconds before a failed renewal is tried again (at most a sixth of the TTL)
+LEASE_POLL = 0.25                        # seconds between a standby loop's looks at its lease's state (in memory)
+STALE_INSTANCE_AGE = 86400               # seconds after which rows of instances that vanished are removed
 INSERT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # histogram
 
 # Outcomes written to fn4loadattempt.outcome; every one but RETRY, SERVER_UNAVAILABLE, SERVER_BUSY
@@ -412,6 +417,26 @@ class AttemptRow:
                                           "vanished, gave_up, retry, server_unavailable, server_busy or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """One fn4loaderlease row: a running loader instance. The one whose active_key is set holds the lease."""
+
+    instance_token: str = _column(sa.String(32), "Random token of one loader process, new at every start")
+    host_name: str = _column(sa.String(255), "Host the instance runs on")
+    process_id: int = _column(sa.Integer(), "Process id of the instance on its host")
+    findneighbour_server_url: str = _column(sa.String(512), "fn4 server the instance loads into")
+    oci_namespace: str = _column(sa.String(128), "Object Storage namespace it loads from")
+    bucket_name: str = _column(sa.String(256), "Bucket it loads from")
+    lease_key: str = _column(sa.String(64), "SHA-256 of fn4 server URL, namespace and bucket: the lease sought")
+    active_key: str = _column(sa.String(64), "lease_key while the instance holds the lease (is active), else "
+                                             "empty; unique, so a lease has one holder")
+    started: datetime = _column(TIMESTAMP, "Database UTC time the instance started")
+    role_since: datetime = _column(TIMESTAMP, "Database UTC time the instance became active, or standby")
+    renewed: datetime = _column(TIMESTAMP, "Database UTC time of its last renewal (active) or look (standby)")
+    expires: datetime = _column(TIMESTAMP, "Database UTC time its lease lapses (if active) and it is presumed "
+                                           "gone, unless renewed before")
 
 
 # ---- Pure helpers ----------------------------------------------------------------------------
@@ -1710,6 +1735,22 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
 
 
+def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Return (level, problem) for each lease no instance holds: critical; see LoadLogger.instances."""
+    problems = []
+    for key in dict.fromkeys(i["lease_key"] for i in instances):
+        mine = [i for i in instances if i["lease_key"] == key]
+        where = f"{mine[0]['server_url']} <- {mine[0]['namespace']}/{mine[0]['bucket']}"
+        holder = next((i for i in mine if i["role"] == "active"), None)
+        if holder is None:
+            problems.append((2, f"no instance holds the lease of {where}: {len(mine)} standing by"))
+        elif holder["lapsed"]:
+            problems.append((2, f"no instance holds the lease of {where}: {holder['host_name']} (pid "
+                                f"{holder['process_id']}) stopped renewing it, lapsed at "
+                                f"{holder['expires']:%Y-%m-%d %H:%M:%S} UTC, and no standby took over"))
+    return problems
+
+
 def _alembic_operations(conn: sa.Connection) -> Any:
     """Return Alembic's Operations on a connection (imported here: only an upgrade needs it)."""
     from alembic.migration import MigrationContext
@@ -1752,6 +1793,203 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
                 args["wallet_password"] = os.environ["WALLET_PASSWORD"]
         return args
     return {}
+
+
+def build_lease_table(schema: str | None = None) -> sa.Table:
+    """Return the fn4loaderlease table, in a metadata of its own: the upgrade of the other two leaves it be."""
+    columns = [sa.Column(f.name, f.metadata["type"], primary_key=f.name == "instance_token",
+                         comment=f.metadata["comment"]) for f in dataclasses.fields(LeaseRow)]
+    table = sa.Table("fn4loaderlease", sa.MetaData(schema=schema), *columns,
+                     sa.UniqueConstraint("active_key", name="uq_fn4loaderlease_active"),
+                     comment="One row per running loader instance: the one with active_key set loads, "
+                             "the others stand by")
+    sa.Index("ix_fn4loaderlease_key", table.c.lease_key)
+    return table
+
+
+def database_utc(dialect: str, seconds: float = 0.0) -> Any:
+    """Return the database's own UTC time plus ``seconds``, as its SQL: leases expire by the database's clock.
+
+    Every host compares lease times with the same clock, however far its own is off. SQLite's text
+    is written as SQLAlchemy stores its DATETIME (microseconds), so that text comparisons hold.
+    """
+    sql = {"postgresql": f"(TIMEZONE('utc', CURRENT_TIMESTAMP) + INTERVAL '{seconds:.3f} seconds')",
+           "mysql": f"(UTC_TIMESTAMP(6) + INTERVAL {round(seconds * 1e6)} MICROSECOND)",
+           "oracle": f"(SYS_EXTRACT_UTC(SYSTIMESTAMP) + NUMTODSINTERVAL({seconds:.3f}, 'SECOND'))",
+           "sqlite": f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '{seconds:+.3f} seconds')"}
+    return sa.literal_column(sql["mysql" if dialect == "mariadb" else dialect], TIMESTAMP)
+
+
+def process_exists(pid: int | None) -> bool:
+    """Return True if a process of this id runs on this host (or may: another user's)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """This instance's claim to be the one loader of an fn4 server, namespace and bucket; the others stand by.
+
+    Each instance has a fn4loaderlease row; the active one's active_key holds the lease key in a
+    unique column, so a lease never has two holders. The active one renews every third of ``ttl``;
+    ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before its lease
+    could lapse, so an instance that cannot renew stops inserting before another can take over.
+    A standby takes the lease when it lapsed (by the database's clock), or at once when its holder
+    ran on this host and its process is gone. Calls go straight to the catalogue engine, never
+    through the row writer. ``terms`` counts the times this instance became active.
+    """
+
+    def __init__(self, engine: sa.Engine, table: sa.Table, server_url: str, namespace: str, bucket: str,
+                 ttl: float = DEFAULT_LEASE_TTL, host_name: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.table = table
+        self.ttl = ttl
+        self.clock = clock
+        self.key = hashlib.sha256(f"{server_url}\n{namespace}\n{bucket}".encode()).hexdigest()
+        self.token = os.urandom(16).hex()
+        self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
+                         "process_id": os.getpid(), "findneighbour_server_url": server_url,
+                         "oci_namespace": namespace, "bucket_name": bucket, "lease_key": self.key}
+        self.terms = 0
+        self.last_contact: float | None = None   # monotonic time of the last database call that worked
+        self._valid_until: float | None = None   # set while held: when to stop inserting
+        self._holder: str | None = None          # the other holder last logged
+        self._failures = 0
+        self._done = threading.Event()
+
+    @property
+    def active(self) -> bool:
+        """True while this instance holds the lease with time to spare (no database call)."""
+        return self._valid_until is not None and self.clock() < self._valid_until
+
+    def _now(self, seconds: float = 0.0) -> Any:
+        return database_utc(self.engine.dialect.name, seconds)
+
+    def join(self) -> None:
+        """Write this instance's row, as standby, and remove rows of instances gone long ago. Raises SQLAlchemyError."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(t.insert().values(**self.identity, started=self._now(), role_since=self._now(),
+                                           renewed=self._now(), expires=self._now(self.ttl)))
+        with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:  # tidying, else next time
+            conn.execute(t.delete().where(t.c.lease_key == self.key, t.c.active_key.is_(None),
+                                          t.c.expires < self._now(-STALE_INSTANCE_AGE)))
+
+    def tend(self) -> float:
+        """Renew the lease if held, else look at it and take it if it is free; return seconds until the next call."""
+        try:
+            self._renew() if self._valid_until is not None else self._look()
+        except sa.exc.SQLAlchemyError as exc:
+            self._failures += 1
+            if self._failures == 1:
+                log.warning("lease: the catalogue database failed (%s); %s", _short(getattr(exc, "orig", None) or exc),
+                            "inserting stops if it cannot be renewed in time" if self._valid_until else "still standby")
+            return min(LEASE_RETRY, self.ttl / 6)
+        if self._failures:
+            log.warning("lease: the catalogue database answers again after %d failed calls", self._failures)
+            self._failures = 0
+        self.last_contact = self.clock()
+        return self.ttl / 3 if self._valid_until is not None else min(LEASE_CHECK_INTERVAL, self.ttl / 3)
+
+    def _renew(self) -> None:
+        t, sent = self.table, self.clock()
+        with self.engine.begin() as conn:
+            renewed = conn.execute(t.update().where(t.c.instance_token == self.token, t.c.active_key == self.key)
+                                   .values(renewed=self._now(), expires=self._now(self.ttl))).rowcount
+        if renewed == 1:
+            self._valid_until = sent + self.ttl * 3 / 4
+        else:
+            self._valid_until = None
+            log.warning("standby: this instance lost the lease: another took it after it lapsed")
+
+    def _look(self) -> None:
+        t, sent = self.table, self.clock()
+        try:
+            with self.engine.begin() as conn:
+                holder = conn.execute(sa.select(t.c.instance_token, t.c.host_name, t.c.process_id, t.c.role_since,
+                                                t.c.expires, self._now().label("now"))
+                                      .where(t.c.active_key == self.key)).first()
+                reason, free = self._reason_to_take(holder)
+                if reason is None:  # stand by; the row says this instance still lives
+                    self._write_row(conn, renewed=self._now(), expires=self._now(self.ttl))
+                else:
+                    if holder is not None:
+                        conn.execute(t.update().where(t.c.instance_token == holder.instance_token,
+                                                      t.c.active_key == self.key, free).values(active_key=None))
+                    self._write_row(conn, active_key=self.key, role_since=self._now(), renewed=self._now(),
+                                    expires=self._now(self.ttl))
+        except sa.exc.IntegrityError:
+            return  # another instance took the lease first: the unique active_key refused this one
+        if reason is None:
+            if holder is not None and holder.instance_token != self._holder:
+                self._holder = holder.instance_token
+                log.info("standby: %s (pid %s) holds the lease since %s UTC (database time)", holder.host_name,
+                         holder.process_id, f"{holder.role_since:%Y-%m-%d %H:%M:%S}")
+            return
+        self._valid_until = sent + self.ttl * 3 / 4
+        self._holder = None
+        self.terms += 1
+        log.warning("active: this instance took the lease: %s", reason)
+
+    def _write_row(self, conn: sa.Connection, **values: Any) -> None:
+        """Update this instance's row, writing it anew if it is gone (released, or removed by hand)."""
+        t = self.table
+        if not conn.execute(t.update().where(t.c.instance_token == self.token).values(**values)).rowcount:
+            conn.execute(t.insert().values(**{"started": self._now(), "role_since": self._now(), **self.identity,
+                                              **values}))
+
+    def _reason_to_take(self, holder: Any) -> tuple[str | None, Any]:
+        """Return why this instance may take the lease (None if it may not), and the condition to free it."""
+        t = self.table
+        if holder is None:
+            return "no instance held it", None
+        if holder.instance_token == self.token:
+            return "it held it already", t.c.instance_token == self.token
+        if holder.expires is not None and holder.expires < holder.now:
+            return (f"the lease of {holder.host_name} (pid {holder.process_id}) lapsed at "
+                    f"{holder.expires:%Y-%m-%d %H:%M:%S} UTC (database time)"), t.c.expires < self._now()
+        if holder.host_name == self.identity["host_name"] and not process_exists(holder.process_id):
+            return (f"its holder, pid {holder.process_id} on this host, no longer runs",
+                    t.c.process_id == holder.process_id)
+        return None, None
+
+    def release(self) -> None:
+        """Remove this instance's row, handing the lease over at once; log, never raise, if that fails."""
+        self._valid_until = None
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.table.delete().where(self.table.c.instance_token == self.token))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("lease: could not remove this instance's row (%s); a standby takes over when it lapses",
+                        _short(getattr(exc, "orig", None) or exc))
+            return
+        log.info("lease released: a standby can take over at once")
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[Lease]:
+        """Tend the lease from a thread while the block runs (after a first look), then release it."""
+        self._done.clear()
+        wait = self.tend()
+
+        def keep(wait: float) -> None:
+            while not self._done.wait(wait):
+                wait = self.tend()
+
+        keeper = threading.Thread(target=keep, args=(wait,), name="lease-keeper", daemon=True)
+        keeper.start()
+        try:
+            yield self
+        finally:
+            self._done.set()
+            keeper.join(timeout=5.0)  # a renewal stuck on a dead connection is left behind: it is a daemon
+            self.release()
 
 
 def _bound_oracle_calls(dbapi_connection: Any, _record: Any) -> None:
@@ -2013,6 +2251,7 @@ class LoadLogger:
         self.call_timeout = call_timeout
         self.patience: float | None = None  # set for --once: seconds of refused writes before giving up
         self.metadata, self.batches, self.attempts = build_tables(schema)
+        self.leases = build_lease_table(schema)
         # (id, table, values, monotonic time queued), in the order written
         self._pending: deque[tuple[int, sa.Table, dict[str, Any], float]] = deque()
         self._changed = threading.Condition()
@@ -2071,15 +2310,29 @@ class LoadLogger:
         path = (journal or journal_path(engine.url, schema, bucket)) if bucket else None
         catalogue = cls(engine, schema, journal=path)
         try:
-            catalogue.create_tables()
-        except sa.exc.SQLAlchemyError as exc:
+            catalogue.at_start(catalogue.create_tables)
+        except ConfigError:
             catalogue.close(0)
-            raise catalogue.unusable(exc) from None
+            raise
         log.info("catalogue: %s", catalogue.engine.url.render_as_string(hide_password=True))
         catalogue.start()
         if catalogue.unwritten and not catalogue.flush(DB_CONNECT_TIMEOUT, until_failure=True):
             log.warning("%d rows from the journal are not yet written; they are retried", catalogue.unwritten)
         return catalogue
+
+    def at_start(self, action: Callable[[], Any]) -> Any:
+        """Return what ``action`` returns; raise ConfigError if it fails (see unusable).
+
+        When another instance starting at the same moment made a table or index first, or the two
+        deadlocked, the action is tried again, up to twice, after a short random pause.
+        """
+        for tries_left in (2, 1, 0):
+            try:
+                return action()
+            except sa.exc.SQLAlchemyError as exc:
+                if not tries_left or not re.search(r"already|duplicate|deadlock", str(exc), re.I):
+                    raise self.unusable(exc) from None
+                threading.Event().wait(random.uniform(0.2, 1.0))  # a bounded start-up pause, not in the loop
 
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
@@ -2102,6 +2355,7 @@ class LoadLogger:
                                          existing):
                 log.warning("catalogue tables upgraded, every row kept: %s", "; ".join(changes))
             self.metadata.create_all(conn, checkfirst=True)
+            self.leases.metadata.create_all(conn, checkfirst=True)  # older catalogues gain it here
 
     @property
     def unwritten(self) -> int:
@@ -2443,6 +2697,33 @@ class LoadLogger:
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
+    def lease(self, server_url: str, namespace: str, bucket: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+        """Return this instance's lease on the catalogue, its row written as standby. Raises ConfigError."""
+        lease = Lease(self.engine, self.leases, server_url, namespace, bucket, ttl)
+        self.at_start(lease.join)
+        return lease
+
+    def instances(self, server: str | None = None) -> list[dict[str, Any]]:
+        """Return the loader instances of the lease table that hold a lease or still live, with the database's time."""
+        t = self.leases
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(t.name, schema=t.schema):
+                return []  # made by an older loader: run adds it
+            now = database_utc(conn.dialect.name)
+            query = (sa.select(t.c.host_name, t.c.process_id, t.c.findneighbour_server_url, t.c.oci_namespace,
+                               t.c.bucket_name, t.c.lease_key, t.c.active_key, t.c.role_since, t.c.expires,
+                               now.label("now"))
+                     .where(sa.or_(t.c.active_key.is_not(None), t.c.expires > now))
+                     .order_by(t.c.findneighbour_server_url, t.c.bucket_name,
+                               sa.case((t.c.active_key.is_(None), 1), else_=0), t.c.host_name))
+            if server:
+                query = query.where(t.c.findneighbour_server_url == server.rstrip("/"))
+            return [{"role": "active" if r.active_key else "standby", "host_name": r.host_name,
+                     "process_id": r.process_id, "server_url": r.findneighbour_server_url,
+                     "namespace": r.oci_namespace, "bucket": r.bucket_name, "lease_key": r.lease_key,
+                     "since": _aware(r.role_since), "expires": _aware(r.expires), "lapsed": r.expires < r.now}
+                    for r in conn.execute(query)]
+
     def last_success(self, server_url: str, namespace: str, bucket: str) -> datetime | None:
         """Return the time of this loader's last insert fn4 answered 200 or 201, or None."""
         a = self.attempts.c
@@ -2488,6 +2769,8 @@ class Metrics:
         self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
                                   "Unix time of the last insert fn4 accepted", registry=self.registry)
         self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.active = Gauge("fn4loader_active", "1 while this instance holds the lease and loads, 0 while it "
+                            "stands by", registry=self.registry)
         self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
                                  "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
         for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
@@ -2694,7 +2977,7 @@ class Loader:
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
                  stop: threading.Event | None = None, host_name: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, lease: Lease | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
@@ -2717,6 +3000,8 @@ class Loader:
         self.last_summary: CycleSummary | None = None
         self.cycles = 0
         self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
+        self.lease = lease
+        self._term: int | None = None  # the lease term loading now; None while standby
 
     # -- the loop --
 
@@ -2730,6 +3015,12 @@ class Loader:
         self._seed_last_success()
         self.warn_of_waiting_archive()
         while not self.stop.is_set():
+            if not self._active():
+                if once:
+                    log.warning("another instance holds the lease: nothing loaded")
+                    break
+                self.stop.wait(LEASE_POLL)
+                continue
             try:
                 summary = self.run_cycle()
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
@@ -2796,6 +3087,29 @@ class Loader:
                      "event": "cycle", "cycle": self.cycles + 1, "seconds": (self.clock() - started).total_seconds(),
                      "settled": len(settled), "unwritten": unwritten, **dataclasses.asdict(summary)}})
         return summary
+
+    def _active(self) -> bool:
+        """Return True if this instance may load: it holds the lease, or runs without one.
+
+        A new term begins with a full comparison with fn4, which holds what the previous active
+        instance loaded. Called before every insert: the monotonic check costs no database call.
+        """
+        if self.lease is None:
+            return True
+        if self.lease.active:
+            if self._term != self.lease.terms:
+                if self._term is None:
+                    log.info("loading: this instance holds the lease; comparing the catalogue with fn4 first")
+                self._term, self._next_reconcile = self.lease.terms, None
+                self.metrics.active.set(1)
+            return True
+        if self._term is not None:
+            log.warning("standby: stopped inserting, as the lease could not be renewed in time or was lost")
+            self._term = None
+            self.metrics.active.set(0)
+        if self.lease.last_contact is not None and self.lease.clock() - self.lease.last_contact < self.lease.ttl:
+            self.metrics.last_progress = self.clock()  # a standby in touch with the catalogue is healthy
+        return False
 
     def _record_abandoned(self, exc: Exception) -> None:
         """Write a batch row that says why the cycle was abandoned, and count it."""
@@ -3094,7 +3408,7 @@ class Loader:
             prepared.task_done()  # the prefetcher may start on the next sample while this one is inserted
             number += 1
             self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
-            if self.stop.is_set():
+            if self.stop.is_set() or not self._active():
                 break  # the sample was never sent: nothing to record, it stays pending
             outcome = self._insert_and_record(item, number, len(todo), started)
             if outcome in LOADED:
@@ -3619,6 +3933,11 @@ def main(ctx: click.Context) -> None:
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
+@click.option("--lease-ttl", type=click.FloatRange(min=3), default=DEFAULT_LEASE_TTL, show_default=True,
+              envvar="FN4_LEASE_TTL", show_envvar=True,
+              help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
+                   "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
+                   "one dying; give every instance the same value.")
 @click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
               envvar="FN4_LIST_WORKERS", show_envvar=True,
               help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
@@ -3630,7 +3949,8 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
         endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
         max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, list_workers: int,
+        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float,
+        list_workers: int,
         journal: Path | None) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
@@ -3648,17 +3968,19 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
             store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
                                              fail_fast=once, journaled=True, journal=journal, auth=auth,
                                              config_file=config_file, profile=profile, endpoint=endpoint)
+            lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
             server = metrics.serve(*metrics_port) if metrics_port else None
         except BaseException:
             restore_signals()
             raise
     catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
-    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics)
+    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
     log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
     try:
-        loader.run(once=once)
+        with lease.kept():
+            loader.run(once=once)
         if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
             failed = True
             _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
@@ -3717,33 +4039,52 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     fn4 server); the latest cycles were abandoned or paused because fn4 or Object Storage was
     unavailable; or more than the critical share of the files tried in the last hour failed for
     reasons of fn4, Object Storage or the loader. Warning: such a failure, a retry in the last
-    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read.
+    hour, or a file whose latest state is failed. Unknown: the catalogue cannot be read. Running
+    instances are listed, active or standby; critical too when none holds their lease.
     """
     now = utcnow()
     reason = None
     with _startup(log_level, log_format):
         try:
-            reports = _read_status(database, db_schema, server, now, poll_interval, critical_failure_share)
+            reports, instances = _read_status(database, db_schema, server, now, poll_interval,
+                                              critical_failure_share)
         except ConfigError as exc:
-            reason, reports = redact(str(exc), _SECRETS), []
-    level = 3 if reason else max((r.level for r in reports), default=2)
+            reason, reports, instances = redact(str(exc), _SECRETS), [], []
+    lease_problems = assess_instances(instances)
+    level = 3 if reason else max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
     # Rows written before redaction existed (or by an older loader) may quote a secret: redact on output.
     if as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
                                **({"reason": reason} if reason else {}),
                                "loaders": [redact_all({**dataclasses.asdict(r), "status": LEVELS[r.level]}, _SECRETS)
-                                           for r in reports]},
+                                           for r in reports],
+                               "instances": instances,
+                               "lease_problems": [f"{LEVELS[lvl]}: {text}" for lvl, text in lease_problems]},
                               default=_json_value, indent=2))
     elif reason:
         _print_error(reason)
     else:
         click.echo(redact(_status_text(reports, now, level, server), _SECRETS))
+        if instances:
+            click.echo(_instances_text(instances, lease_problems))
     sys.exit(level)
 
 
+def _instances_text(instances: list[dict[str, Any]], problems: list[tuple[int, str]]) -> str:
+    """Return the lines on running instances (active or standby) and on leases nobody holds."""
+    rows = [[i["role"] + (" (lapsed)" if i["lapsed"] and i["role"] == "active" else ""), i["host_name"],
+             i["process_id"], i["server_url"], f"{i['namespace']}/{i['bucket']}", _when(i["since"])]
+            for i in instances]
+    return "\n".join(["", "instances:", _table(["role", "host", "pid", "fn4 server", "bucket", "since (UTC)"], rows)]
+                     + [f"  {LEVELS[lvl]}: {text}" for lvl, text in problems])
+
+
 def _read_status(database: str | None, db_schema: str | None, server: str | None, now: datetime,
-                 poll_interval: float, critical_share: float) -> list[LoaderStatus]:
-    """Read and assess every loader's status. Raises ConfigError when the catalogue cannot be read."""
+                 poll_interval: float, critical_share: float) -> tuple[list[LoaderStatus], list[dict[str, Any]]]:
+    """Read and assess every loader's status, and list the running instances (LoadLogger.instances).
+
+    Raises ConfigError when the catalogue cannot be read.
+    """
     catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)  # CatalogueMissing
     url = catalogue.engine.url
     try:
@@ -3751,6 +4092,7 @@ def _read_status(database: str | None, db_schema: str | None, server: str | None
             raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
                               f"{' in schema ' + db_schema if db_schema else ''}: has the loader run with it?")
         found = catalogue.status(now, server)
+        instances = catalogue.instances(server)
     except sa.exc.SQLAlchemyError as exc:
         error = catalogue.unusable(exc)
         if "column" in str(exc).lower():
@@ -3760,7 +4102,7 @@ def _read_status(database: str | None, db_schema: str | None, server: str | None
         catalogue.engine.dispose()
     newest = {r.server_url: max((o.heartbeat for o in found if o.server_url == r.server_url and o.heartbeat),
                                 default=None) for r in found}
-    return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found]
+    return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found], instances
 
 
 def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:

@@ -9,6 +9,7 @@ Usage::
         proxy.cut(refuse=True)   # ... or: stop listening, so new connections are refused
         proxy.restore()    # same port, connections are relayed again
         proxy.blackhole()  # live connections stay open but every byte is dropped; new ones are relayed
+        proxy.blackhole(new=True)  # ... and new ones are accepted but never answered: a silent network
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class TCPProxy:
         self.rejected = 0        # connections reset while cut or over max_connections
         self._cut = False
         self._refuse = False
+        self._hold_new = False                 # set by blackhole(new=True)
+        self._held: list[socket.socket] = []   # connections accepted and left unanswered meanwhile
         self._closed = threading.Event()   # set by the accept loop once it closed the listener
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
@@ -134,6 +137,9 @@ class TCPProxy:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            held, self._held = self._held, []
+        for sock in held:
+            _reset(sock)
         self._kill_links()
 
     def __enter__(self) -> "TCPProxy":
@@ -162,10 +168,12 @@ class TCPProxy:
             self._closed.wait(timeout=5)   # the accept loop closes its own listener
         self._kill_links()
 
-    def blackhole(self) -> int:
+    def blackhole(self, new: bool = False) -> int:
         """Drop every byte of the live connections from now on, both ways, leaving them open (a half-open
-        path, as when a firewall forgets a connection); new connections are relayed. Returns how many."""
+        path, as when a firewall forgets a connection); new connections are relayed, or with ``new``
+        accepted and held unanswered until restore() resets them. Returns how many live ones."""
         with self._lock:
+            self._hold_new = new
             links = list(self._links)
         for link in links:
             link.blackholed = True
@@ -174,8 +182,11 @@ class TCPProxy:
     def restore(self) -> None:
         """Relay connections again, on the same port."""
         with self._lock:
-            self._cut = self._refuse = False
+            self._cut = self._refuse = self._hold_new = False
+            held, self._held = self._held, []
             relisten = self._listener is None and self._thread is not None
+        for sock in held:
+            _reset(sock)
         if relisten:
             self._listen()
 
@@ -228,6 +239,9 @@ class TCPProxy:
                 continue
             client.settimeout(None)
             with self._lock:
+                if self._hold_new:
+                    self._held.append(client)
+                    continue
                 refuse = self._cut or len(self._links) >= self.max_connections
             if refuse:
                 self.rejected += 1
