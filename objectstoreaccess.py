@@ -734,7 +734,11 @@ def oci_retry_strategy(oci: Any) -> Any:
 
 
 class ObjectStoreClient:
-    """List and read FASTA objects in one bucket through the OCI SDK."""
+    """List and read FASTA objects in one bucket through the OCI SDK.
+
+    One thread downloads through a client (its kept-alive download connection is not shared); a
+    second loader in the same process needs a client of its own.
+    """
 
     def __init__(self, client: Any, namespace: str, bucket: str, new_client: Callable[[], Any] | None = None) -> None:
         self._oci = _import_oci()

@@ -51,8 +51,8 @@ class Harness:
 def harness(store, fn4, tmp_path):
     made = []
 
-    def make(url=None, **settings):
-        made.append(Harness(store, fn4, url or f"sqlite:///{tmp_path / 'c.sqlite'}", **settings))
+    def make(url=None, client=None, **settings):
+        made.append(Harness(client or store, fn4, url or f"sqlite:///{tmp_path / 'c.sqlite'}", **settings))
         return made[-1]
 
     yield make
