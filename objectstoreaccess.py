@@ -2695,6 +2695,32 @@ class LoadLogger:
 # ---- Loader ----------------------------------------------------------------------------------
 
 
+# The threads, who owns each and how each ends. The loop itself runs in the caller's thread (the
+# main thread under the command line) and is the only one that inserts into fn4.
+# - prefetch (Loader._load): downloads and parses the next sample while the loop inserts this one.
+#   It hands samples over through a one-slot queue and starts on the next only once the loop has
+#   taken (task_done) the last one, so memory holds at most PREFETCH_DEPTH samples ahead. Ends at the
+#   end of the batch's list, or when _end_prefetch sets ``abandon``; joined for PREFETCH_JOIN_TIMEOUT
+#   (a daemon: a download in flight ends it a little later).
+# - list_N (ObjectStoreClient.list_ranges): a pool listing key ranges at once, each with its own
+#   client; a failed range sets ``failed`` so the others stop after their page; the ``with
+#   ThreadPoolExecutor`` block of one listing joins them.
+# - catalogue-writer (LoadLogger.start): writes queued batch and attempt rows, under the condition
+#   ``_changed`` that callers wait on (flush, wait_until_below). LoadLogger.close flushes, then sets
+#   ``_closing`` and the writer returns at its next wake-up; it is a daemon and is not joined.
+# - catalogue-deadline (LoadLogger._deadline): one per bounded catalogue call; shuts the call's
+#   connections every call_timeout seconds it has not ended; set and joined when the call returns.
+# - lease-keeper (Lease.kept): renews the lease (or a standby's look at it) while the block runs;
+#   the block's end sets ``_done`` and joins it for 5 s (a daemon: a renewal stuck on a dead
+#   connection is left behind), then releases the lease.
+# Operator shell (below the core): signals (_install_signal_handlers) reads a pipe the signal
+# handler writes to, sets the stop event, and ends when restore() writes a 0 byte (joined 1 s); the
+# first signal also starts a timer that exits the process SHUTDOWN_GRACE seconds later (restore()
+# cancels it), a second signal exits at once;
+# metrics and metrics-N (Metrics.serve) accept and answer /metrics and /healthz, daemons ended by
+# server.shutdown() when run returns.
+
+
 class LoaderObserver:
     """What the loop reports as it goes; every method does nothing here. The shell's Metrics implements it."""
 
