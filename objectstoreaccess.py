@@ -304,22 +304,41 @@ class CycleSummary:
     paused: bool
 
 
+def knob(default: Any, env: str, help: str, **limits: Any) -> Any:
+    """Declare a Settings field that is also a ``run`` option: its default, environment variable and help.
+
+    ``limits`` may give ``kind`` (int or float) with ``min`` and ``max``: the values the option accepts.
+    The command line builds the option from this declaration, and Settings from the options by name.
+    """
+    return field(default=default, metadata={"env": env, "help": help, **limits})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The loader's knobs, built once by the command line."""
+    """The loader's knobs, built once by the command line; each knob field is also a ``run`` option."""
 
     fn4_url: str
     namespace: str
     bucket: str
-    prefix: str | None = None
-    poll_interval: float = DEFAULT_POLL_INTERVAL
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    expected_length: int | None = None
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
-    retention_days: int = DEFAULT_RETENTION_DAYS
-    list_workers: int = DEFAULT_LIST_WORKERS
+    prefix: str | None = knob(None, "FN4_PREFIX", "List only objects under this prefix (upload: put them under it).")
+    poll_interval: float = knob(DEFAULT_POLL_INTERVAL, "FN4_POLL_INTERVAL",
+                                "Seconds to wait after a cycle that found nothing.", kind=float, min=1)
+    max_attempts: int = knob(DEFAULT_MAX_ATTEMPTS, "FN4_MAX_ATTEMPTS",
+                             "File-specific transient failures before a file is given up.", kind=int, min=1)
+    expected_length: int | None = knob(None, "FN4_EXPECTED_LENGTH", "Reference genome length; files of any other "
+                                       "length fail. Default: no check.", kind=int, min=1)
+    max_object_bytes: int = knob(DEFAULT_MAX_OBJECT_BYTES, "FN4_MAX_OBJECT_BYTES", "Largest object, compressed or "
+                                 "decompressed, that is loaded (or uploaded).", kind=int, min=1)
+    reconcile_interval: float = knob(DEFAULT_RECONCILE_INTERVAL, "FN4_RECONCILE_INTERVAL", "Seconds between full "
+                                     "comparisons of the catalogue with fn4's guid list.", kind=float, min=60)
+    on_success: str = knob("keep", "FN4_ON_SUCCESS", "What to do with a loaded object: keep it, delete it, or "
+                           "rename:PREFIX/ (move it under PREFIX/, which is then never listed, by `list` either). "
+                           "Keep when other loaders read the same bucket.")
+    retention_days: int = knob(DEFAULT_RETENTION_DAYS, "FN4_RETENTION_DAYS", "Remove catalogue rows older than "
+                               "this, once a day (each file's latest row is kept); 0 keeps everything.",
+                               kind=int, min=0)
+    list_workers: int = knob(DEFAULT_LIST_WORKERS, "FN4_LIST_WORKERS", "Key ranges of the bucket listed at once, "
+                             "each over its own connection; 1 lists page by page.", kind=int, min=1, max=64)
 
     def __post_init__(self) -> None:
         if problem := on_success_problem(self.on_success):
@@ -3964,21 +3983,30 @@ connections = _apply([
     click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
                  help="CA bundle to verify an https fn4 server. Default: the system's."),
 ])
-prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
-                             help="List only objects under this prefix (upload: put them under it).")
+_OPTION_CALLBACKS = {"on_success": _on_success}  # checks a knob needs beyond its range, by Settings field
+
+
+def knob_option(name: str) -> Callable[..., Any]:
+    """Return the click option of the Settings knob ``name``, built from its declaration (see knob)."""
+    declared = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    meta = declared.metadata
+    options: dict[str, Any] = {"envvar": meta["env"], "show_envvar": True, "help": meta["help"],
+                               "callback": _OPTION_CALLBACKS.get(name)}
+    if declared.default is not None:
+        options.update(default=declared.default, show_default=True)
+    if "kind" in meta:
+        kind = click.IntRange if meta["kind"] is int else click.FloatRange
+        options["type"] = kind(meta.get("min"), meta.get("max"))
+    return click.option("--" + name.replace("_", "-"), **options)
+
+
+#: Every knob of Settings, as options of ``run`` (which builds Settings from them by name).
+knob_options = _apply([knob_option(f.name) for f in dataclasses.fields(Settings) if "env" in f.metadata])
+prefix_option = knob_option("prefix")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
-on_success_option = click.option(
-    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
-                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
-                           "the same bucket.")
-max_object_bytes_option = click.option(
-    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
-    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
-poll_interval_option = click.option(
-    "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
-    envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
+on_success_option = knob_option("on_success")
+max_object_bytes_option = knob_option("max_object_bytes")
+poll_interval_option = knob_option("poll_interval")
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -3994,22 +4022,7 @@ def main(ctx: click.Context) -> None:
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
               help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
-@poll_interval_option
-@prefix_option
-@click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
-              envvar="FN4_MAX_ATTEMPTS", show_envvar=True,
-              help="File-specific transient failures before a file is given up.")
-@click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
-              help="Reference genome length; files of any other length fail. Default: no check.")
-@max_object_bytes_option
-@click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
-              show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
-              help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@on_success_option
-@click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
-              envvar="FN4_RETENTION_DAYS", show_envvar=True,
-              help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
-                   "0 keeps everything.")
+@knob_options
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
@@ -4018,20 +4031,14 @@ def main(ctx: click.Context) -> None:
               help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
                    "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
                    "one dying; give every instance the same value.")
-@click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
-              envvar="FN4_LIST_WORKERS", show_envvar=True,
-              help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
               help="Local file that keeps catalogue rows until the database has them; rows left there are "
                    "written at the next start. Default: beside a SQLite catalogue, else in "
                    "~/.local/state/fn4loader/.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-        endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
-        max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float,
-        list_workers: int,
-        journal: Path | None) -> None:
+        endpoint: str | None, ca_bundle: str | None, once: bool, metrics_port: tuple[str, int] | None,
+        lease_ttl: float, journal: Path | None, **knobs: Any) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -4039,12 +4046,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    metrics = Metrics(max_age=STALE_POLLS * poll_interval)
+    metrics = Metrics(max_age=STALE_POLLS * knobs["poll_interval"])
     with _startup(log_level, log_format):
         restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
         try:
-            settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                                max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
+            settings = Settings(fn4_url, namespace, bucket, **knobs)
             store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
                                              fail_fast=once, journaled=True, journal=journal, auth=auth,
                                              config_file=config_file, profile=profile, endpoint=endpoint)
