@@ -1,7 +1,7 @@
 """Benchmark of the loader: the project's pipelined Loader against a plain sequential loop.
 
-Run it with ``pipenv run python tests/benchmark.py [--quick] [--profile]``. It prints a
-markdown-friendly table of:
+Run it with ``pipenv run python tests/benchmark.py [--quick] [--profile]`` (about 2.5 minutes;
+``--quick`` about 1). It prints a markdown-friendly table of:
 
 1. fn4 server utilisation while a backlog loads, for tuberculosis-, gonorrhoea- and
    SARS-CoV-2-like genome sizes, insert times (L) and download+parse times (D);
@@ -15,14 +15,17 @@ sequential reference: idle cycles at 2,000,000 objects and guids with a list pag
 (``--page-latency``, 100 ms by default), listing by key ranges and page by page; an idle cycle
 with ``--on-success rename:loaded/`` and 2,000,000 archived objects; peak RSS; the migration
 cycle against an fn4 that holds everything; CPU per SARS-CoV-2 sample; utilisation at the three
-speed profiles. ``--objects`` makes it smaller (the targets are for 2,000,000).
+speed profiles. It takes about 15 minutes; ``--objects`` makes it smaller (the targets are for
+2,000,000). The emulator answers each list page (1,000 objects) after ``--page-latency``: an
+assumption about the real service, which sets the floor of the idle cycle's time.
 
 The Object Storage emulator and the fn4 stand-in each run in a process of their own, and every
 measured loader runs in a freshly spawned process, so the CPU time and RSS measured are the
 loader's alone. Genomes are synthetic (random ACGT with N runs, gaps and a few IUPAC codes),
 shaped like the real ones in ``../shared/data/ac587`` when that folder is there: 60-column
 lines, one ``>guid`` header line, gzip level 6. Everything listens on 127.0.0.1 only and every
-wait is bounded.
+wait is bounded. On a shared machine other jobs take CPU meanwhile, so CPU figures are noisy: say
+where they were measured when quoting them.
 """
 from __future__ import annotations
 
@@ -1238,7 +1241,7 @@ def _report_national(runs: dict[str, dict[str, Any]], backlog: list[tuple[Profil
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and objects: about a minute")
     parser.add_argument("--profile", action="store_true",
                         help="also print cProfile tables of the per-genome path and of the idle cycle")

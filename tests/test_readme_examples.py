@@ -46,7 +46,6 @@ NOT_RUN = {
     ("Oracle Autonomous Database with a wallet", "bash"): "needs an OCI tenancy, an Autonomous Database and root",
     ("Oracle Autonomous Database with a wallet", "sql"): "Oracle-only DDL run as ADMIN; no Oracle database here",
     ("Deployment", "bash"): "creates a system user and installs under /opt and /etc as root",
-    ("The service", "bash"): "needs systemd as PID 1 and the installed service",
     ("On an OCI VM with instance principals", "bash"): "needs an OCI VM in a dynamic group",
 }
 
