@@ -304,22 +304,41 @@ class CycleSummary:
     paused: bool
 
 
+def knob(default: Any, env: str, help: str, **limits: Any) -> Any:
+    """Declare a Settings field that is also a ``run`` option: its default, environment variable and help.
+
+    ``limits`` may give ``kind`` (int or float) with ``min`` and ``max``: the values the option accepts.
+    The command line builds the option from this declaration, and Settings from the options by name.
+    """
+    return field(default=default, metadata={"env": env, "help": help, **limits})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The loader's knobs, built once by the command line."""
+    """The loader's knobs, built once by the command line; each knob field is also a ``run`` option."""
 
     fn4_url: str
     namespace: str
     bucket: str
-    prefix: str | None = None
-    poll_interval: float = DEFAULT_POLL_INTERVAL
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    expected_length: int | None = None
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
-    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
-    on_success: str = "keep"             # keep, delete, or rename:PREFIX/
-    retention_days: int = DEFAULT_RETENTION_DAYS
-    list_workers: int = DEFAULT_LIST_WORKERS
+    prefix: str | None = knob(None, "FN4_PREFIX", "List only objects under this prefix (upload: put them under it).")
+    poll_interval: float = knob(DEFAULT_POLL_INTERVAL, "FN4_POLL_INTERVAL",
+                                "Seconds to wait after a cycle that found nothing.", kind=float, min=1)
+    max_attempts: int = knob(DEFAULT_MAX_ATTEMPTS, "FN4_MAX_ATTEMPTS",
+                             "File-specific transient failures before a file is given up.", kind=int, min=1)
+    expected_length: int | None = knob(None, "FN4_EXPECTED_LENGTH", "Reference genome length; files of any other "
+                                       "length fail. Default: no check.", kind=int, min=1)
+    max_object_bytes: int = knob(DEFAULT_MAX_OBJECT_BYTES, "FN4_MAX_OBJECT_BYTES", "Largest object, compressed or "
+                                 "decompressed, that is loaded (or uploaded).", kind=int, min=1)
+    reconcile_interval: float = knob(DEFAULT_RECONCILE_INTERVAL, "FN4_RECONCILE_INTERVAL", "Seconds between full "
+                                     "comparisons of the catalogue with fn4's guid list.", kind=float, min=60)
+    on_success: str = knob("keep", "FN4_ON_SUCCESS", "What to do with a loaded object: keep it, delete it, or "
+                           "rename:PREFIX/ (move it under PREFIX/, which is then never listed, by `list` either). "
+                           "Keep when other loaders read the same bucket.")
+    retention_days: int = knob(DEFAULT_RETENTION_DAYS, "FN4_RETENTION_DAYS", "Remove catalogue rows older than "
+                               "this, once a day (each file's latest row is kept); 0 keeps everything.",
+                               kind=int, min=0)
+    list_workers: int = knob(DEFAULT_LIST_WORKERS, "FN4_LIST_WORKERS", "Key ranges of the bucket listed at once, "
+                             "each over its own connection; 1 lists page by page.", kind=int, min=1, max=64)
 
     def __post_init__(self) -> None:
         if problem := on_success_problem(self.on_success):
@@ -708,6 +727,15 @@ def redact_all(value: Any, secrets: Iterable[str]) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_all(v, secrets) for v in value]
     return value
+
+
+def safe_file_name(name: str) -> str:
+    """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 # ---- Object store ----------------------------------------------------------------------------
@@ -1690,69 +1718,6 @@ def _database_from_config_file(key: str, environ: dict[str, str]) -> str:
             raise ConfigError(f"Oracle entry {key!r} in {path!r} has no TNS_ADMIN (the wallet folder)")
         os.environ["TNS_ADMIN"] = environ["TNS_ADMIN"] = str(entry["TNS_ADMIN"])
     return str(entry["ENGINE_NAME"])
-
-
-def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
-           server_heartbeat: datetime | None = None) -> LoaderStatus:
-    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
-
-    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
-    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
-    abandoned, or the latest cycle paused, because a service was unavailable; or more than
-    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
-    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
-    Warning: such a failure below the share, a retry in the window, or a file whose latest state
-    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
-    """
-    problems: list[tuple[int, str]] = []
-    heartbeat = status.heartbeat
-    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
-    if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
-        ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
-        if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
-            problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
-        else:
-            problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
-    if status.abandoned:
-        since = status.abandoned_since or status.last_batch
-        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
-                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
-    elif status.paused:
-        problems.append((2, f"the latest cycle paused: {status.paused}"))
-    recent = status.recent_files
-    failures = sum(recent.get(o, 0) for o in LOADER_FAILURES)
-    loaded = sum(recent.get(o, 0) for o in LOADED)
-    if failures:
-        share = failures / (failures + loaded)
-        problems.append((2 if share > critical_share else 1,
-                         f"{failures} of {failures + loaded} files tried in {window} failed for reasons of fn4, "
-                         "Object Storage or the loader (latest outcome retry, gave_up or server_unavailable)"))
-    if retries := status.outcomes.get(RETRY, 0):
-        problems.append((1, f"{retries} attempts to retry in {window} (fn4 errors, timeouts, failed downloads)"))
-    if status.failed_files:
-        problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
-                            f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
-    if busy := status.outcomes.get(SERVER_BUSY, 0):
-        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
-                            "408): contention, which the loader waits out"))
-    return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
-                               problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
-
-
-def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """Return (level, problem) for each lease no instance holds: critical; see LoadLogger.instances."""
-    problems = []
-    for key in dict.fromkeys(i["lease_key"] for i in instances):
-        mine = [i for i in instances if i["lease_key"] == key]
-        where = f"{mine[0]['server_url']} <- {mine[0]['namespace']}/{mine[0]['bucket']}"
-        holder = next((i for i in mine if i["role"] == "active"), None)
-        if holder is None:
-            problems.append((2, f"no instance holds the lease of {where}: {len(mine)} standing by"))
-        elif holder["lapsed"]:
-            problems.append((2, f"no instance holds the lease of {where}: {holder['host_name']} (pid "
-                                f"{holder['process_id']}) stopped renewing it, lapsed at "
-                                f"{holder['expires']:%Y-%m-%d %H:%M:%S} UTC, and no standby took over"))
-    return problems
 
 
 def _alembic_operations(conn: sa.Connection) -> Any:
@@ -2750,150 +2715,58 @@ class LoadLogger:
             yield from conn.execution_options(yield_per=5000).execute(query)
 
 
-# ---- Metrics and health ----------------------------------------------------------------------
+# ---- Loader ----------------------------------------------------------------------------------
 
 
-class Metrics:
-    """The loader's Prometheus metrics and its health, served by ``serve`` on /metrics and /healthz.
+# The threads, who owns each and how each ends. The loop itself runs in the caller's thread (the
+# main thread under the command line) and is the only one that inserts into fn4.
+# - prefetch (Loader._load): downloads and parses the next sample while the loop inserts this one.
+#   It hands samples over through a one-slot queue and starts on the next only once the loop has
+#   taken (task_done) the last one, so memory holds at most PREFETCH_DEPTH samples ahead. Ends at the
+#   end of the batch's list, or when _end_prefetch sets ``abandon``; joined for PREFETCH_JOIN_TIMEOUT
+#   (a daemon: a download in flight ends it a little later).
+# - list_N (ObjectStoreClient.list_ranges): a pool listing key ranges at once, each with its own
+#   client; a failed range sets ``failed`` so the others stop after their page; the ``with
+#   ThreadPoolExecutor`` block of one listing joins them.
+# - catalogue-writer (LoadLogger.start): writes queued batch and attempt rows, under the condition
+#   ``_changed`` that callers wait on (flush, wait_until_below). LoadLogger.close flushes, then sets
+#   ``_closing`` and the writer returns at its next wake-up; it is a daemon and is not joined.
+# - catalogue-deadline (LoadLogger._deadline): one per bounded catalogue call; shuts the call's
+#   connections every call_timeout seconds it has not ended; set and joined when the call returns.
+# - lease-keeper (Lease.kept): renews the lease (or a standby's look at it) while the block runs;
+#   the block's end sets ``_done`` and joins it for 5 s (a daemon: a renewal stuck on a dead
+#   connection is left behind), then releases the lease.
+# Operator shell (below the core): signals (_install_signal_handlers) reads a pipe the signal
+# handler writes to, sets the stop event, and ends when restore() writes a 0 byte (joined 1 s); the
+# first signal also starts a timer that exits the process SHUTDOWN_GRACE seconds later (restore()
+# cancels it), a second signal exits at once;
+# metrics and metrics-N (Metrics.serve) accept and answer /metrics and /healthz, daemons ended by
+# server.shutdown() when run returns.
 
-    Healthy means the loop made progress (finished a cycle or a file) within ``max_age`` seconds.
-    """
 
-    def __init__(self, clock: Callable[[], datetime] = utcnow, max_age: float = STALE_POLLS * DEFAULT_POLL_INTERVAL
-                 ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        self.registry = CollectorRegistry()
-        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome; a cycle abandoned "
-                                "because fn4 or Object Storage was unavailable counts as server_unavailable",
-                                ["outcome"], registry=self.registry)
-        self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
-                                        buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
-        self.backlog = Gauge("fn4loader_backlog", "Files pending: listed, neither loaded nor failed for good",
-                             registry=self.registry)
-        self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
-                                  "Unix time of the last insert fn4 accepted", registry=self.registry)
-        self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
-        self.active = Gauge("fn4loader_active", "1 while this instance holds the lease and loads, 0 while it "
-                            "stands by", registry=self.registry)
-        self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
-                                 "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
-        for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
-            self.attempts.labels(outcome)
-        for service in ABANDON_SERVICES:
-            self.abandoned.labels(service)
-        self.clock = clock
-        self.max_age = max_age
-        self.last_progress = clock()
-        self.completed_cycles = 0
+class LoaderObserver:
+    """What the loop reports as it goes; every method does nothing here. The shell's Metrics implements it."""
 
     def record(self, outcome: str, insert_start: datetime | None, insert_end: datetime | None) -> None:
-        self.attempts.labels(outcome).inc()
-        if insert_start and insert_end:
-            self.insert_seconds.observe((insert_end - insert_start).total_seconds())
-            if outcome in (INSERTED, ALREADY_PRESENT):
-                self.last_success.set(insert_end.timestamp())
-        self.last_progress = self.clock()
-
-    def cycle_abandoned(self, service: str) -> None:
-        self.abandoned.labels(service).inc()
-        if service != "loader":
-            self.attempts.labels(SERVER_UNAVAILABLE).inc()
+        """An attempt row was recorded."""
 
     def cycle_done(self) -> None:
-        self.cycles.inc()
-        self.completed_cycles += 1
-        self.last_progress = self.clock()
+        """A cycle ended normally."""
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """Return (healthy, details) for /healthz."""
-        idle = (self.clock() - self.last_progress).total_seconds()
-        return idle <= self.max_age, {"healthy": idle <= self.max_age, "seconds_since_progress": round(idle, 1),
-                                      "max_age": self.max_age, "cycles": self.completed_cycles}
+    def cycle_abandoned(self, service: str) -> None:
+        """A cycle was abandoned because ``service`` (see ABANDON_SERVICES) was unavailable."""
 
-    def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+    def set_backlog(self, files: int) -> None:
+        """This many files are pending."""
 
-        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
-        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
-        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
-        away early is logged at DEBUG only.
-        """
-        from http.server import BaseHTTPRequestHandler, HTTPServer
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        metrics = self
+    def set_active(self, active: bool) -> None:
+        """This instance started (True) or stopped (False) loading under the lease."""
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = METRICS_TIMEOUT
+    def progressed(self, moment: datetime) -> None:
+        """The loader was healthy at ``moment`` without loading (a standby in touch with the catalogue)."""
 
-            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    code, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
-                elif path == "/healthz":
-                    healthy, details = metrics.health()
-                    code, kind, body = 200 if healthy else 503, "application/json", json.dumps(details).encode()
-                else:
-                    code, kind, body = 404, "text/plain", b"try /metrics or /healthz\n"
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        class Server(HTTPServer):
-            request_queue_size = METRICS_BACKLOG
-
-            def __init__(self, address: tuple[str, int]) -> None:
-                super().__init__(address, Handler)
-                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
-                self.closing = threading.Event()
-                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
-                                for n in range(METRICS_WORKERS)]
-                for worker in self.workers:
-                    worker.start()
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                # Waits while every worker is busy, so that further clients wait in the backlog.
-                while not self.closing.is_set():
-                    try:
-                        self.accepted.put((request, client_address), timeout=0.5)
-                        return
-                    except queue.Full:
-                        continue
-                self.shutdown_request(request)
-
-            def work(self) -> None:
-                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
-                    try:
-                        self.finish_request(*item)
-                    except Exception:
-                        self.handle_error(*item)
-                    finally:
-                        self.shutdown_request(item[0])
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
-
-            def shutdown(self) -> None:
-                self.closing.set()
-                super().shutdown()
-                for _ in self.workers:
-                    with contextlib.suppress(queue.Full):
-                        self.accepted.put_nowait(None)
-
-        try:
-            server = Server((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
-                              "choose another --metrics-port") from None
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        return server
-
-
-# ---- Loader ----------------------------------------------------------------------------------
+    def seed_last_success(self, moment: datetime) -> None:
+        """The catalogue's last accepted insert, read at start."""
 
 
 _END = object()  # marks the end of the prefetch queue
@@ -2981,7 +2854,7 @@ class Loader:
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
                  stop: threading.Event | None = None, host_name: str | None = None,
-                 metrics: Metrics | None = None, lease: Lease | None = None) -> None:
+                 metrics: LoaderObserver | None = None, lease: Lease | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
@@ -3003,7 +2876,7 @@ class Loader:
         self.pause_reason: str | None = None  # why the last cycle paused: the pausing row's error text
         self.last_summary: CycleSummary | None = None
         self.cycles = 0
-        self.metrics = metrics or Metrics(clock, STALE_POLLS * settings.poll_interval)
+        self.metrics = metrics or LoaderObserver()
         self.lease = lease
         self._term: int | None = None  # the lease term loading now; None while standby
 
@@ -3105,14 +2978,14 @@ class Loader:
                 if self._term is None:
                     log.info("loading: this instance holds the lease; comparing the catalogue with fn4 first")
                 self._term, self._next_reconcile = self.lease.terms, None
-                self.metrics.active.set(1)
+                self.metrics.set_active(True)
             return True
         if self._term is not None:
             log.warning("standby: stopped inserting, as the lease could not be renewed in time or was lost")
             self._term = None
-            self.metrics.active.set(0)
+            self.metrics.set_active(False)
         if self.lease.last_contact is not None and self.lease.clock() - self.lease.last_contact < self.lease.ttl:
-            self.metrics.last_progress = self.clock()  # a standby in touch with the catalogue is healthy
+            self.metrics.progressed(self.clock())  # a standby in touch with the catalogue is healthy
         return False
 
     def _record_abandoned(self, exc: Exception) -> None:
@@ -3133,7 +3006,7 @@ class Loader:
             log.warning("could not read the last success from the catalogue (%s)", _short(exc))
             return
         if last is not None:
-            self.metrics.last_success.set(last.timestamp())
+            self.metrics.seed_last_success(last)
 
     def warn_of_waiting_archive(self) -> list[str]:
         """Log a WARNING naming FASTA objects under the archive prefix that this loader did not put there.
@@ -3384,7 +3257,7 @@ class Loader:
 
     def _load(self, todo: list[StoredObject], started: datetime) -> tuple[int, int, int, bool]:
         """Insert each prepared sample while the next ones download; return counts and paused."""
-        self.metrics.backlog.set(len(todo))
+        self.metrics.set_backlog(len(todo))
         if not todo:
             return 0, 0, 0, False
         prepared: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_DEPTH)
@@ -3424,7 +3297,7 @@ class Loader:
                 retried += 1
             else:
                 failed += 1
-            self.metrics.backlog.set(len(todo) - loaded - failed)  # files to retry stay pending
+            self.metrics.set_backlog(len(todo) - loaded - failed)  # files to retry stay pending
         return loaded, failed, retried, paused
 
     def _end_prefetch(self, producer: threading.Thread, prepared: queue.Queue[Any], abandon: threading.Event) -> None:
@@ -3593,6 +3466,232 @@ class Loader:
 
 def _ms(start: datetime | None, end: datetime | None) -> int | None:
     return None if start is None or end is None else round((end - start).total_seconds() * 1000)
+
+
+# ==== Operator shell ===================================================================
+# The status report, the metrics and health server, logging set-up, signals and the command line.
+# They build on the core above; the core never refers to them.
+
+
+# ---- Status report ---------------------------------------------------------------------------
+
+
+def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
+           server_heartbeat: datetime | None = None) -> LoaderStatus:
+    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
+
+    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
+    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
+    abandoned, or the latest cycle paused, because a service was unavailable; or more than
+    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
+    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
+    Warning: such a failure below the share, a retry in the window, or a file whose latest state
+    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
+    """
+    problems: list[tuple[int, str]] = []
+    heartbeat = status.heartbeat
+    window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
+    if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
+        ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
+        if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+            problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
+        else:
+            problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
+    if status.abandoned:
+        since = status.abandoned_since or status.last_batch
+        problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
+                            f"{status.abandoned_cycles or 1} cycle(s) abandoned)"))
+    elif status.paused:
+        problems.append((2, f"the latest cycle paused: {status.paused}"))
+    recent = status.recent_files
+    failures = sum(recent.get(o, 0) for o in LOADER_FAILURES)
+    loaded = sum(recent.get(o, 0) for o in LOADED)
+    if failures:
+        share = failures / (failures + loaded)
+        problems.append((2 if share > critical_share else 1,
+                         f"{failures} of {failures + loaded} files tried in {window} failed for reasons of fn4, "
+                         "Object Storage or the loader (latest outcome retry, gave_up or server_unavailable)"))
+    if retries := status.outcomes.get(RETRY, 0):
+        problems.append((1, f"{retries} attempts to retry in {window} (fn4 errors, timeouts, failed downloads)"))
+    if status.failed_files:
+        problems.append((1, f"{len(status.failed_files)} files failed for good (latest outcome "
+                            f"{', '.join(sorted(FAILED_FOR_GOOD))}); retry-failed re-queues them"))
+    if busy := status.outcomes.get(SERVER_BUSY, 0):
+        problems.append((0, f"fn4 asked the loader to wait {busy} time(s) in {window} (insert lock held, 429, "
+                            "408): contention, which the loader waits out"))
+    return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
+                               problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
+
+
+def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Return (level, problem) for each lease no instance holds: critical; see LoadLogger.instances."""
+    problems = []
+    for key in dict.fromkeys(i["lease_key"] for i in instances):
+        mine = [i for i in instances if i["lease_key"] == key]
+        where = f"{mine[0]['server_url']} <- {mine[0]['namespace']}/{mine[0]['bucket']}"
+        holder = next((i for i in mine if i["role"] == "active"), None)
+        if holder is None:
+            problems.append((2, f"no instance holds the lease of {where}: {len(mine)} standing by"))
+        elif holder["lapsed"]:
+            problems.append((2, f"no instance holds the lease of {where}: {holder['host_name']} (pid "
+                                f"{holder['process_id']}) stopped renewing it, lapsed at "
+                                f"{holder['expires']:%Y-%m-%d %H:%M:%S} UTC, and no standby took over"))
+    return problems
+
+
+# ---- Metrics and health ----------------------------------------------------------------------
+
+
+class Metrics(LoaderObserver):
+    """The loader's Prometheus metrics and its health, served by ``serve`` on /metrics and /healthz.
+
+    Healthy means the loop made progress (finished a cycle or a file) within ``max_age`` seconds.
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow, max_age: float = STALE_POLLS * DEFAULT_POLL_INTERVAL
+                 ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = CollectorRegistry()
+        self.attempts = Counter("fn4loader_attempts", "Attempt rows recorded, by outcome; a cycle abandoned "
+                                "because fn4 or Object Storage was unavailable counts as server_unavailable",
+                                ["outcome"], registry=self.registry)
+        self.insert_seconds = Histogram("fn4loader_insert_seconds", "Seconds fn4 took to answer an insert",
+                                        buckets=INSERT_SECONDS_BUCKETS, registry=self.registry)
+        self.backlog = Gauge("fn4loader_backlog", "Files pending: listed, neither loaded nor failed for good",
+                             registry=self.registry)
+        self.last_success = Gauge("fn4loader_last_success_timestamp_seconds",
+                                  "Unix time of the last insert fn4 accepted", registry=self.registry)
+        self.cycles = Counter("fn4loader_cycles", "Cycles completed", registry=self.registry)
+        self.active = Gauge("fn4loader_active", "1 while this instance holds the lease and loads, 0 while it "
+                            "stands by", registry=self.registry)
+        self.abandoned = Counter("fn4loader_cycles_abandoned", "Cycles abandoned, by the service that was "
+                                 "unavailable (loader: an unexpected error)", ["service"], registry=self.registry)
+        for outcome in sorted(LOADED | UNFINISHED | REQUEUEABLE | {VANISHED}):  # every series exists from the start
+            self.attempts.labels(outcome)
+        for service in ABANDON_SERVICES:
+            self.abandoned.labels(service)
+        self.clock = clock
+        self.max_age = max_age
+        self.last_progress = clock()
+        self.completed_cycles = 0
+
+    def record(self, outcome: str, insert_start: datetime | None, insert_end: datetime | None) -> None:
+        self.attempts.labels(outcome).inc()
+        if insert_start and insert_end:
+            self.insert_seconds.observe((insert_end - insert_start).total_seconds())
+            if outcome in (INSERTED, ALREADY_PRESENT):
+                self.last_success.set(insert_end.timestamp())
+        self.last_progress = self.clock()
+
+    def cycle_abandoned(self, service: str) -> None:
+        self.abandoned.labels(service).inc()
+        if service != "loader":
+            self.attempts.labels(SERVER_UNAVAILABLE).inc()
+
+    def cycle_done(self) -> None:
+        self.cycles.inc()
+        self.completed_cycles += 1
+        self.last_progress = self.clock()
+
+    def set_backlog(self, files: int) -> None:
+        self.backlog.set(files)
+
+    def set_active(self, active: bool) -> None:
+        self.active.set(1 if active else 0)
+
+    def progressed(self, moment: datetime) -> None:
+        self.last_progress = moment
+
+    def seed_last_success(self, moment: datetime) -> None:
+        self.last_success.set(moment.timestamp())
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Return (healthy, details) for /healthz."""
+        idle = (self.clock() - self.last_progress).total_seconds()
+        return idle <= self.max_age, {"healthy": idle <= self.max_age, "seconds_since_progress": round(idle, 1),
+                                      "max_age": self.max_age, "cycles": self.completed_cycles}
+
+    def serve(self, host: str, port: int) -> Any:
+        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+
+        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
+        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
+        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
+        away early is logged at DEBUG only.
+        """
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = METRICS_TIMEOUT
+
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    code, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+                elif path == "/healthz":
+                    healthy, details = metrics.health()
+                    code, kind, body = 200 if healthy else 503, "application/json", json.dumps(details).encode()
+                else:
+                    code, kind, body = 404, "text/plain", b"try /metrics or /healthz\n"
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        class Server(HTTPServer):
+            request_queue_size = METRICS_BACKLOG
+
+            def __init__(self, address: tuple[str, int]) -> None:
+                super().__init__(address, Handler)
+                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
+                self.closing = threading.Event()
+                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
+                                for n in range(METRICS_WORKERS)]
+                for worker in self.workers:
+                    worker.start()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # Waits while every worker is busy, so that further clients wait in the backlog.
+                while not self.closing.is_set():
+                    try:
+                        self.accepted.put((request, client_address), timeout=0.5)
+                        return
+                    except queue.Full:
+                        continue
+                self.shutdown_request(request)
+
+            def work(self) -> None:
+                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
+                    try:
+                        self.finish_request(*item)
+                    except Exception:
+                        self.handle_error(*item)
+                    finally:
+                        self.shutdown_request(item[0])
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
+
+            def shutdown(self) -> None:
+                self.closing.set()
+                super().shutdown()
+                for _ in self.workers:
+                    with contextlib.suppress(queue.Full):
+                        self.accepted.put_nowait(None)
+
+        try:
+            server = Server((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
+                              "choose another --metrics-port") from None
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
 
 
 # ---- Command line ----------------------------------------------------------------------------
@@ -3888,21 +3987,30 @@ connections = _apply([
     click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
                  help="CA bundle to verify an https fn4 server. Default: the system's."),
 ])
-prefix_option = click.option("--prefix", envvar="FN4_PREFIX", show_envvar=True,
-                             help="List only objects under this prefix (upload: put them under it).")
+_OPTION_CALLBACKS = {"on_success": _on_success}  # checks a knob needs beyond its range, by Settings field
+
+
+def knob_option(name: str) -> Callable[..., Any]:
+    """Return the click option of the Settings knob ``name``, built from its declaration (see knob)."""
+    declared = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    meta = declared.metadata
+    options: dict[str, Any] = {"envvar": meta["env"], "show_envvar": True, "help": meta["help"],
+                               "callback": _OPTION_CALLBACKS.get(name)}
+    if declared.default is not None:
+        options.update(default=declared.default, show_default=True)
+    if "kind" in meta:
+        kind = click.IntRange if meta["kind"] is int else click.FloatRange
+        options["type"] = kind(meta.get("min"), meta.get("max"))
+    return click.option("--" + name.replace("_", "-"), **options)
+
+
+#: Every knob of Settings, as options of ``run`` (which builds Settings from them by name).
+knob_options = _apply([knob_option(f.name) for f in dataclasses.fields(Settings) if "env" in f.metadata])
+prefix_option = knob_option("prefix")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
-on_success_option = click.option(
-    "--on-success", default="keep", show_default=True, callback=_on_success, envvar="FN4_ON_SUCCESS",
-    show_envvar=True, help="What to do with a loaded object: keep it, delete it, or rename:PREFIX/ (move it under "
-                           "PREFIX/, which is then never listed, by `list` either). Keep when other loaders read "
-                           "the same bucket.")
-max_object_bytes_option = click.option(
-    "--max-object-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_OBJECT_BYTES, show_default=True,
-    envvar="FN4_MAX_OBJECT_BYTES", show_envvar=True,
-    help="Largest object, compressed or decompressed, that is loaded (or uploaded).")
-poll_interval_option = click.option(
-    "--poll-interval", type=click.FloatRange(min=1), default=DEFAULT_POLL_INTERVAL, show_default=True,
-    envvar="FN4_POLL_INTERVAL", show_envvar=True, help="Seconds to wait after a cycle that found nothing.")
+on_success_option = knob_option("on_success")
+max_object_bytes_option = knob_option("max_object_bytes")
+poll_interval_option = knob_option("poll_interval")
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -3918,22 +4026,7 @@ def main(ctx: click.Context) -> None:
 @connections
 @click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
               help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
-@poll_interval_option
-@prefix_option
-@click.option("--max-attempts", type=click.IntRange(min=1), default=DEFAULT_MAX_ATTEMPTS, show_default=True,
-              envvar="FN4_MAX_ATTEMPTS", show_envvar=True,
-              help="File-specific transient failures before a file is given up.")
-@click.option("--expected-length", type=click.IntRange(min=1), envvar="FN4_EXPECTED_LENGTH", show_envvar=True,
-              help="Reference genome length; files of any other length fail. Default: no check.")
-@max_object_bytes_option
-@click.option("--reconcile-interval", type=click.FloatRange(min=60), default=DEFAULT_RECONCILE_INTERVAL,
-              show_default=True, envvar="FN4_RECONCILE_INTERVAL", show_envvar=True,
-              help="Seconds between full comparisons of the catalogue with fn4's guid list.")
-@on_success_option
-@click.option("--retention-days", type=click.IntRange(min=0), default=DEFAULT_RETENTION_DAYS, show_default=True,
-              envvar="FN4_RETENTION_DAYS", show_envvar=True,
-              help="Remove catalogue rows older than this, once a day (each file's latest row is kept); "
-                   "0 keeps everything.")
+@knob_options
 @click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
                    "127.0.0.1:9108. Default: off.")
@@ -3942,20 +4035,14 @@ def main(ctx: click.Context) -> None:
               help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
                    "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
                    "one dying; give every instance the same value.")
-@click.option("--list-workers", type=click.IntRange(1, 64), default=DEFAULT_LIST_WORKERS, show_default=True,
-              envvar="FN4_LIST_WORKERS", show_envvar=True,
-              help="Key ranges of the bucket listed at once, each over its own connection; 1 lists page by page.")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
               help="Local file that keeps catalogue rows until the database has them; rows left there are "
                    "written at the next start. Default: beside a SQLite catalogue, else in "
                    "~/.local/state/fn4loader/.")
 def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
         log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-        endpoint: str | None, ca_bundle: str | None, once: bool, poll_interval: float, prefix: str | None,
-        max_attempts: int, expected_length: int | None, max_object_bytes: int, reconcile_interval: float,
-        on_success: str, retention_days: int, metrics_port: tuple[str, int] | None, lease_ttl: float,
-        list_workers: int,
-        journal: Path | None) -> None:
+        endpoint: str | None, ca_bundle: str | None, once: bool, metrics_port: tuple[str, int] | None,
+        lease_ttl: float, journal: Path | None, **knobs: Any) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -3963,12 +4050,11 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    metrics = Metrics(max_age=STALE_POLLS * poll_interval)
+    metrics = Metrics(max_age=STALE_POLLS * knobs["poll_interval"])
     with _startup(log_level, log_format):
         restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
         try:
-            settings = Settings(fn4_url, namespace, bucket, prefix, poll_interval, max_attempts, expected_length,
-                                max_object_bytes, reconcile_interval, on_success, retention_days, list_workers)
+            settings = Settings(fn4_url, namespace, bucket, **knobs)
             store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
                                              fail_fast=once, journaled=True, journal=journal, auth=auth,
                                              config_file=config_file, profile=profile, endpoint=endpoint)
@@ -4299,11 +4385,6 @@ def read_upload(path: str, max_bytes: int) -> bytes:
     return data
 
 
-def safe_file_name(name: str) -> str:
-    """Return an object name as a local file name that cannot leave its folder or hide: a/b c -> a_b_c."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-200:].lstrip("._-") or "object"
-
-
 def _report(verb: str, results: list[tuple[str, str | None]]) -> None:
     """Print what was done to each item; exit 1 if anything failed."""
     for name, problem in results:
@@ -4323,10 +4404,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _when(moment: datetime | None) -> str | None:
     return None if moment is None else f"{moment.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}"
-
-
-def _json_value(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 @contextlib.contextmanager

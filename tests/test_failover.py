@@ -179,6 +179,7 @@ def test_a_loader_loads_only_while_it_holds_the_lease_and_says_so_in_metrics(sto
     mine = lease(harness.catalogue, "host-a", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
     loader = harness.loader
     loader.lease = mine
+    loader.metrics = osa.Metrics()  # the loop reports to the observer it is given
     active = lambda: loader.metrics.registry.get_sample_value("fn4loader_active")  # noqa: E731
     with mine.kept():
         assert loader.run(once=True) == 0 and active() == 0  # another instance holds it: nothing listed
