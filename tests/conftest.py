@@ -2,6 +2,8 @@
 import contextlib
 import os
 import sys
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -120,3 +122,14 @@ def fasta(guid, length=300, seed=0):
     seq = bytes(bases[(i * 7 + seed) % 4] for i in range(length))
     lines = [seq[i:i + 60] for i in range(0, len(seq), 60)]
     return b">" + guid.encode() + b"\n" + b"\n".join(lines) + b"\n"
+
+
+def wait_for(condition, seconds=30.0, tick=0.05):
+    """Wait, bounded, until condition() holds; return the seconds it took."""
+    started = time.monotonic()
+    pause = threading.Event()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        pause.wait(tick)
+    raise AssertionError(f"condition not reached in {seconds} s")

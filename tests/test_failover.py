@@ -21,17 +21,6 @@ from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
 import objectstoreaccess as osa
 
 
-def wait_for(condition, seconds=30.0, tick=0.05):
-    """Wait, bounded, until condition() holds; return the seconds it took."""
-    started = time.monotonic()
-    pause = threading.Event()
-    while time.monotonic() - started < seconds:
-        if condition():
-            return time.monotonic() - started
-        pause.wait(tick)
-    raise AssertionError(f"condition not reached in {seconds} s")
-
-
 def dead_pid():
     """Return the id of a process that ran and is gone (reaped)."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -193,7 +182,7 @@ def test_a_loader_loads_only_while_it_holds_the_lease_and_says_so_in_metrics(sto
 
 # ---- real loaders, in processes of their own ------------------------------------------------------
 
-from conftest import BUCKET, NAMESPACE, fasta, upload_series  # noqa: E402
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for  # noqa: E402
 from tcp_proxy import TCPProxy  # noqa: E402
 from test_service import status_json  # noqa: E402
 

@@ -22,23 +22,12 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series, wait_for
 from tcp_proxy import TCPProxy
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 PG = os.environ.get("FN4_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG, reason="FN4_TEST_POSTGRES_URL is not set")
-
-
-def wait_for(condition, seconds=30):
-    """Wait, bounded, until condition() holds."""
-    tick = threading.Event()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        tick.wait(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture

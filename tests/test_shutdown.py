@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 PROMPT = 15            # seconds: "at once" on a loaded machine, still far below the 30 s insert it must not wait for
@@ -69,17 +69,6 @@ def start(fn4, emulator, oci_config):
     yield launch
     for loader in started:
         loader.kill()
-
-
-def wait_for(condition, seconds=30):
-    """Wait, bounded, until condition() holds."""
-    tick = threading.Event()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        tick.wait(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def count(db, table):
