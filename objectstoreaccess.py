@@ -293,6 +293,18 @@ class InsertResult:
 
 
 @dataclass(frozen=True)
+class InsertTry:
+    """One file's turn in a batch, for its attempt row: its place, what was read, and when fn4 answered what."""
+
+    item: Prepared
+    number: int                           # the file's position in the batch, from 1
+    size: int                             # files in the batch
+    insert_start: datetime | None = None  # None: the sample was never sent
+    insert_end: datetime | None = None
+    status_code: int | None = None        # fn4's answer; None when none came
+
+
+@dataclass(frozen=True)
 class CycleSummary:
     """What one cycle did; ``found`` counts the files it tried to load."""
 
@@ -302,6 +314,56 @@ class CycleSummary:
     failed: int
     retried: int
     paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """What the catalogue says of one file (object name and etag): its latest row's state."""
+
+    completed: bool = False   # finished: loaded or failed for good
+    outcome: str = ""         # the latest outcome, "" for a file never tried
+    failed_attempts: int = 0  # file-specific transient failures so far
+
+    @property
+    def loaded(self) -> bool:
+        return self.completed and self.outcome in LOADED
+
+    @staticmethod
+    def of(completed: Any, outcome: str | None, failed_attempts: int | None) -> FileState:
+        """Return the state a catalogue row's columns give (None as 0 or ""); files loaded at once share one."""
+        if completed and not failed_attempts and outcome in _LOADED_AT_ONCE:
+            return _LOADED_AT_ONCE[outcome]
+        return FileState(bool(completed), outcome or "", failed_attempts or 0)
+
+
+#: The state of nearly every file, by outcome: loaded at the first attempt.
+_LOADED_AT_ONCE = {outcome: FileState(True, outcome, 0) for outcome in (INSERTED, ALREADY_PRESENT, IN_SERVER)}
+
+
+def fn4_server_url(url: str, check: bool = True) -> str:
+    """Return an fn4 server URL as loaders record it in the catalogue: without a trailing slash.
+
+    The one place the URL is normalised. Raises ConfigError if it is not an http:// or https:// URL,
+    unless ``check`` is False (status's filter, which then matches no loader).
+    """
+    parts = urlsplit(url)
+    if check and (parts.scheme not in ("http", "https") or not parts.netloc):
+        raise ConfigError(f"fn4 server URL {url!r} is not an http:// or https:// URL")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one loader loads: an Object Storage bucket into an fn4 server. Its rows and its lease name all three."""
+
+    server_url: str   # normalised by fn4_server_url
+    namespace: str
+    bucket: str
+
+    @classmethod
+    def of(cls, fn4_url: str, namespace: str, bucket: str) -> Target:
+        """Return the target of a loader given these arguments. Raises ConfigError if fn4_url is not http(s)."""
+        return cls(fn4_server_url(fn4_url), namespace, bucket)
 
 
 def knob(default: Any, env: str, help: str, **limits: Any) -> Any:
@@ -436,6 +498,25 @@ class AttemptRow:
                                           "vanished, gave_up, retry, server_unavailable, server_busy or requeued")
     failed_attempts: int = _column(sa.Integer(), "File-specific transient failures so far")
     error_text: str = _column(sa.String(2000), "Why the attempt failed, for people")
+
+
+def attempt_row(target: Target, host_name: str, obj: StoredObject, state: FileState, started: datetime | None,
+                parse_status: str | None, error_text: str | None, tried: InsertTry | None = None) -> AttemptRow:
+    """Return the attempt row of one file: its new ``state``, and what its turn in a batch learnt (``tried``)."""
+    item = tried.item if tried else None
+    sample = item.sample if item else None
+    return AttemptRow(
+        host_name=host_name, findneighbour_server_url=target.server_url, oci_namespace=target.namespace,
+        bucket_name=target.bucket, file_name=obj.name, object_etag=obj.etag, object_size=obj.size,
+        object_time_created=obj.time_created, parse_status=parse_status, batch_start_time=started,
+        batch_sample_number=tried.number if tried else None, batch_size=tried.size if tried else None,
+        seqid=sample.seqid[:256] if sample else None, len_seq=sample.length if sample else None,
+        first_128_chars=sample.first_128_chars if sample else None,
+        bucket_read_start_time=item.read_start if item else None, bucket_read_end_time=item.read_end if item else None,
+        fn4id=obj.guid[:256], insert_start_time=tried.insert_start if tried else None,
+        insert_end_time=tried.insert_end if tried else None, insert_status_code=tried.status_code if tried else None,
+        completed=int(state.completed), outcome=state.outcome, failed_attempts=state.failed_attempts,
+        error_text=error_text)
 
 
 @dataclass(frozen=True)
@@ -1362,10 +1443,7 @@ class FN4Client:
 
     def __init__(self, base_url: str, session: requests.Session | None = None, verify: bool | str = True,
                  timeout: tuple[float, float] = FN4_TIMEOUT) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"fn4 server URL {base_url!r} is not an http:// or https:// URL")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = fn4_server_url(base_url)
         self._session = session or requests.Session()
         self.verify = verify
         self.timeout = timeout
@@ -1814,18 +1892,17 @@ class Lease:
     through the row writer. ``terms`` counts the times this instance became active.
     """
 
-    def __init__(self, engine: sa.Engine, table: sa.Table, server_url: str, namespace: str, bucket: str,
-                 ttl: float = DEFAULT_LEASE_TTL, host_name: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, engine: sa.Engine, table: sa.Table, target: Target, ttl: float = DEFAULT_LEASE_TTL,
+                 host_name: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.table = table
         self.ttl = ttl
         self.clock = clock
-        self.key = hashlib.sha256(f"{server_url}\n{namespace}\n{bucket}".encode()).hexdigest()
+        self.key = hashlib.sha256("\n".join(dataclasses.astuple(target)).encode()).hexdigest()
         self.token = os.urandom(16).hex()
         self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
-                         "process_id": os.getpid(), "findneighbour_server_url": server_url,
-                         "oci_namespace": namespace, "bucket_name": bucket, "lease_key": self.key}
+                         "process_id": os.getpid(), "findneighbour_server_url": target.server_url,
+                         "oci_namespace": target.namespace, "bucket_name": target.bucket, "lease_key": self.key}
         self.terms = 0
         self.last_contact: float | None = None   # monotonic time of the last database call that worked
         self._valid_until: float | None = None   # set while held: when to stop inserting
@@ -2556,7 +2633,13 @@ class LoadLogger:
         log.warning("the catalogue database refused a row of %s for its content (%s): written with %s, "
                     "file %s", table.name, refusal, " and ".join(changed), clean.get("file_name"))
 
-    def prune(self, server_url: str, namespace: str, bucket: str, before: datetime) -> tuple[int, int]:
+    @staticmethod
+    def _of(columns: Any, target: Target) -> Any:
+        """Return the condition that a batch or attempt row (``columns``) is of ``target``."""
+        return sa.and_(columns.findneighbour_server_url == target.server_url,
+                       columns.oci_namespace == target.namespace, columns.bucket_name == target.bucket)
+
+    def prune(self, target: Target, before: datetime) -> tuple[int, int]:
         """Delete this loader's rows from before ``before``; return (batch rows, attempt rows) removed.
 
         Each file's latest attempt row is its state, so it is kept whatever its age: removing it
@@ -2565,13 +2648,11 @@ class LoadLogger:
         """
         b, a = self.batches.c, self.attempts.c
         before = _naive_utc(before)
-        mine = sa.and_(a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket)
+        mine = self._of(a, target)
         latest = (sa.select(sa.func.max(a.gp_int_id).label("id")).where(mine)
                   .group_by(a.file_name, a.object_etag).subquery())
         with self._deadline("removal of old rows"), self.engine.begin() as conn:
-            batches = conn.execute(self.batches.delete().where(
-                b.findneighbour_server_url == server_url, b.oci_namespace == namespace, b.bucket_name == bucket,
-                b.check_time < before))
+            batches = conn.execute(self.batches.delete().where(self._of(b, target), b.check_time < before))
             # MariaDB refuses a subquery on the table it deletes from unless it is wrapped like this
             attempts = conn.execute(self.attempts.delete().where(
                 mine, a.batch_start_time < before, a.gp_int_id.not_in(sa.select(latest.c.id))))
@@ -2581,7 +2662,8 @@ class LoadLogger:
         """Return the queries behind ``status``, portable to every supported database.
 
         A file is an object name in a bucket: its state is its latest row's outcome, so a file
-        tried five times counts once, and one re-queued and loaded is no longer failed.
+        tried five times counts once, and one re-queued and loaded is no longer failed. ``server``
+        (as fn4_server_url gives it) keeps only the loaders of that fn4 server.
         """
         b, a = self.batches.c, self.attempts.c
         loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
@@ -2624,8 +2706,8 @@ class LoadLogger:
         for name, query in queries.items():
             table = b if name in ("batches", "backlog", "abandoned") else a
             query = query.where(table.bucket_name.is_not(None))
-            if server:  # as the loader records it: FN4Client drops a trailing slash
-                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
+            if server:
+                query = query.where(table.findneighbour_server_url == server)
             queries[name] = query
         return queries
 
@@ -2666,14 +2748,17 @@ class LoadLogger:
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
-    def lease(self, server_url: str, namespace: str, bucket: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
+    def lease(self, target: Target, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         """Return this instance's lease on the catalogue, its row written as standby. Raises ConfigError."""
-        lease = Lease(self.engine, self.leases, server_url, namespace, bucket, ttl)
+        lease = Lease(self.engine, self.leases, target, ttl)
         self.at_start(lease.join)
         return lease
 
     def instances(self, server: str | None = None) -> list[dict[str, Any]]:
-        """Return the loader instances of the lease table that hold a lease or still live, with the database's time."""
+        """Return the loader instances of the lease table that hold a lease or still live, with the database's time.
+
+        ``server`` (as fn4_server_url gives it) keeps only the instances loading into that fn4 server.
+        """
         t = self.leases
         with self.engine.connect() as conn:
             if not sa.inspect(conn).has_table(t.name, schema=t.schema):
@@ -2686,30 +2771,27 @@ class LoadLogger:
                      .order_by(t.c.findneighbour_server_url, t.c.bucket_name,
                                sa.case((t.c.active_key.is_(None), 1), else_=0), t.c.host_name))
             if server:
-                query = query.where(t.c.findneighbour_server_url == server.rstrip("/"))
+                query = query.where(t.c.findneighbour_server_url == server)
             return [{"role": "active" if r.active_key else "standby", "host_name": r.host_name,
                      "process_id": r.process_id, "server_url": r.findneighbour_server_url,
                      "namespace": r.oci_namespace, "bucket": r.bucket_name, "lease_key": r.lease_key,
                      "since": _aware(r.role_since), "expires": _aware(r.expires), "lapsed": r.expires < r.now}
                     for r in conn.execute(query)]
 
-    def last_success(self, server_url: str, namespace: str, bucket: str) -> datetime | None:
+    def last_success(self, target: Target) -> datetime | None:
         """Return the time of this loader's last insert fn4 answered 200 or 201, or None."""
         a = self.attempts.c
         query = sa.select(sa.func.max(a.insert_end_time)).where(
-            a.findneighbour_server_url == server_url, a.oci_namespace == namespace, a.bucket_name == bucket,
-            a.outcome.in_([INSERTED, ALREADY_PRESENT]))
+            self._of(a, target), a.outcome.in_([INSERTED, ALREADY_PRESENT]))
         with self.engine.connect() as conn:
             return _aware(conn.execute(query).scalar())
 
-    def file_states(self, server_url: str, namespace: str, bucket: str,
-                    after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
+    def file_states(self, target: Target, after_id: int = 0) -> Iterator[tuple[int, str, str, int, str, int, datetime]]:
         """Yield (id, file_name, etag, completed, outcome, failed_attempts, batch_start_time) rows in id order."""
         a = self.attempts.c
         query = (sa.select(a.gp_int_id, a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts,
                            a.batch_start_time)
-                 .where(a.findneighbour_server_url == server_url, a.oci_namespace == namespace,
-                        a.bucket_name == bucket, a.gp_int_id > after_id)
+                 .where(self._of(a, target), a.gp_int_id > after_id)
                  .order_by(a.gp_int_id))
         with self._deadline("read"), self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
@@ -2774,18 +2856,19 @@ _EPOCH = datetime.fromtimestamp(0, timezone.utc)  # the time of a row that has n
 
 
 class FileStates:
-    """(file name, etag) -> (completed, outcome, failed attempts): what the catalogue says of each file.
+    """(file name, etag) -> FileState: what the catalogue says of each file.
 
     Files loaded at the first attempt (nearly all of them, at 2 million files) are kept as 8 bytes
     each: the key's 64-bit hash with the outcome in its two low bits, in a sorted array (and 8 more
     for its name's hash, see ``loaded_by_name``). Every other file is kept whole, and ``items()``
-    yields exactly those: the files that may need work.
+    yields exactly those: the files that may need work. The states handed out are FileState records.
     """
 
     _LOADED_CODES = (INSERTED, ALREADY_PRESENT, IN_SERVER)
+    _LOADED_STATES = tuple(_LOADED_AT_ONCE[outcome] for outcome in _LOADED_CODES)
 
     def __init__(self) -> None:
-        self._whole: dict[tuple[str, str], tuple[int, str, int]] = {}
+        self._whole: dict[tuple[str, str], FileState] = {}
         self._recent: dict[int, int] = {}     # key hash -> outcome code, not yet merged into _packed
         self._packed = array("q")             # sorted key hashes, outcome code in the two low bits
         self._recent_names: set[int] = set()  # name hashes of files compacted since the last merge
@@ -2796,6 +2879,7 @@ class FileStates:
         return hash(key) & ~3
 
     def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        """Return the file's state, or ``default`` (FileState() for a file never tried) if there is none."""
         if (state := self._whole.get(key)) is not None:
             return state
         hashed = self._hash(key)
@@ -2806,14 +2890,13 @@ class FileStates:
             if index == len(packed) or packed[index] & ~3 != hashed:
                 return default
             code = packed[index] & 3
-        return (1, self._LOADED_CODES[code], 0)
+        return self._LOADED_STATES[code]
 
-    def __setitem__(self, key: tuple[str, str], state: tuple[int, str, int]) -> None:
-        completed, outcome, attempts = state
+    def __setitem__(self, key: tuple[str, str], state: FileState) -> None:
         hashed = self._hash(key)
-        if completed and not attempts and outcome in self._LOADED_CODES:
+        if state.loaded and not state.failed_attempts:
             self._whole.pop(key, None)
-            self._recent[hashed] = self._LOADED_CODES.index(outcome)
+            self._recent[hashed] = self._LOADED_CODES.index(state.outcome)
             self._recent_names.add(hash(key[0]))
             if len(self._recent) > max(1 << 16, len(self._packed) // 16):
                 self._merge()
@@ -2824,7 +2907,7 @@ class FileStates:
     def __bool__(self) -> bool:
         return bool(self._whole or self._recent or self._packed)
 
-    def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, str, int]]]:
+    def items(self) -> Iterator[tuple[tuple[str, str], FileState]]:
         """Yield the files kept whole: every file not loaded at its first attempt."""
         return iter(list(self._whole.items()))
 
@@ -2862,7 +2945,8 @@ class Loader:
         self.clock = clock
         self.stop = stop or threading.Event()
         self.host_name = host_name or socket.gethostname()
-        # (file name, etag) -> (completed, outcome, failed attempts), folded from the catalogue.
+        self.target = Target(fn4.base_url, store.namespace, store.bucket)  # what its rows name
+        # (file name, etag) -> FileState, folded from the catalogue.
         self._files = FileStates()
         self._boundaries: list[str] = []  # where the last listing's pages started: the next one splits there
         self._last_row_id = 0
@@ -2943,15 +3027,14 @@ class Loader:
         todo, settled = self._plan(objects, server_guids)
         unarchived = self._unarchived(objects, todo)
         self.catalogue.record_batch(BatchRow(
-            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
-            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=started,
+            host_name=self.host_name, findneighbour_server_url=self.target.server_url,
+            oci_namespace=self.target.namespace, bucket_name=self.target.bucket, check_time=started,
             objects_listed=listed, batch_size=len(todo), number_in_server=self._server_count,
             reconciled=int(reconcile)))
         for number, (obj, outcome, reason) in enumerate(settled):
             if number % 1000 == 999:  # a first look at a big bucket settles many: keep the queue bounded
                 self.catalogue.wait_until_below(1000, self.stop)
-            self._record(obj, outcome, started, error_text=reason,
-                         parse_status="ok" if outcome == IN_SERVER else outcome)
+            self._record(obj, outcome, started, "ok" if outcome == IN_SERVER else outcome, reason)
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
         summary = CycleSummary(listed, len(todo), loaded, failed, retried, paused)
@@ -2993,15 +3076,15 @@ class Loader:
         service = exc.service if isinstance(exc, OutageError) else "loader"
         reason = str(exc) if isinstance(exc, OutageError) else f"unexpected error: {_short(exc)}"
         self.catalogue.record_batch(BatchRow(
-            host_name=self.host_name, findneighbour_server_url=self.fn4.base_url,
-            oci_namespace=self.store.namespace, bucket_name=self.store.bucket, check_time=self.clock(),
+            host_name=self.host_name, findneighbour_server_url=self.target.server_url,
+            oci_namespace=self.target.namespace, bucket_name=self.target.bucket, check_time=self.clock(),
             abandon_reason=reason[:2000] or type(exc).__name__))
         self.metrics.cycle_abandoned(service)
 
     def _seed_last_success(self) -> None:
         """Start the last-success metric from the catalogue, so a restart does not reset it to 0."""
         try:
-            last = self.catalogue.last_success(self.fn4.base_url, self.store.namespace, self.store.bucket)
+            last = self.catalogue.last_success(self.target)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the last success from the catalogue (%s)", _short(exc))
             return
@@ -3017,7 +3100,7 @@ class Loader:
         if not archive:
             return []
         self._refresh_from_catalogue()
-        loaded = {name for (name, _), (_, outcome, _) in self._files.items() if outcome in LOADED}
+        loaded = {name for (name, _), state in self._files.items() if state.outcome in LOADED}
         waiting, seen = [], 0
         try:
             for obj in self.store.list_objects(archive):
@@ -3042,8 +3125,7 @@ class Loader:
         if not self.settings.retention_days or (self._next_prune and now < self._next_prune):
             return
         try:
-            removed = self.catalogue.prune(self.fn4.base_url, self.store.namespace, self.store.bucket,
-                                           now - timedelta(days=self.settings.retention_days))
+            removed = self.catalogue.prune(self.target, now - timedelta(days=self.settings.retention_days))
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not remove old catalogue rows (%s); trying again in an hour", _short(exc))
             self._next_prune = now + timedelta(hours=1)
@@ -3073,7 +3155,7 @@ class Loader:
             def keep(entry: dict[str, Any]) -> bool:
                 nonlocal unknown_in_server
                 state = self._files.get((entry["name"], entry.get("etag") or ""))
-                if state is not None and not (state[0] and state[1] in LOADED):
+                if state is not None and not state.loaded:
                     return True
                 guid = guid_from_name(entry["name"])
                 if server_guids is not None and guid not in server_guids:
@@ -3113,14 +3195,13 @@ class Loader:
             nonlocal settled
             guid = guid_from_name(entry["name"])
             state = self._files.get((entry["name"], entry.get("etag") or ""))
-            if hash(guid) in shared or guid not in server_guids or (state is not None and not (
-                    state[0] and state[1] in LOADED)):
+            if hash(guid) in shared or guid not in server_guids or (state is not None and not state.loaded):
                 return True
             if state is None:
                 if guid_problem(guid):
                     return True
                 with lock:  # one listing thread records at a time
-                    self._record(_stored_object(entry), IN_SERVER, started, parse_status="ok")
+                    self._record(_stored_object(entry), IN_SERVER, started, "ok")
                     settled += 1
                     if settled % 1000 == 0:
                         self.catalogue.wait_until_below(1000, self.stop)
@@ -3153,15 +3234,14 @@ class Loader:
         if self.catalogue.unwritten:
             if not self._files:  # at start: rows replayed from the journal are the newest known
                 for row in self.catalogue.pending_attempts():
-                    if (row["findneighbour_server_url"], row["oci_namespace"], row["bucket_name"]) == (
-                            self.fn4.base_url, self.store.namespace, self.store.bucket):
-                        self._files[(row["file_name"], row["object_etag"])] = (
-                            row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
+                    if Target(row["findneighbour_server_url"], row["oci_namespace"], row["bucket_name"]) == self.target:
+                        self._files[(row["file_name"], row["object_etag"])] = FileState.of(
+                            row["completed"], row["outcome"], row["failed_attempts"])
             return False  # our own rows are not all in yet; the in-memory state is newer
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
-                    self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
-                self._files[(name, etag)] = (completed or 0, outcome or "", attempts or 0)
+                    self.target, self._last_row_id):
+                self._files[(name, etag)] = FileState.of(completed, outcome, attempts)
                 if outcome == GAVE_UP:
                     rounds = self._given_up.get((name, etag), (0, None))[0]
                     self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
@@ -3180,12 +3260,11 @@ class Loader:
         """
         due = {key: rounds for key, (rounds, when) in self._given_up.items()
                if rounds <= AUTO_RETRY_ROUNDS and (started - when).total_seconds() >= AUTO_RETRY_INTERVAL
-               and self._files.get(key, (0, "", 0))[:2] == (1, GAVE_UP)}
+               and (state := self._files.get(key, FileState())).completed and state.outcome == GAVE_UP}
         for obj in objects if due else ():
             if (rounds := due.get(obj.key)) is not None:
-                self._record(obj, REQUEUED, started, failed_attempts=0,
-                             error_text=f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h after gave_up: "
-                                        f"automatic retry {rounds} of {AUTO_RETRY_ROUNDS}")
+                self._record(obj, REQUEUED, started, None, f"requeued automatically {AUTO_RETRY_INTERVAL // 3600} h "
+                             f"after gave_up: automatic retry {rounds} of {AUTO_RETRY_ROUNDS}", failed_attempts=0)
 
     def _plan(self, objects: list[StoredObject], server_guids: GuidSet | None
               ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
@@ -3197,7 +3276,8 @@ class Loader:
         candidates, settled = [], []
         skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
         for obj in objects:  # oldest first, so the oldest object owns its guid
-            completed, outcome, _ = self._files.get(obj.key, (0, "", 0))
+            state = self._files.get(obj.key, FileState())
+            completed, outcome = state.completed, state.outcome
             owner = owners.get(obj.guid)
             if outcome not in (FAILED, GAVE_UP, VANISHED, DUPLICATE):
                 owners.setdefault(obj.guid, obj)
@@ -3238,7 +3318,7 @@ class Loader:
             return []
         again = {obj.key for obj in todo}
         return [obj for obj in objects if obj.key not in again
-                and (state := self._files.get(obj.key)) and state[0] and state[1] in LOADED]
+                and (state := self._files.get(obj.key)) and state.loaded]
 
     def _archive_again(self, objects: list[StoredObject]) -> None:
         """Archive objects whose archiving failed before, or that were loaded before --on-success was set."""
@@ -3357,22 +3437,18 @@ class Loader:
     def _insert_and_record(self, item: Prepared, number: int, size: int, started: datetime) -> str:
         """Insert one prepared sample (or record why not) and write its row; return the outcome."""
         obj, sample, error = item.obj, item.sample, item.error
-        batch = {"batch_start_time": started, "batch_sample_number": number, "batch_size": size,
-                 "bucket_read_start_time": item.read_start, "bucket_read_end_time": item.read_end}
         if sample is None:
+            tried = InsertTry(item, number, size)
             if isinstance(error, SampleError):
-                return self._record(obj, FAILED, parse_status=error.status, error_text=error.reason, **batch)
+                return self._record(obj, FAILED, started, error.status, error.reason, tried=tried)
             if isinstance(error, ObjectChanged):
-                return self._record(obj, VANISHED, parse_status="vanished", error_text=str(error), **batch)
-            return self._record_retry(obj, str(error), {**batch, "parse_status": "download_failed"})
-        facts = {"seqid": sample.seqid[:256], "len_seq": sample.length,
-                 "first_128_chars": sample.first_128_chars, "parse_status": "ok"}
+                return self._record(obj, VANISHED, started, "vanished", str(error), tried=tried)
+            return self._record_retry(obj, str(error), started, "download_failed", tried)
         insert_start = self.clock()
         result = self.fn4.post_insert(sample.form)
-        facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
-                     insert_status_code=result.status_code)
+        tried = InsertTry(item, number, size, insert_start, self.clock(), result.status_code)
         log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name, len(sample.form),
-                  result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
+                  result.status_code or "nothing", _ms(insert_start, tried.insert_end))
         if result.outcome == INSERTED:
             self._server_count += 1
         # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
@@ -3380,7 +3456,7 @@ class Loader:
                                             else self.fn4.is_up()):
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
         if result.outcome == RETRY:
-            return self._record_retry(obj, f"fn4 answered: {result.message}", {**batch, **facts})
+            return self._record_retry(obj, f"fn4 answered: {result.message}", started, "ok", tried)
         text = None if result.outcome in LOADED else f"fn4 answered {result.status_code}: {result.message}"
         if result.outcome in (SERVER_UNAVAILABLE, SERVER_BUSY):
             text = (f"fn4 {'busy' if result.outcome == SERVER_BUSY else 'unavailable'} "
@@ -3388,36 +3464,37 @@ class Loader:
                     f"{f' {result.retry_after:.0f} s, as fn4 asked,' if result.retry_after else ''} "
                     "and the file is retried")
             self.pause_reason, self._retry_after = text, result.retry_after
-        facts["parse_status"] = result.parse_status
-        return self._record(obj, result.outcome, error_text=text, **batch, **facts)
+        return self._record(obj, result.outcome, started, result.parse_status, text, tried=tried)
 
-    def _record_retry(self, obj: StoredObject, reason: str, columns: dict[str, Any]) -> str:
+    def _record_retry(self, obj: StoredObject, reason: str, started: datetime, parse_status: str,
+                      tried: InsertTry) -> str:
         """Record a file-specific transient failure, giving the file up after --max-attempts."""
-        attempts = self._files.get(obj.key, (0, "", 0))[2] + 1
+        attempts = self._files.get(obj.key, FileState()).failed_attempts + 1
         if gave_up := attempts >= self.settings.max_attempts:
             text = f"gave up after {attempts} failed attempts; last: {reason}"
         else:
             text = f"attempt {attempts} of {self.settings.max_attempts} failed: {reason}"
-        return self._record(obj, GAVE_UP if gave_up else RETRY, failed_attempts=attempts, error_text=text, **columns)
+        return self._record(obj, GAVE_UP if gave_up else RETRY, started, parse_status, text,
+                            failed_attempts=attempts, tried=tried)
 
-    def _record(self, obj: StoredObject, outcome: str, batch_start_time: datetime | None = None,
-                **columns: Any) -> str:
-        """Queue the attempt row for one file, update its known state, log it; return the outcome."""
-        completed = int(outcome not in UNFINISHED)
-        attempts = columns.pop("failed_attempts", self._files.get(obj.key, (0, "", 0))[2])
+    def _record(self, obj: StoredObject, outcome: str, started: datetime | None, parse_status: str | None,
+                error_text: str | None = None, failed_attempts: int | None = None,
+                tried: InsertTry | None = None) -> str:
+        """Queue the attempt row for one file, update its known state, log it; return the outcome.
+
+        ``failed_attempts`` is kept from the file's last state unless given.
+        """
+        if failed_attempts is None:
+            failed_attempts = self._files.get(obj.key, FileState()).failed_attempts
+        state = FileState.of(outcome not in UNFINISHED, outcome, failed_attempts)
         if outcome in LOADED and self.settings.on_success != "keep":
             if problem := self.store.archive(obj, self.settings.on_success):
-                columns["error_text"] = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
-        if columns.get("error_text"):  # fn4's answers and errors may quote a secret
-            columns["error_text"] = redact(columns["error_text"], _SECRETS)[:2000]
-        row = AttemptRow(**{
-            "host_name": self.host_name, "findneighbour_server_url": self.fn4.base_url,
-            "oci_namespace": self.store.namespace, "bucket_name": self.store.bucket, "file_name": obj.name,
-            "object_etag": obj.etag, "object_size": obj.size, "object_time_created": obj.time_created,
-            "batch_start_time": batch_start_time, "fn4id": obj.guid[:256], "completed": completed,
-            "outcome": outcome, "failed_attempts": attempts, **columns})
+                error_text = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
+        if error_text:  # fn4's answers and errors may quote a secret
+            error_text = redact(error_text, _SECRETS)[:2000]
+        row = attempt_row(self.target, self.host_name, obj, state, started, parse_status, error_text, tried)
         self.catalogue.record_attempt(row)
-        self._files[obj.key] = (completed, outcome, attempts)
+        self._files[obj.key] = state
         self.metrics.record(outcome, row.insert_start_time, row.insert_end_time)
         level = logging.INFO if outcome in LOADED | {SERVER_UNAVAILABLE, SERVER_BUSY, REQUEUED} else logging.WARNING
         fields = {"event": "sample", "guid": obj.guid, "file_name": obj.name, "outcome": outcome, "bytes": obj.size,
@@ -3436,11 +3513,11 @@ class Loader:
         wanted = set(names)
         now = self.clock()
         requeued = []
-        for (name, etag), (completed, outcome, _) in sorted(self._files.items()):
-            if completed and outcome in REQUEUEABLE and (not wanted or name in wanted):
-                obj = StoredObject(name, 0, etag, None, now)
-                self._record(obj, REQUEUED, now, failed_attempts=0, object_size=None, object_time_created=None,
-                             error_text=f"requeued by an operator after {outcome}")
+        for (name, etag), state in sorted(self._files.items(), key=lambda item: item[0]):
+            if state.completed and state.outcome in REQUEUEABLE and (not wanted or name in wanted):
+                obj = StoredObject(name, None, etag, None, None)  # type: ignore[arg-type]  # no size, no time
+                self._record(obj, REQUEUED, now, None, f"requeued by an operator after {state.outcome}",
+                             failed_attempts=0)
                 requeued.append(name)
         return requeued
 
@@ -3457,10 +3534,10 @@ class Loader:
         planned = {obj.key: outcome for obj, outcome, _ in settled} | {obj.key: "" for obj in todo}
         files = []
         for obj in objects:
-            _, outcome, attempts = self._files.get(obj.key, (0, "", 0))
-            files.append({"state": file_state(planned.get(obj.key, outcome)), "name": obj.name, "guid": obj.guid,
-                          "size": obj.size, "time_created": obj.time_created, "outcome": outcome or None,
-                          "failed_attempts": attempts})
+            state = self._files.get(obj.key, FileState())
+            files.append({"state": file_state(planned.get(obj.key, state.outcome)), "name": obj.name,
+                          "guid": obj.guid, "size": obj.size, "time_created": obj.time_created,
+                          "outcome": state.outcome or None, "failed_attempts": state.failed_attempts})
         return files
 
 
@@ -3903,14 +3980,15 @@ def _store(namespace: str, bucket: str, auth: str, config_file: str | None, prof
     return store
 
 
-def _connect(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-             ca_bundle: str | None, fail_fast: bool = True, read_only: bool = False, journaled: bool = False,
-             journal: Path | None = None, **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+def _connect(target: Target, database: str | None, db_schema: str | None, ca_bundle: str | None,
+             fail_fast: bool = True, read_only: bool = False, journaled: bool = False, journal: Path | None = None,
+             **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
-    fn4 = FN4Client(fn4_url, verify=ca_bundle or True)
+    fn4 = FN4Client(target.server_url, verify=ca_bundle or True)
     _check_service(fn4.check, fail_fast)
-    store = _store(namespace, bucket, fail_fast=fail_fast, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal, bucket if journaled else None)
+    store = _store(target.namespace, target.bucket, fail_fast=fail_fast, **oci)
+    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal,
+                                             target.bucket if journaled else None)
     return store, fn4, catalogue
 
 
@@ -4055,17 +4133,18 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
         try:
             settings = Settings(fn4_url, namespace, bucket, **knobs)
-            store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle,
-                                             fail_fast=once, journaled=True, journal=journal, auth=auth,
-                                             config_file=config_file, profile=profile, endpoint=endpoint)
-            lease = catalogue.lease(fn4.base_url, namespace, bucket, lease_ttl)
+            target = Target.of(fn4_url, namespace, bucket)
+            store, fn4, catalogue = _connect(target, database, db_schema, ca_bundle, fail_fast=once, journaled=True,
+                                             journal=journal, auth=auth, config_file=config_file, profile=profile,
+                                             endpoint=endpoint)
+            lease = catalogue.lease(target, lease_ttl)
             server = metrics.serve(*metrics_port) if metrics_port else None
         except BaseException:
             restore_signals()
             raise
     catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
     loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
-    log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
+    log.info("loading %s/%s into %s%s%s", target.namespace, target.bucket, target.server_url, " once" if once else "",
              f"; metrics on port {server.server_address[1]}" if server else "")
     failed = False
     try:
@@ -4177,6 +4256,7 @@ def _read_status(database: str | None, db_schema: str | None, server: str | None
     """
     catalogue = LoadLogger(LoadLogger.connect(database, read_only=True), db_schema)  # CatalogueMissing
     url = catalogue.engine.url
+    server = fn4_server_url(server, check=False) if server else None  # as the loaders record it
     try:
         if not catalogue.has_tables():
             raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
@@ -4240,8 +4320,9 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     """
     with _startup(log_level, log_format):
         settings = Settings(fn4_url, namespace, bucket, prefix, on_success=on_success)
-        store, fn4, catalogue = _connect(fn4_url, namespace, bucket, database, db_schema, ca_bundle, read_only=True,
-                                         auth=auth, config_file=config_file, profile=profile, endpoint=endpoint)
+        store, fn4, catalogue = _connect(Target.of(fn4_url, namespace, bucket), database, db_schema, ca_bundle,
+                                         read_only=True, auth=auth, config_file=config_file, profile=profile,
+                                         endpoint=endpoint)
     try:
         files = Loader(store, fn4, catalogue, settings).inventory()
     except OutageError as exc:

@@ -69,10 +69,10 @@ def test_tables_are_created_with_comments_and_round_trip_rows(database):
         object_etag="e1", object_time_created=T0, completed=1, outcome="inserted", failed_attempts=0,
         first_128_chars="ACGT", error_text="x" * 2000))
     assert catalogue.flush(30)
-    rows = list(catalogue.file_states("http://fn4", "ns", "b"))
+    rows = list(catalogue.file_states(osa.Target("http://fn4", "ns", "b")))
     assert [tuple(r)[1:6] for r in rows] == [("Zürich/a b.fasta", "e1", 1, "inserted", 0)]
-    assert list(catalogue.file_states("http://fn4", "ns", "b", after_id=rows[0][0])) == []
-    assert list(catalogue.file_states("http://other", "ns", "b")) == []
+    assert list(catalogue.file_states(osa.Target("http://fn4", "ns", "b"), after_id=rows[0][0])) == []
+    assert list(catalogue.file_states(osa.Target("http://other", "ns", "b"))) == []
     with engine.connect() as conn:
         check_time = conn.execute(sa.select(catalogue.batches.c.check_time)).scalar()
     assert check_time == T0.replace(tzinfo=None)  # stored as naive UTC

@@ -38,7 +38,7 @@ def catalogue(database):
 
 
 def lease(catalogue, host, ttl=60.0, pid=None, server="http://fn4:5025", namespace="ns", bucket="bucket"):
-    lease = osa.Lease(catalogue.engine, catalogue.leases, server, namespace, bucket, ttl, host_name=host)
+    lease = osa.Lease(catalogue.engine, catalogue.leases, osa.Target(server, namespace, bucket), ttl, host_name=host)
     if pid is not None:
         lease.identity["process_id"] = pid
     lease.join()

@@ -224,17 +224,17 @@ def test_file_states_answer_as_a_dict_would():
     for _ in range(200000):
         key = rng.choice(keys)
         outcome = rng.choice(outcomes_)
-        state = (int(outcome not in ("retry", "requeued")), outcome, rng.choice([0, 0, 0, 1, 2]))
+        state = osa.FileState(outcome not in ("retry", "requeued"), outcome, rng.choice([0, 0, 0, 1, 2]))
         model[key] = states[key] = state
     for key in keys:
-        assert states.get(key, (0, "", 0)) == model.get(key, (0, "", 0))
-    whole = {key: state for key, state in model.items()
-             if not (state[0] and not state[2] and state[1] in ("inserted", "already_present", "in_server"))}
+        assert states.get(key, osa.FileState()) == model.get(key, osa.FileState())
+    whole = {key: state for key, state in model.items() if not (
+        state.completed and not state.failed_attempts and state.outcome in ("inserted", "already_present", "in_server"))}
     assert dict(states.items()) == whole
     assert states.get(("other.fasta", "e")) is None
     assert states and not osa.FileStates()
     one = osa.FileStates()
-    one[("a.fasta", "e")] = (1, "inserted", 0)  # kept compactly, still there
+    one[("a.fasta", "e")] = osa.FileState(True, "inserted", 0)  # kept compactly, still there
     assert one and one.loaded_by_name("a.fasta") and not one.loaded_by_name("b.fasta")
 
 
