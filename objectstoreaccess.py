@@ -3034,6 +3034,8 @@ class Loader:
         for number, (obj, outcome, reason) in enumerate(settled):
             if number % 1000 == 999:  # a first look at a big bucket settles many: keep the queue bounded
                 self.catalogue.wait_until_below(1000, self.stop)
+            if outcome in LOADED:
+                reason = self._archive(obj)
             self._record(obj, outcome, started, "ok" if outcome == IN_SERVER else outcome, reason)
         loaded, failed, retried, paused = self._load(todo, started)
         self._archive_again(unarchived)
@@ -3320,6 +3322,16 @@ class Loader:
         return [obj for obj in objects if obj.key not in again
                 and (state := self._files.get(obj.key)) and state.loaded]
 
+    def _archive(self, obj: StoredObject) -> str | None:
+        """Move or delete a file just loaded, as --on-success says; return why that failed, for its row, or None.
+
+        A step of its own, before the file's row is recorded so that the row can say why; objects it
+        leaves behind are archived again in later cycles (see _unarchived).
+        """
+        if self.settings.on_success == "keep" or not (problem := self.store.archive(obj, self.settings.on_success)):
+            return None
+        return f"loaded; --on-success {self.settings.on_success} failed: {problem}"
+
     def _archive_again(self, objects: list[StoredObject]) -> None:
         """Archive objects whose archiving failed before, or that were loaded before --on-success was set."""
         for obj in objects:
@@ -3464,6 +3476,8 @@ class Loader:
                     f"{f' {result.retry_after:.0f} s, as fn4 asked,' if result.retry_after else ''} "
                     "and the file is retried")
             self.pause_reason, self._retry_after = text, result.retry_after
+        if result.outcome in LOADED:
+            text = self._archive(obj)
         return self._record(obj, result.outcome, started, result.parse_status, text, tried=tried)
 
     def _record_retry(self, obj: StoredObject, reason: str, started: datetime, parse_status: str,
@@ -3487,9 +3501,6 @@ class Loader:
         if failed_attempts is None:
             failed_attempts = self._files.get(obj.key, FileState()).failed_attempts
         state = FileState.of(outcome not in UNFINISHED, outcome, failed_attempts)
-        if outcome in LOADED and self.settings.on_success != "keep":
-            if problem := self.store.archive(obj, self.settings.on_success):
-                error_text = f"loaded; --on-success {self.settings.on_success} failed: {problem}"
         if error_text:  # fn4's answers and errors may quote a secret
             error_text = redact(error_text, _SECRETS)[:2000]
         row = attempt_row(self.target, self.host_name, obj, state, started, parse_status, error_text, tried)
