@@ -64,7 +64,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import objectstoreaccess as osa  # noqa: E402
-from fn4_standin import FN4StandIn  # noqa: E402
+from fn4_standin import FN4StandIn, insert  # noqa: E402
 from oci_emulator import Fault, ObjectStoreEmulator, _Reply, write_oci_config  # noqa: E402
 
 AC587 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ac587"
@@ -551,7 +551,7 @@ class ReferenceLoop:
             return
         p1, read_end = time.perf_counter(), osa.utcnow()
         insert_start, p2 = osa.utcnow(), time.perf_counter()
-        result = self.fn4.insert(obj.guid, seq)
+        result = insert(self.fn4, obj.guid, seq)
         p3, insert_end = time.perf_counter(), osa.utcnow()
         values.update(parse_status="ok", seqid=seqid[:256], len_seq=len(seq), first_128_chars=seq[:128].decode(),
                       bucket_read_start_time=_naive(read_start), bucket_read_end_time=_naive(read_end),
@@ -581,7 +581,7 @@ class Setup:
                                                  endpoint=self.params["endpoint"])
 
     def settings(self, bucket: str) -> osa.Settings:
-        return osa.Settings(self.params["fn4_url"], NAMESPACE, bucket)
+        return osa.Settings()
 
     def catalogue(self) -> osa.LoadLogger:
         return osa.LoadLogger.from_database_arg(self.database)
@@ -679,23 +679,23 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
             profiler.enable()
             for obj in objects[:5]:
                 seqid, seq = _read_parse(store, obj)
-                setup.fn4_client.insert(obj.guid, seq)
+                insert(setup.fn4_client, obj.guid, seq)
             profiler.disable()
             result["profile_text"] = _profile_text(
                 profiler, f"per-genome path, {min(5, len(objects))} {params['profile']} genomes in one thread: "
-                          "read_object + parse_fasta + FN4Client.insert (fn4 answers 201)")
+                          "read_object + parse_fasta + FN4Client.post_insert (fn4 answers 201)")
     return result
 
 
 def _ceiling(fn4: Remote, client: osa.FN4Client, store: osa.ObjectStoreClient, objects: list[osa.StoredObject],
              delay: float) -> dict[str, float]:
-    """Utilisation of back-to-back FN4Client.insert calls of sequences parsed beforehand: the most a
+    """Utilisation of back-to-back FN4Client.post_insert calls of sequences parsed beforehand: the most a
     client sending one insert at a time can reach against this stand-in on this machine."""
     samples = [(obj.guid + "-c", _read_parse(store, obj)[1]) for obj in objects]
     fn4("set_delay", delay)
     first = fn4("insert_count")
     for guid, seq in samples:
-        client.insert(guid, seq)
+        insert(client, guid, seq)
     fn4("set_delay", 0.0)
     return _utilisation(fn4("inserts", first))
 
@@ -704,7 +704,7 @@ def _per_genome_breakdown(store: osa.ObjectStoreClient, fn4: osa.FN4Client,
                           objects: list[osa.StoredObject]) -> dict[str, float]:
     """CPU seconds of each step for one genome, median over a few, measured in one thread."""
     steps: dict[str, list[float]] = {"read_object (signed GET, md5, gunzip)": [], "parse_fasta": [],
-                                     "FN4Client.insert (client side)": [],
+                                     "FN4Client.insert_form + post_insert (client side)": [],
                                      "AttemptRow + LoadLogger.record_attempt": []}
     engine = sa.create_engine("sqlite://")
     unstarted = osa.LoadLogger(engine)  # its writer never starts: rows are only queued, as on the insert path
@@ -714,7 +714,7 @@ def _per_genome_breakdown(store: osa.ObjectStoreClient, fn4: osa.FN4Client,
         t1 = time.thread_time()
         seqid, seq = osa.parse_fasta(data)
         t2 = time.thread_time()
-        fn4.insert(obj.guid, seq)
+        insert(fn4, obj.guid, seq)
         t3 = time.thread_time()
         unstarted.record_attempt(osa.AttemptRow(
             host_name="benchmark", findneighbour_server_url=fn4.base_url, oci_namespace=store.namespace,
@@ -959,7 +959,7 @@ def _report_backlog(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
            "gunzip + parse, made realistic by a server-side delay on the emulator's GET object. 'gap server' = "
            "mean idle time between two insert records; 'gap client' = median time from one insert's answer to "
            "the next insert's start on the loader's own clock. The 'ceiling' rows send sequences parsed "
-           "beforehand back to back with FN4Client.insert: the most a client sending one insert at a time "
+           "beforehand back to back with FN4Client.post_insert: the most a client sending one insert at a time "
            "reaches against this stand-in on this machine.", ""]
     rows = []
     for p, r in backlog:

@@ -1,5 +1,6 @@
 """Shared fixtures: the Object Storage emulator, the fn4 stand-in, real catalogue databases."""
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -21,6 +22,18 @@ from oci_emulator import ObjectStoreEmulator, write_oci_config  # noqa: E402
 AC587 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ac587"
 NAMESPACE, BUCKET = "lxxxx", "FN4-queue"
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(autouse=True)
+def command_line_log_handler_removed():
+    """Remove the stderr handler a command installs (see _configure_logging) when the test ends.
+
+    It writes to the sys.stderr of its command: under CliRunner, a buffer nobody reads once the
+    command returns. The next command installs its own, on its own stderr.
+    """
+    yield
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != osa._LOG_HANDLER]
 
 
 @pytest.fixture(scope="session")

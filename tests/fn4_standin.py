@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote
 
 __all__ = ["FN4StandIn", "Scripted", "InsertRecord", "RequestRecord",
-           "ALPHABET", "MAX_GUID_LENGTH", "is_unsafe_guid", "error_page", "DATABASE_UNREACHABLE"]
+           "ALPHABET", "MAX_GUID_LENGTH", "is_unsafe_guid", "error_page", "DATABASE_UNREACHABLE", "insert"]
 
 JSON_AS_HTML = "text/html; charset=utf-8"
 ALPHABET = frozenset("ACGTN-RYSWKMBDHV")   # after upper-casing
@@ -63,6 +63,12 @@ def error_page(status: int, description: str) -> str:
     reason = _REASONS.get(status, "Error")
     return ("<!doctype html>\n<html lang=en>\n<title>{0} {1}</title>\n<h1>{1}</h1>\n<p>{2}</p>\n"
             .format(status, reason, html.escape(description)))
+
+
+def insert(client, guid: str, seq: bytes):
+    """Insert one sample with the loader's FN4Client as the loader does: a body built by insert_form, sent by
+    post_insert. Returns its InsertResult."""
+    return client.post_insert(client.insert_form(guid, seq))
 
 
 @dataclass

@@ -50,7 +50,7 @@ def make_loader(store, fn4_url, database, clock, **settings):
     catalogue.start()
     client = osa.FN4Client(fn4_url)
     try:
-        yield osa.Loader(store, client, catalogue, osa.Settings(fn4_url, NAMESPACE, BUCKET, **settings), clock=clock)
+        yield osa.Loader(store, client, catalogue, osa.Settings(**settings), clock=clock)
         assert catalogue.flush(30)
     finally:
         catalogue.close()

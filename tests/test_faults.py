@@ -27,7 +27,7 @@ class Harness:
         self.client = osa.FN4Client(fn4.url, timeout=settings.pop("timeout", (5.0, 30.0)))
         self.stop = threading.Event()
         self.loader = osa.Loader(store, self.client, self.catalogue,
-                                 osa.Settings(fn4.url, NAMESPACE, BUCKET, **settings), stop=self.stop)
+                                 osa.Settings(**settings), stop=self.stop)
 
     def cycle(self):
         summary = self.loader.run_cycle()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, fasta, upload_series
+from fn4_standin import insert
 from test_faults import Harness
 
 SOURCE = Path(osa.__file__).read_text()
@@ -36,7 +37,7 @@ def test_timeouts_are_applied(store, fn4):
     assert osa.FN4Client(fn4.url).timeout == osa.FN4_TIMEOUT
     slow = osa.FN4Client(fn4.url, timeout=(1.0, 0.2))
     fn4.insert_delay = 1.0
-    result = slow.insert("g", b"ACGT")
+    result = insert(slow, "g", b"ACGT")
     assert result.status_code is None and result.outcome == osa.RETRY and "0.2 s" in result.message
 
 

@@ -228,8 +228,9 @@ def test_file_states_answer_as_a_dict_would():
         model[key] = states[key] = state
     for key in keys:
         assert states.get(key, osa.FileState()) == model.get(key, osa.FileState())
-    whole = {key: state for key, state in model.items() if not (
-        state.completed and not state.failed_attempts and state.outcome in ("inserted", "already_present", "in_server"))}
+    loaded = ("inserted", "already_present", "in_server")
+    whole = {key: state for key, state in model.items()
+             if not (state.completed and not state.failed_attempts and state.outcome in loaded)}
     assert dict(states.items()) == whole
     assert states.get(("other.fasta", "e")) is None
     assert states and not osa.FileStates()

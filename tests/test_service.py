@@ -57,7 +57,7 @@ def loaders(store, fn4):
         catalogue = osa.LoadLogger(sa.create_engine(url), schema)
         catalogue.create_tables()
         made.append(osa.Loader(store, osa.FN4Client(fn4.url), catalogue.start(),
-                               osa.Settings(fn4.url, NAMESPACE, BUCKET), **kwargs))
+                               osa.Settings(), **kwargs))
         return made[-1]
 
     yield make

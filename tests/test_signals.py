@@ -124,7 +124,7 @@ def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator
     catalogue.create_tables()
     catalogue.start()
     client = osa.FN4Client(fn4.url)
-    loader = osa.Loader(store, client, catalogue, osa.Settings(fn4.url, NAMESPACE, BUCKET))
+    loader = osa.Loader(store, client, catalogue, osa.Settings())
     before = sys.getswitchinterval()
     try:
         # JSON nested deeper than Python's recursion limit: json.loads raises RecursionError, not ValueError

@@ -43,7 +43,7 @@ def loader(store, fn4):
         catalogue.create_tables()
         client = osa.FN4Client(fn4.url, timeout=(5.0, 30.0))
         metrics = osa.Metrics(clock=clock, max_age=3600)
-        made.append(osa.Loader(store, client, catalogue.start(), osa.Settings(fn4.url, NAMESPACE, BUCKET, **settings),
+        made.append(osa.Loader(store, client, catalogue.start(), osa.Settings(**settings),
                                clock=clock, metrics=metrics, host_name="vm-1"))
         return made[-1]
 

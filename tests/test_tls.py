@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, T0, fasta
-from fn4_standin import FN4StandIn
+from fn4_standin import FN4StandIn, insert
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def https_fn4(certificate):
 
 def test_an_unknown_certificate_is_refused(https_fn4):
     client = osa.FN4Client(https_fn4.url)
-    result = client.insert("a", b"ACGT")
+    result = insert(client, "a", b"ACGT")
     assert result.outcome == osa.SERVER_UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in result.message
     with pytest.raises(osa.OutageError, match="CERTIFICATE_VERIFY_FAILED"):
         client.guids()
@@ -54,7 +54,7 @@ def test_an_unknown_certificate_is_refused(https_fn4):
 
 def test_the_ca_bundle_is_trusted(https_fn4, certificate):
     client = osa.FN4Client(https_fn4.url, verify=str(certificate[0]))
-    assert client.insert("a", b"ACGT").outcome == osa.INSERTED
+    assert insert(client, "a", b"ACGT").outcome == osa.INSERTED
     assert client.guids() == {"a"} and client.exists("a")
     client.close()
 
