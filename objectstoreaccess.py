@@ -2789,6 +2789,44 @@ class LoadLogger:
         with self._deadline("read"), self.engine.connect() as conn:
             yield from conn.execution_options(yield_per=5000).execute(query)
 
+    def latest_states(self, target: Target) -> Iterator[tuple[str, str, FileState]]:
+        """Yield each file's (name, etag, state) as its latest row gives it. Raises SQLAlchemyError."""
+        a = self.attempts.c
+        latest = sa.select(sa.func.max(a.gp_int_id)).where(self._of(a, target)).group_by(a.file_name, a.object_etag)
+        query = sa.select(a.file_name, a.object_etag, a.completed, a.outcome, a.failed_attempts).where(
+            a.gp_int_id.in_(latest))
+        with self._deadline("read"), self.engine.connect() as conn:
+            for name, etag, completed, outcome, attempts in conn.execution_options(yield_per=5000).execute(query):
+                yield name, etag, FileState.of(completed, outcome, attempts)
+
+    def requeue(self, target: Target, names: Iterable[str] = (), now: datetime | None = None,
+                host_name: str | None = None) -> list[str]:
+        """Mark failed files of ``target`` as pending again (all, or those named); return the names re-queued.
+
+        Failed: the file's latest row finished it without loading it (REQUEUEABLE). Rows still queued
+        are written first, and the re-queue rows before this returns (each within call_timeout). If
+        the catalogue cannot be read, nothing is re-queued (a warning).
+        """
+        wanted = set(names)
+        self.flush(self.call_timeout, until_failure=True)  # our own latest rows may still be queued
+        try:
+            failed = sorted((name, etag, state.outcome) for name, etag, state in self.latest_states(target)
+                            if state.completed and state.outcome in REQUEUEABLE and (not wanted or name in wanted))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the catalogue (%s); nothing re-queued", _short(exc))
+            return []
+        host_name, now = host_name or socket.gethostname(), now or utcnow()
+        for name, etag, outcome in failed:
+            guid, text = guid_from_name(name), f"requeued by an operator after {outcome}"
+            self.record_attempt(AttemptRow(
+                host_name=host_name, findneighbour_server_url=target.server_url, oci_namespace=target.namespace,
+                bucket_name=target.bucket, file_name=name, object_etag=etag, batch_start_time=now, fn4id=guid[:256],
+                completed=0, outcome=REQUEUED, failed_attempts=0, error_text=text))
+            log.info("%s %s: %s (%s)", REQUEUED, guid, name, text, extra={"fields": {
+                "event": "sample", "guid": guid, "file_name": name, "outcome": REQUEUED, "error": text}})
+        self.flush(self.call_timeout, until_failure=True)
+        return [name for name, _, _ in failed]
+
 
 # ---- Loader ----------------------------------------------------------------------------------
 
@@ -2918,6 +2956,44 @@ class FileStates:
         self._recent = {}
         self._names = array("q", heapq.merge(self._names, sorted(self._recent_names)))
         self._recent_names = set()
+
+
+def sort_out(objects: list[StoredObject], states: FileStates, server_guids: GuidSet | set[str] | None
+             ) -> tuple[list[StoredObject], list[tuple[StoredObject, str, str]]]:
+    """Split listed objects, oldest first, into candidates for loading and files settled without it.
+
+    Settled ones are returned with their outcome (duplicate, failed) and reason. Files finished
+    earlier are left out, unless loaded and missing from ``server_guids`` (fn4's guids, if known).
+    """
+    owners: dict[str, StoredObject] = {}
+    candidates, settled = [], []
+    skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
+    for obj in objects:  # oldest first, so the oldest object owns its guid
+        state = states.get(obj.key, FileState())
+        completed, outcome = state.completed, state.outcome
+        owner = owners.get(obj.guid)
+        if outcome not in (FAILED, GAVE_UP, VANISHED, DUPLICATE):
+            owners.setdefault(obj.guid, obj)
+        if completed:
+            if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
+                log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
+                candidates.append(obj)
+            else:
+                skipped[outcome] = skipped.get(outcome, 0) + 1
+                if outcome not in LOADED:
+                    log.debug("skipping %s: finished earlier as %s", obj.name, outcome)
+            continue
+        if owner is not None and owner.name != obj.name:
+            settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
+        elif (problem := guid_problem(obj.guid)) is not None:
+            settled.append((obj, FAILED, problem))
+        else:
+            candidates.append(obj)
+    if skipped:
+        loaded = sum(n for outcome, n in skipped.items() if outcome in LOADED)
+        log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
+                  "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
+    return candidates, settled
 
 
 class Loader:
@@ -3267,34 +3343,7 @@ class Loader:
 
         Settled ones are returned with their outcome (in_server, duplicate, failed) and reason.
         """
-        owners: dict[str, StoredObject] = {}
-        candidates, settled = [], []
-        skipped: dict[str, int] = {}  # files finished in earlier cycles, by outcome
-        for obj in objects:  # oldest first, so the oldest object owns its guid
-            state = self._files.get(obj.key, FileState())
-            completed, outcome = state.completed, state.outcome
-            owner = owners.get(obj.guid)
-            if outcome not in (FAILED, GAVE_UP, VANISHED, DUPLICATE):
-                owners.setdefault(obj.guid, obj)
-            if completed:
-                if server_guids is not None and outcome in LOADED and obj.guid not in server_guids:
-                    log.warning("%s was loaded but fn4 no longer holds %s; loading it again", obj.name, obj.guid)
-                    candidates.append(obj)
-                else:
-                    skipped[outcome] = skipped.get(outcome, 0) + 1
-                    if outcome not in LOADED:
-                        log.debug("skipping %s: finished earlier as %s", obj.name, outcome)
-                continue
-            if owner is not None and owner.name != obj.name:
-                settled.append((obj, DUPLICATE, f"guid {obj.guid} belongs to older object {owner.name}"))
-            elif (problem := guid_problem(obj.guid)) is not None:
-                settled.append((obj, FAILED, problem))
-            else:
-                candidates.append(obj)
-        if skipped:
-            loaded = sum(n for outcome, n in skipped.items() if outcome in LOADED)
-            log.debug("skipped %d files finished in earlier cycles: %d loaded earlier%s", sum(skipped.values()), loaded,
-                      "".join(f", {n} {outcome}" for outcome, n in sorted(skipped.items()) if outcome not in LOADED))
+        candidates, settled = sort_out(objects, self._files, server_guids)
         if server_guids is None and len(candidates) > EXISTS_CHECK_LIMIT:
             server_guids = self.fn4.guid_set()
             self._server_count = len(server_guids)
@@ -3510,39 +3559,6 @@ class Loader:
                 *("-" if fields[k] is None else fields[k] for k in ("read_ms", "insert_ms", "status")),
                 f" ({row.error_text})" if row.error_text else "", extra={"fields": fields})
         return outcome
-
-    def requeue(self, names: Iterable[str] = ()) -> list[str]:
-        """Mark failed files as pending again (all, or those named); return the names requeued."""
-        self._refresh_from_catalogue()
-        wanted = set(names)
-        now = self.clock()
-        requeued = []
-        for (name, etag), state in sorted(self._files.items(), key=lambda item: item[0]):
-            if state.completed and state.outcome in REQUEUEABLE and (not wanted or name in wanted):
-                obj = StoredObject(name, None, etag, None, None)  # type: ignore[arg-type]  # no size, no time
-                self._record(obj, REQUEUED, now, None, f"requeued by an operator after {state.outcome}",
-                             failed_attempts=0)
-                requeued.append(name)
-        return requeued
-
-    def inventory(self) -> list[dict[str, Any]]:
-        """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError.
-
-        The state is the one the catalogue records (see file_state), or, for a file without a
-        row, the one the next cycle will record: a guid fn4 holds is loaded, a duplicate failed.
-        """
-        self._refresh_from_catalogue()
-        objects = sorted(self.store.list_objects(self.settings.prefix, self.settings.archive_prefix),
-                         key=lambda o: (o.time_created, o.name))
-        todo, settled = self._plan(objects, self.fn4.guids())
-        planned = {obj.key: outcome for obj, outcome, _ in settled} | {obj.key: "" for obj in todo}
-        files = []
-        for obj in objects:
-            state = self._files.get(obj.key, FileState())
-            files.append({"state": file_state(planned.get(obj.key, state.outcome)), "name": obj.name,
-                          "guid": obj.guid, "size": obj.size, "time_created": obj.time_created,
-                          "outcome": state.outcome or None, "failed_attempts": state.failed_attempts})
-        return files
 
 
 def _ms(start: datetime | None, end: datetime | None) -> int | None:
@@ -4174,10 +4190,9 @@ def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None
                  log_level: str, log_format: str, names: tuple[str, ...]) -> None:
     """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
     with _startup(log_level, log_format):
-        fn4 = FN4Client(fn4_url)
+        target = Target.of(fn4_url, namespace, bucket)
         catalogue = LoadLogger.from_database_arg(database, db_schema)
-    store = SimpleNamespace(namespace=namespace, bucket=bucket)  # re-queueing reads no objects
-    requeued = Loader(store, fn4, catalogue, Settings()).requeue(names)  # type: ignore
+    requeued = catalogue.requeue(target, names)
     left = catalogue.close(timeout=30.0)
     click.echo(f"re-queued {len(requeued)} file(s)" + "".join(f"\n  {n}" for n in requeued))
     if left:
@@ -4297,6 +4312,34 @@ def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server:
     return "\n".join(lines)
 
 
+def inventory(store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger, settings: Settings,
+              target: Target) -> list[dict[str, Any]]:
+    """Return the bucket's FASTA objects, oldest first, each loaded, pending or failed. Raises OutageError.
+
+    The state is the one the catalogue records (see file_state), or, for a file without a
+    row, the one the next cycle will record: a guid fn4 holds is loaded, a duplicate failed.
+    """
+    states = FileStates()
+    try:
+        for name, etag, state in catalogue.latest_states(target):
+            states[(name, etag)] = state
+    except sa.exc.SQLAlchemyError as exc:
+        log.warning("could not read the catalogue (%s); using what is known", _short(exc))
+    objects = sorted(store.list_objects(settings.prefix, settings.archive_prefix),
+                     key=lambda o: (o.time_created, o.name))
+    guids = fn4.guids()
+    candidates, settled = sort_out(objects, states, guids)
+    planned = {obj.key: outcome for obj, outcome, _ in settled} | {
+        obj.key: IN_SERVER if obj.guid in guids else "" for obj in candidates}
+    files = []
+    for obj in objects:
+        state = states.get(obj.key, FileState())
+        files.append({"state": file_state(planned.get(obj.key, state.outcome)), "name": obj.name,
+                      "guid": obj.guid, "size": obj.size, "time_created": obj.time_created,
+                      "outcome": state.outcome or None, "failed_attempts": state.failed_attempts})
+    return files
+
+
 @main.command("list")
 @common
 @connections
@@ -4316,11 +4359,11 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     """
     with _startup(log_level, log_format):
         settings = Settings(prefix, on_success=on_success)
-        store, fn4, catalogue = _connect(Target.of(fn4_url, namespace, bucket), database, db_schema, ca_bundle,
-                                         read_only=True, auth=auth, config_file=config_file, profile=profile,
-                                         endpoint=endpoint)
+        target = Target.of(fn4_url, namespace, bucket)
+        store, fn4, catalogue = _connect(target, database, db_schema, ca_bundle, read_only=True, auth=auth,
+                                         config_file=config_file, profile=profile, endpoint=endpoint)
     try:
-        files = Loader(store, fn4, catalogue, settings).inventory()
+        files = inventory(store, fn4, catalogue, settings, target)
     except OutageError as exc:
         raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:

@@ -98,7 +98,7 @@ def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator,
     harness = Harness(store, fn4, url, schema)
     fn4.script(Scripted(status=403, guid="c"), Scripted(status=500, guid="d", times=2))
     harness.cycle()  # a inserted, bad failed, c refused (failed), d to retry
-    assert sorted(harness.loader.requeue()) == ["bad.fasta", "c.fasta"]
+    assert sorted(harness.catalogue.requeue(harness.loader.target)) == ["bad.fasta", "c.fasta"]
     harness.cycle()  # bad failed again, c inserted, d to retry again: rows and files now differ
     emulator.add_fault(Fault(method="GET", path_contains="/o", status=503, times=-1))
     with pytest.raises(osa.OutageError):

@@ -280,7 +280,7 @@ def test_a_failed_file_warns_until_it_is_requeued(loader, emulator, fn4, tmp_pat
     assert report.level == 1 and [f["file_name"] for f in report.failed_files] == ["b.fasta"]
     clock.advance(hours=30)  # still failed a day later: it needs an operator
     assert assessed(one, clock(), poll_interval=86400).level == 1
-    assert one.requeue(["b.fasta"]) == ["b.fasta"]
+    assert one.catalogue.requeue(one.target, ["b.fasta"], clock(), one.host_name) == ["b.fasta"]
     assert one.catalogue.flush(30)
     report = assessed(one, clock(), poll_interval=86400)
     assert report.level == 0 and report.failed_files == ()
