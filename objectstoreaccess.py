@@ -1296,65 +1296,78 @@ def json_strings(chunks: Iterable[bytes], what: str) -> Iterator[str]:
 
     Raises OutageError naming ``what`` if the text is anything but a JSON array of strings.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    scan = json.decoder.scanstring  # type: ignore[attr-defined]
-    pieces = iter(chunks)
-    text, position, ended = "", 0, False
+    return _JsonStrings(chunks, what).items()
 
-    def bad(reason: str) -> OutageError:
-        return OutageError(f"{what} answered something that is not a JSON list of strings: {reason}")
 
-    def fill() -> bool:
-        """Append the next chunk to what is left of the text; False when there is no more."""
-        nonlocal text, position, ended
-        if ended:
-            return False
-        chunk = next(pieces, None)
-        try:
-            added = decoder.decode(chunk or b"", final=chunk is None)
-        except UnicodeDecodeError:
-            raise bad("it is not UTF-8") from None
-        ended = chunk is None
-        text, position = text[position:] + added, 0
-        return bool(added) or not ended
+class _JsonStrings:
+    """The reader behind ``json_strings``: the text not yet parsed, and a position in it."""
 
-    def token() -> str:
-        """Move to the next character that is not white space and return it; "" at the end."""
-        nonlocal position
+    def __init__(self, chunks: Iterable[bytes], what: str) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pieces = iter(chunks)
+        self.what = what
+        self.text, self.position, self.ended = "", 0, False
+
+    def items(self) -> Iterator[str]:
+        if self.token() != "[":
+            raise self.bad(f"it starts with {self.ahead()!r}")
+        self.position += 1
+        if self.token() == "]":
+            self.position += 1
+        else:
+            while True:
+                yield self.string()
+                separator = self.token()
+                self.position += 1
+                if separator == "]":
+                    break
+                if separator != ",":
+                    raise self.bad(f"{separator!r} follows an item" if separator else "it ends early")
+        if self.token():
+            raise self.bad(f"{self.ahead()!r} follows the list")
+
+    def string(self) -> str:
+        """Read the string that starts at the position, reading on while a chunk's end cuts it."""
+        if self.token() != '"':
+            raise self.bad(f"an item starts with {self.ahead()!r}")
+        scan = json.decoder.scanstring  # type: ignore[attr-defined]
         while True:
-            while position < len(text) and text[position] in " \t\r\n":
-                position += 1
-            if position < len(text):
-                return text[position]
-            if not fill():
+            try:
+                value, self.position = scan(self.text, self.position + 1)
+                return value
+            except ValueError:  # cut by the chunk's end, or bad: read on to tell which
+                if not self.fill():
+                    raise self.bad(f"a string is not closed or not valid: {self.ahead()!r}") from None
+
+    def token(self) -> str:
+        """Move to the next character that is not white space and return it; "" at the end."""
+        while True:
+            text = self.text
+            while self.position < len(text) and text[self.position] in " \t\r\n":
+                self.position += 1
+            if self.position < len(text):
+                return text[self.position]
+            if not self.fill():
                 return ""
 
-    if token() != "[":
-        raise bad(f"it starts with {text[position:position + 20]!r}")
-    position += 1
-    if token() == "]":
-        position += 1
-    else:
-        while True:
-            if token() != '"':
-                raise bad(f"an item starts with {text[position:position + 20]!r}")
-            while True:
-                try:
-                    value, end = scan(text, position + 1)
-                    break
-                except ValueError:  # cut by the chunk's end, or bad: read on to tell which
-                    if not fill():
-                        raise bad(f"a string is not closed or not valid: {text[position:position + 20]!r}") from None
-            yield value
-            position = end
-            separator = token()
-            position += 1
-            if separator == "]":
-                break
-            if separator != ",":
-                raise bad(f"{separator!r} follows an item" if separator else "it ends early")
-    if token():
-        raise bad(f"{text[position:position + 20]!r} follows the list")
+    def fill(self) -> bool:
+        """Append the next chunk to what is left of the text; False when there is no more."""
+        if self.ended:
+            return False
+        chunk = next(self.pieces, None)
+        try:
+            added = self.decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise self.bad("it is not UTF-8") from None
+        self.ended = chunk is None
+        self.text, self.position = self.text[self.position:] + added, 0
+        return bool(added) or not self.ended
+
+    def ahead(self) -> str:
+        return self.text[self.position:self.position + 20]
+
+    def bad(self, reason: str) -> OutageError:
+        return OutageError(f"{self.what} answered something that is not a JSON list of strings: {reason}")
 
 
 class FN4Client:
