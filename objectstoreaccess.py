@@ -1639,18 +1639,7 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
         columns, indexes = existing[table.name]
         have = {c["name"].lower(): c for c in columns}
         adds = [column for column in table.columns if column.name not in have]
-        alters = []
-        for column in table.columns:
-            old = have.get(column.name)
-            if old is None or column.primary_key:
-                continue
-            length = getattr(old["type"], "length", None)
-            widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                     and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
-                isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
-                and isinstance(column.type, sa.DateTime))
-            if widen or not old["nullable"]:
-                alters.append((column, old, widen))
+        alters = _column_alters(table, have, dialect)
         new_indexes = [index for index in table.indexes if index.name not in indexes]
         if not (adds or alters or new_indexes):
             continue
@@ -1668,6 +1657,24 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
         changes += [f"{table.name}.{c.name}: {'widened, ' if widen else ''}nullable" for c, _, widen in alters]
         changes += [f"added index {index.name}" for index in new_indexes]
     return changes
+
+
+def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: str
+                   ) -> list[tuple[sa.Column[Any], dict[str, Any], bool]]:
+    """Return (column, as it is, widen?) for each existing column to widen or make nullable."""
+    alters = []
+    for column in table.columns:
+        old = have.get(column.name)
+        if old is None or column.primary_key:
+            continue
+        length = getattr(old["type"], "length", None)
+        widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
+            isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
+            and isinstance(column.type, sa.DateTime))
+        if widen or not old["nullable"]:
+            alters.append((column, old, widen))
+    return alters
 
 
 def resolve_database(database: str | None, environ: dict[str, str] | None = None,
