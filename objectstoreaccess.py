@@ -2603,9 +2603,21 @@ class LoadLogger:
         A file is an object name in a bucket: its state is its latest row's outcome, so a file
         tried five times counts once, and one re-queued and loaded is no longer failed.
         """
+        queries = {**self._batch_queries(), **self._attempt_queries(since)}
+        # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
         b, a = self.batches.c, self.attempts.c
-        loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
-        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
+        for name, query in queries.items():
+            table = b if name in ("batches", "backlog", "abandoned") else a
+            query = query.where(table.bucket_name.is_not(None))
+            if server:  # as the loader records it: FN4Client drops a trailing slash
+                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
+            queries[name] = query
+        return queries
+
+    def _batch_queries(self) -> dict[str, sa.Select[Any]]:
+        """Each loader's latest cycle, its backlog, and the cycles abandoned since its latest that ran."""
+        b, a = self.batches.c, self.attempts.c
+        loader = (b.host_name, b.findneighbour_server_url)
         ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
                .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
         abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
@@ -2617,13 +2629,23 @@ class LoadLogger:
             a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
             a.oci_namespace == b.oci_namespace, a.bucket_name == b.bucket_name, a.batch_start_time == b.check_time,
             a.batch_sample_number.is_not(None), a.completed == 1).scalar_subquery())
+        return {
+            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
+                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
+            "abandoned": abandoned,
+        }
+
+    def _attempt_queries(self, since: datetime) -> dict[str, sa.Select[Any]]:
+        """Each loader's latest attempt and times, and its files' outcomes since ``since``."""
+        a = self.attempts.c
+        pair = (a.host_name, a.findneighbour_server_url)
+        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
         latest_of_loader = sa.select(sa.func.max(a.gp_int_id)).group_by(*pair)
         latest_of_file = sa.select(sa.func.max(a.gp_int_id)).group_by(*bucket, a.file_name)
         recent_of_file = (sa.select(sa.func.max(a.gp_int_id)).where(a.batch_start_time >= _naive_utc(since))
                           .group_by(*bucket, a.file_name))
-        queries = {
-            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
-                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
+        return {
             "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
                          a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
                          sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
@@ -2637,17 +2659,7 @@ class LoadLogger:
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
                         .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
-            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
-            "abandoned": abandoned,
         }
-        # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        for name, query in queries.items():
-            table = b if name in ("batches", "backlog", "abandoned") else a
-            query = query.where(table.bucket_name.is_not(None))
-            if server:  # as the loader records it: FN4Client drops a trailing slash
-                query = query.where(table.findneighbour_server_url == server.rstrip("/"))
-            queries[name] = query
-        return queries
 
     def has_tables(self) -> bool:
         """Return True if both catalogue tables exist. Raises SQLAlchemyError if the database cannot be read."""
