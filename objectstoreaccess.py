@@ -3520,15 +3520,8 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
     Warning: such a failure below the share, a retry in the window, or a file whose latest state
     is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
     """
-    problems: list[tuple[int, str]] = []
-    heartbeat = status.heartbeat
+    problems = _staleness(status.heartbeat, now, poll_interval, server_heartbeat)
     window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
-    if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
-        ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
-        if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
-            problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
-        else:
-            problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
     if status.abandoned:
         since = status.abandoned_since or status.last_batch
         problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
@@ -3553,6 +3546,17 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
                             "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
+
+
+def _staleness(heartbeat: datetime | None, now: datetime, poll_interval: float,
+               server_heartbeat: datetime | None) -> list[tuple[int, str]]:
+    """Return the problem of a loader that has written nothing for STALE_POLLS poll intervals, if it has."""
+    if heartbeat is not None and (now - heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+        return []
+    ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
+    if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+        return [(0, f"no batch and no attempt {ago}, but another host loads this fn4 server now")]
+    return [(2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals")]
 
 
 def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
