@@ -1374,65 +1374,78 @@ def json_strings(chunks: Iterable[bytes], what: str) -> Iterator[str]:
 
     Raises OutageError naming ``what`` if the text is anything but a JSON array of strings.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    scan = json.decoder.scanstring  # type: ignore[attr-defined]
-    pieces = iter(chunks)
-    text, position, ended = "", 0, False
+    return _JsonStrings(chunks, what).items()
 
-    def bad(reason: str) -> OutageError:
-        return OutageError(f"{what} answered something that is not a JSON list of strings: {reason}")
 
-    def fill() -> bool:
-        """Append the next chunk to what is left of the text; False when there is no more."""
-        nonlocal text, position, ended
-        if ended:
-            return False
-        chunk = next(pieces, None)
-        try:
-            added = decoder.decode(chunk or b"", final=chunk is None)
-        except UnicodeDecodeError:
-            raise bad("it is not UTF-8") from None
-        ended = chunk is None
-        text, position = text[position:] + added, 0
-        return bool(added) or not ended
+class _JsonStrings:
+    """The reader behind ``json_strings``: the text not yet parsed, and a position in it."""
 
-    def token() -> str:
-        """Move to the next character that is not white space and return it; "" at the end."""
-        nonlocal position
+    def __init__(self, chunks: Iterable[bytes], what: str) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pieces = iter(chunks)
+        self.what = what
+        self.text, self.position, self.ended = "", 0, False
+
+    def items(self) -> Iterator[str]:
+        if self.token() != "[":
+            raise self.bad(f"it starts with {self.ahead()!r}")
+        self.position += 1
+        if self.token() == "]":
+            self.position += 1
+        else:
+            while True:
+                yield self.string()
+                separator = self.token()
+                self.position += 1
+                if separator == "]":
+                    break
+                if separator != ",":
+                    raise self.bad(f"{separator!r} follows an item" if separator else "it ends early")
+        if self.token():
+            raise self.bad(f"{self.ahead()!r} follows the list")
+
+    def string(self) -> str:
+        """Read the string that starts at the position, reading on while a chunk's end cuts it."""
+        if self.token() != '"':
+            raise self.bad(f"an item starts with {self.ahead()!r}")
+        scan = json.decoder.scanstring  # type: ignore[attr-defined]
         while True:
-            while position < len(text) and text[position] in " \t\r\n":
-                position += 1
-            if position < len(text):
-                return text[position]
-            if not fill():
+            try:
+                value, self.position = scan(self.text, self.position + 1)
+                return value
+            except ValueError:  # cut by the chunk's end, or bad: read on to tell which
+                if not self.fill():
+                    raise self.bad(f"a string is not closed or not valid: {self.ahead()!r}") from None
+
+    def token(self) -> str:
+        """Move to the next character that is not white space and return it; "" at the end."""
+        while True:
+            text = self.text
+            while self.position < len(text) and text[self.position] in " \t\r\n":
+                self.position += 1
+            if self.position < len(text):
+                return text[self.position]
+            if not self.fill():
                 return ""
 
-    if token() != "[":
-        raise bad(f"it starts with {text[position:position + 20]!r}")
-    position += 1
-    if token() == "]":
-        position += 1
-    else:
-        while True:
-            if token() != '"':
-                raise bad(f"an item starts with {text[position:position + 20]!r}")
-            while True:
-                try:
-                    value, end = scan(text, position + 1)
-                    break
-                except ValueError:  # cut by the chunk's end, or bad: read on to tell which
-                    if not fill():
-                        raise bad(f"a string is not closed or not valid: {text[position:position + 20]!r}") from None
-            yield value
-            position = end
-            separator = token()
-            position += 1
-            if separator == "]":
-                break
-            if separator != ",":
-                raise bad(f"{separator!r} follows an item" if separator else "it ends early")
-    if token():
-        raise bad(f"{text[position:position + 20]!r} follows the list")
+    def fill(self) -> bool:
+        """Append the next chunk to what is left of the text; False when there is no more."""
+        if self.ended:
+            return False
+        chunk = next(self.pieces, None)
+        try:
+            added = self.decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise self.bad("it is not UTF-8") from None
+        self.ended = chunk is None
+        self.text, self.position = self.text[self.position:] + added, 0
+        return bool(added) or not self.ended
+
+    def ahead(self) -> str:
+        return self.text[self.position:self.position + 20]
+
+    def bad(self, reason: str) -> OutageError:
+        return OutageError(f"{self.what} answered something that is not a JSON list of strings: {reason}")
 
 
 class FN4Client:
@@ -1697,18 +1710,7 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
         columns, indexes = existing[table.name]
         have = {c["name"].lower(): c for c in columns}
         adds = [column for column in table.columns if column.name not in have]
-        alters = []
-        for column in table.columns:
-            old = have.get(column.name)
-            if old is None or column.primary_key:
-                continue
-            length = getattr(old["type"], "length", None)
-            widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                     and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
-                isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
-                and isinstance(column.type, sa.DateTime))
-            if widen or not old["nullable"]:
-                alters.append((column, old, widen))
+        alters = _column_alters(table, have, dialect)
         new_indexes = [index for index in table.indexes if index.name not in indexes]
         if not (adds or alters or new_indexes):
             continue
@@ -1726,6 +1728,24 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
         changes += [f"{table.name}.{c.name}: {'widened, ' if widen else ''}nullable" for c, _, widen in alters]
         changes += [f"added index {index.name}" for index in new_indexes]
     return changes
+
+
+def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: str
+                   ) -> list[tuple[sa.Column[Any], dict[str, Any], bool]]:
+    """Return (column, as it is, widen?) for each existing column to widen or make nullable."""
+    alters = []
+    for column in table.columns:
+        old = have.get(column.name)
+        if old is None or column.primary_key:
+            continue
+        length = getattr(old["type"], "length", None)
+        widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
+            isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
+            and isinstance(column.type, sa.DateTime))
+        if widen or not old["nullable"]:
+            alters.append((column, old, widen))
+    return alters
 
 
 def resolve_database(database: str | None, environ: dict[str, str] | None = None,
@@ -2658,9 +2678,21 @@ class LoadLogger:
         tried five times counts once, and one re-queued and loaded is no longer failed. ``server``
         (as fn4_server_url gives it) keeps only the loaders of that fn4 server.
         """
+        queries = {**self._batch_queries(), **self._attempt_queries(since)}
+        # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
         b, a = self.batches.c, self.attempts.c
-        loader, pair = (b.host_name, b.findneighbour_server_url), (a.host_name, a.findneighbour_server_url)
-        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
+        for name, query in queries.items():
+            table = b if name in ("batches", "backlog", "abandoned") else a
+            query = query.where(table.bucket_name.is_not(None))
+            if server:
+                query = query.where(table.findneighbour_server_url == server)
+            queries[name] = query
+        return queries
+
+    def _batch_queries(self) -> dict[str, sa.Select[Any]]:
+        """Each loader's latest cycle, its backlog, and the cycles abandoned since its latest that ran."""
+        b, a = self.batches.c, self.attempts.c
+        loader = (b.host_name, b.findneighbour_server_url)
         ran = (sa.select(*loader, sa.func.max(b.bl_int_id).label("id"))  # each loader's latest cycle that ran
                .where(b.abandon_reason.is_(None)).group_by(*loader).subquery("ran"))
         abandoned = (sa.select(*loader, sa.func.min(b.check_time), sa.func.count())
@@ -2672,13 +2704,23 @@ class LoadLogger:
             a.host_name == b.host_name, a.findneighbour_server_url == b.findneighbour_server_url,
             a.oci_namespace == b.oci_namespace, a.bucket_name == b.bucket_name, a.batch_start_time == b.check_time,
             a.batch_sample_number.is_not(None), a.completed == 1).scalar_subquery())
+        return {
+            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
+                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
+            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
+            "abandoned": abandoned,
+        }
+
+    def _attempt_queries(self, since: datetime) -> dict[str, sa.Select[Any]]:
+        """Each loader's latest attempt and times, and its files' outcomes since ``since``."""
+        a = self.attempts.c
+        pair = (a.host_name, a.findneighbour_server_url)
+        bucket = (a.findneighbour_server_url, a.oci_namespace, a.bucket_name)
         latest_of_loader = sa.select(sa.func.max(a.gp_int_id)).group_by(*pair)
         latest_of_file = sa.select(sa.func.max(a.gp_int_id)).group_by(*bucket, a.file_name)
         recent_of_file = (sa.select(sa.func.max(a.gp_int_id)).where(a.batch_start_time >= _naive_utc(since))
                           .group_by(*bucket, a.file_name))
-        queries = {
-            "batches": sa.select(*loader, b.check_time, b.abandon_reason)
-                         .where(b.bl_int_id.in_(sa.select(sa.func.max(b.bl_int_id)).group_by(*loader))),
+        return {
             "times": sa.select(*pair, sa.func.max(sa.func.coalesce(
                          a.insert_end_time, a.bucket_read_end_time, a.batch_start_time)),
                          sa.func.max(sa.case((a.outcome.in_([INSERTED, ALREADY_PRESENT]), a.insert_end_time))))
@@ -2692,17 +2734,7 @@ class LoadLogger:
             "failed": sa.select(*pair, a.file_name, a.outcome, a.parse_status, a.error_text, a.batch_start_time)
                         .where(a.gp_int_id.in_(latest_of_file), a.outcome.in_(sorted(FAILED_FOR_GOOD)))
                         .order_by(a.gp_int_id.desc()),
-            "backlog": sa.select(*loader, b.batch_size - finished).where(b.bl_int_id.in_(sa.select(ran.c.id))),
-            "abandoned": abandoned,
         }
-        # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        for name, query in queries.items():
-            table = b if name in ("batches", "backlog", "abandoned") else a
-            query = query.where(table.bucket_name.is_not(None))
-            if server:
-                query = query.where(table.findneighbour_server_url == server)
-            queries[name] = query
-        return queries
 
     def has_tables(self) -> bool:
         """Return True if both catalogue tables exist. Raises SQLAlchemyError if the database cannot be read."""
@@ -3585,15 +3617,8 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
     Warning: such a failure below the share, a retry in the window, or a file whose latest state
     is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
     """
-    problems: list[tuple[int, str]] = []
-    heartbeat = status.heartbeat
+    problems = _staleness(status.heartbeat, now, poll_interval, server_heartbeat)
     window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
-    if heartbeat is None or (now - heartbeat).total_seconds() > STALE_POLLS * poll_interval:
-        ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
-        if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
-            problems.append((0, f"no batch and no attempt {ago}, but another host loads this fn4 server now"))
-        else:
-            problems.append((2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals"))
     if status.abandoned:
         since = status.abandoned_since or status.last_batch
         problems.append((2, f"{status.abandoned} (since {_when(since)} UTC: "
@@ -3618,6 +3643,17 @@ def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_s
                             "408): contention, which the loader waits out"))
     return dataclasses.replace(status, level=max((level for level, _ in problems), default=0),
                                problems=tuple(f"{LEVELS[level]}: {text}" for level, text in problems))
+
+
+def _staleness(heartbeat: datetime | None, now: datetime, poll_interval: float,
+               server_heartbeat: datetime | None) -> list[tuple[int, str]]:
+    """Return the problem of a loader that has written nothing for STALE_POLLS poll intervals, if it has."""
+    if heartbeat is not None and (now - heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+        return []
+    ago = f"since {heartbeat:%Y-%m-%d %H:%M:%S} UTC" if heartbeat else "ever"
+    if server_heartbeat and (now - server_heartbeat).total_seconds() <= STALE_POLLS * poll_interval:
+        return [(0, f"no batch and no attempt {ago}, but another host loads this fn4 server now")]
+    return [(2, f"no batch and no attempt {ago}: more than {STALE_POLLS} poll intervals")]
 
 
 def assess_instances(instances: list[dict[str, Any]]) -> list[tuple[int, str]]:
