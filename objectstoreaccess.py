@@ -2878,19 +2878,22 @@ class Loader:
     """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
 
     Everything it talks to is passed in; ``clock`` gives aware UTC datetimes and ``stop`` ends
-    ``run`` at once, so tests need neither sleeps nor patching.
+    ``run`` at once. Every pause of ``run`` goes through ``wait(seconds)`` (default ``stop.wait``),
+    which returns True once stop is set; so tests need neither sleeps nor patching.
     """
 
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
                  stop: threading.Event | None = None, host_name: str | None = None,
-                 metrics: LoaderObserver | None = None, lease: Lease | None = None) -> None:
+                 metrics: LoaderObserver | None = None, lease: Lease | None = None,
+                 wait: Callable[[float], bool] | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
         self.settings = settings
         self.clock = clock
         self.stop = stop or threading.Event()
+        self.wait = wait or self.stop.wait
         self.host_name = host_name or socket.gethostname()
         # (file name, etag) -> (completed, outcome, failed attempts), folded from the catalogue.
         self._files = FileStates()
@@ -2926,7 +2929,7 @@ class Loader:
                 if once:
                     log.warning("another instance holds the lease: nothing loaded")
                     break
-                self.stop.wait(LEASE_POLL)
+                self.wait(LEASE_POLL)
                 continue
             try:
                 summary = self.run_cycle()
@@ -2940,7 +2943,7 @@ class Loader:
                     log.exception("cycle failed unexpectedly; next try in %.0f s", wait)
                 if once:
                     raise
-                self.stop.wait(wait)
+                self.wait(wait)
                 continue
             self.cycles += 1
             self.last_summary = summary
@@ -2954,7 +2957,7 @@ class Loader:
             else:
                 failures = 0
                 wait = 0.0 if summary.found else self.settings.poll_interval
-            self.stop.wait(wait)
+            self.wait(wait)
         return self.cycles
 
     def run_cycle(self) -> CycleSummary:
