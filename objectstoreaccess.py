@@ -4110,13 +4110,7 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
         log.info("loading %s/%s into %s%s%s", namespace, bucket, fn4.base_url, " once" if once else "",
                  f"; metrics on port {server.server_address[1]}" if server else "")
         failure = _load_until_stopped(loader, lease, once)
-    reasons = [failure] if failure else []
-    if lost := len(catalogue.unjournaled):
-        reasons.append(f"{lost} catalogue rows neither written nor journaled")
-    if kept := catalogue.unwritten - lost:
-        reasons.append(f"{kept} catalogue rows kept in the journal")
-    log.info("%s: exit %d (%s)", STOPPED_LOG, 1 if reasons else 0, "; ".join(reasons) or "every row written")
-    sys.exit(1 if reasons else 0)
+    sys.exit(_exit_code(failure, catalogue))
 
 
 def _load_until_stopped(loader: Loader, lease: Lease, once: bool) -> str | None:
@@ -4131,6 +4125,17 @@ def _load_until_stopped(loader: Loader, lease: Lease, once: bool) -> str | None:
         _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
         return "the cycle paused with files left"
     return None
+
+
+def _exit_code(failure: str | None, catalogue: LoadLogger) -> int:
+    """Log the last line of run, which says why, and return its exit code: 1 if --once failed or rows were left."""
+    reasons = [failure] if failure else []
+    if lost := len(catalogue.unjournaled):
+        reasons.append(f"{lost} catalogue rows neither written nor journaled")
+    if kept := catalogue.unwritten - lost:  # after close: the rows it could not write
+        reasons.append(f"{kept} catalogue rows kept in the journal")
+    log.info("%s: exit %d (%s)", STOPPED_LOG, 1 if reasons else 0, "; ".join(reasons) or "every row written")
+    return 1 if reasons else 0
 
 
 def _close_catalogue(catalogue: LoadLogger, stop: threading.Event) -> None:

@@ -169,6 +169,24 @@ def test_a_second_signal_leaves_unwritten_rows_in_the_journal(start, fn4, emulat
     assert rows[0] == ("fast", "inserted") and [guid for guid, _ in rows] == ["fast", "slow"]
 
 
+def test_a_signal_with_rows_the_catalogue_refuses_exits_1_and_says_so(start, fn4, emulator, tmp_path):
+    """The exit code and the last line say that rows were left, and where."""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    osa.LoadLogger(sa.create_engine(db)).create_tables()
+    refuse = sa.create_engine(db)
+    with refuse.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
+                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    refuse.dispose()
+    upload_series(emulator, [("a.fasta", fasta("a"))])
+    loader = start(db, "--poll-interval", "3600")
+    loader.wait_for_line("inserted a: a.fasta")
+    code, took, err = stop_and_time(loader, signal.SIGTERM)
+    assert code == 1 and took < PROMPT, err
+    assert f"{STOPPED}: exit 1 (1 catalogue rows kept in the journal)" in err
+    assert b'"a.fasta"' in osa.journal_path(sa.make_url(db), None, BUCKET).read_bytes()
+
+
 def test_a_first_signal_during_a_long_insert_waits_for_it_and_writes_its_row(start, fn4, emulator, tmp_path):
     """No deadline cuts the sample in flight short: its insert ends, its row is written, then exit 0.
 
