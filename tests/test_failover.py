@@ -374,5 +374,5 @@ def test_an_active_cut_off_from_the_catalogue_stops_before_the_standby_starts(
         assert last_of_a < first_of_b, "both inserted at the same time"
         assert last_of_a - cut < TTL, "a went on inserting after its lease could have lapsed"
         assert "standby: stopped inserting" in a.text() and "lapsed at" in b.text()
-        a.stop(seconds=20)  # its release cannot reach the catalogue: it exits after the grace period
+        a.stop(seconds=20)  # the catalogue does not answer: each step of the shutdown gives up at its deadline
     assert b.stop() == 0, b.text()
