@@ -95,10 +95,9 @@ MAX_UNWRITTEN_ROWS = 20                  # inserting pauses while more catalogue
 BACKOFF_BASE = 5.0                       # seconds: first wait after an outage or a failed retry
 BACKOFF_CAP = float(DEFAULT_POLL_INTERVAL)  # seconds: the longest wait, about one poll interval
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a warm stop: finish the sample
-SHUTDOWN_GRACE = 4.5                     # seconds after a first signal before the process exits anyway
-#: Logged (with SHUTDOWN_GRACE) when that deadline, not the loader, ended the process after a first signal.
-GRACE_EXPIRED_LOG = ("still busy %.1f s after the signal: exiting; fn4 is asked about the sample in flight "
-                     "at the next start")
+THREAD_JOIN_TIMEOUT = 2.0                # seconds an owner waits for a thread it told to stop; then it says so
+#: How the last line of run's shutdown sequence begins (then the exit code and why): the loop has ended.
+STOPPED_LOG = "shutdown complete"
 FN4_TIMEOUT = (10.0, 600.0)              # (connect, read) seconds for fn4; a TB insert can take seconds
 FN4_IDLE_REOPEN = 10.0                   # seconds idle after which the insert connection is reopened
 FN4_PROBE_TIMEOUT = (5.0, 10.0)          # (connect, read) seconds for fn4's small GET routes
@@ -2033,13 +2032,18 @@ class Lease:
 
     @contextlib.contextmanager
     def kept(self) -> Iterator[Lease]:
-        """Tend the lease from a thread while the block runs (after a first look), then release it."""
+        """Tend the lease from a thread while the block runs (after a first look); the thread then releases it.
+
+        The block's end joins the thread for THREAD_JOIN_TIMEOUT: a catalogue that does not answer
+        leaves it behind (a daemon, logged), and the lease lapses by itself.
+        """
         self._done.clear()
         wait = self.tend()
 
         def keep(wait: float) -> None:
             while not self._done.wait(wait):
                 wait = self.tend()
+            self.release()
 
         keeper = threading.Thread(target=keep, args=(wait,), name="lease-keeper", daemon=True)
         keeper.start()
@@ -2047,8 +2051,10 @@ class Lease:
             yield self
         finally:
             self._done.set()
-            keeper.join(timeout=5.0)  # a renewal stuck on a dead connection is left behind: it is a daemon
-            self.release()
+            keeper.join(THREAD_JOIN_TIMEOUT)
+            if keeper.is_alive():
+                log.warning("lease: the catalogue did not answer within %g s of the stop; the lease is left "
+                            "to lapse", THREAD_JOIN_TIMEOUT)
 
 
 def _bound_oracle_calls(dbapi_connection: Any, _record: Any) -> None:
@@ -2482,11 +2488,17 @@ class LoadLogger:
             return not self._pending
 
     def close(self, timeout: float = 3.0) -> list[dict[str, Any]]:
-        """Flush, stop the writer and return the rows that could not be written."""
+        """Flush for up to ``timeout`` seconds, stop the writer and join it; return the rows not written.
+
+        A write still in flight then has half THREAD_JOIN_TIMEOUT, then its connections are shut.
+        The rows returned are in the journal, but for those in ``unjournaled``.
+        """
         self.flush(timeout)
         with self._changed:
             self._closing = True
             self._changed.notify_all()
+        self._join_writer()
+        with self._changed:
             left = [values for _, _, values, _ in self._pending]
             self.unjournaled = [values for n, _, values, _ in self._pending
                                 if self.journal is None or n in self._unjournaled_ids]
@@ -2494,6 +2506,18 @@ class LoadLogger:
                 self.journal.close()
         self.engine.dispose()
         return left
+
+    def _join_writer(self) -> None:
+        """Join the writer (told to stop); if a write holds it, shut that write's connections and join again."""
+        if self._writer.ident is None:
+            return
+        self._writer.join(THREAD_JOIN_TIMEOUT / 2)
+        if self._writer.is_alive():
+            self._shut_connections()
+            self._writer.join(THREAD_JOIN_TIMEOUT)
+        if self._writer.is_alive():  # connecting, say: a daemon, left to its call's own deadline
+            log.warning("the catalogue writer is still in a database call %g s after close; rows not yet "
+                        "written are left to the journal", 1.5 * THREAD_JOIN_TIMEOUT)
 
     @contextlib.contextmanager
     def _deadline(self, what: str) -> Iterator[None]:
@@ -2519,6 +2543,10 @@ class LoadLogger:
     def _drop_connections(self, what: str) -> None:
         log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
                     "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+        self._shut_connections()
+
+    def _shut_connections(self) -> None:
+        """Shut the sockets of the engine's connections, so that a call blocked on one returns at once."""
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
@@ -2584,7 +2612,7 @@ class LoadLogger:
                 with self._changed:
                     self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
                 continue
-            if failures:
+            if failures and written:
                 log.warning("catalogue database is back after %d failed writes", failures)
                 failures = 0
 
@@ -2621,6 +2649,8 @@ class LoadLogger:
             if _connection_failure(exc):
                 return 0, exc
         for done, values in enumerate(rows):
+            if self._closing:  # close() waits: the rest stay queued (and journaled)
+                return done, None
             try:
                 self._insert_alone(table, values, uncertain)
             except Exception as exc:  # noqa: BLE001
@@ -2875,18 +2905,18 @@ class LoadLogger:
 #   ThreadPoolExecutor`` block of one listing joins them.
 # - catalogue-writer (LoadLogger.start): writes queued batch and attempt rows, under the condition
 #   ``_changed`` that callers wait on (flush, wait_until_below). LoadLogger.close flushes, then sets
-#   ``_closing`` and the writer returns at its next wake-up; it is a daemon and is not joined.
+#   ``_closing`` and joins it: the writer returns at its next wake-up or between rows; a write in
+#   flight after half THREAD_JOIN_TIMEOUT has its connections shut, and is joined THREAD_JOIN_TIMEOUT more.
 # - catalogue-deadline (LoadLogger._deadline): one per bounded catalogue call; shuts the call's
 #   connections every call_timeout seconds it has not ended; set and joined when the call returns.
 # - lease-keeper (Lease.kept): renews the lease (or a standby's look at it) while the block runs;
-#   the block's end sets ``_done`` and joins it for 5 s (a daemon: a renewal stuck on a dead
-#   connection is left behind), then releases the lease.
-# Operator shell (below the core): signals (_install_signal_handlers) reads a pipe the signal
-# handler writes to, sets the stop event, and ends when restore() writes a 0 byte (joined 1 s); the
-# first signal also starts a timer that exits the process SHUTDOWN_GRACE seconds later (restore()
-# cancels it), a second signal exits at once;
-# metrics and metrics-N (Metrics.serve) accept and answer /metrics and /healthz, daemons ended by
-# server.shutdown() when run returns.
+#   the block's end sets ``_done``; the keeper then releases the lease and ends, joined for
+#   THREAD_JOIN_TIMEOUT (a daemon: stuck on a dead connection, it is logged and the lease lapses).
+# Operator shell (below the core), each started and stopped by the run command's one shutdown
+# sequence: signals (_install_signal_handlers) reads a pipe the signal handler writes to and sets
+# the stop event (a second signal exits at once), and ends when restore() writes a 0 byte; metrics
+# and metrics-N (Metrics.serve) accept and answer /metrics and /healthz until server.close().
+# Every one is a daemon joined with a deadline: none keeps the process alive once run returns.
 
 
 class LoaderObserver:
@@ -3032,19 +3062,22 @@ class Loader:
     """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
 
     Everything it talks to is passed in; ``clock`` gives aware UTC datetimes and ``stop`` ends
-    ``run`` at once, so tests need neither sleeps nor patching.
+    ``run`` at once. Every pause of ``run`` goes through ``wait(seconds)`` (default ``stop.wait``),
+    which returns True once stop is set; so tests need neither sleeps nor patching.
     """
 
     def __init__(self, store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger,
                  settings: Settings, clock: Callable[[], datetime] = utcnow,
                  stop: threading.Event | None = None, host_name: str | None = None,
-                 metrics: LoaderObserver | None = None, lease: Lease | None = None) -> None:
+                 metrics: LoaderObserver | None = None, lease: Lease | None = None,
+                 wait: Callable[[float], bool] | None = None) -> None:
         self.store = store
         self.fn4 = fn4
         self.catalogue = catalogue
         self.settings = settings
         self.clock = clock
         self.stop = stop or threading.Event()
+        self.wait = wait or self.stop.wait
         self.host_name = host_name or socket.gethostname()
         self.target = Target(fn4.base_url, store.namespace, store.bucket)  # what its rows name
         # (file name, etag) -> FileState, folded from the catalogue.
@@ -3081,7 +3114,7 @@ class Loader:
                 if once:
                     log.warning("another instance holds the lease: nothing loaded")
                     break
-                self.stop.wait(LEASE_POLL)
+                self.wait(LEASE_POLL)
                 continue
             try:
                 summary = self.run_cycle()
@@ -3095,7 +3128,7 @@ class Loader:
                     log.exception("cycle failed unexpectedly; next try in %.0f s", wait)
                 if once:
                     raise
-                self.stop.wait(wait)
+                self.wait(wait)
                 continue
             self.cycles += 1
             self.last_summary = summary
@@ -3109,7 +3142,7 @@ class Loader:
             else:
                 failures = 0
                 wait = 0.0 if summary.found else self.settings.poll_interval
-            self.stop.wait(wait)
+            self.wait(wait)
         return self.cycles
 
     def run_cycle(self) -> CycleSummary:
@@ -3745,7 +3778,7 @@ class Metrics(LoaderObserver):
                                       "max_age": self.max_age, "cycles": self.completed_cycles}
 
     def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from daemon threads; return the server. Raises ConfigError.
+        """Serve /metrics and /healthz from daemon threads; return the server, stopped by close(). Raises ConfigError.
 
         METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
         seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
@@ -3818,12 +3851,23 @@ class Metrics(LoaderObserver):
                     with contextlib.suppress(queue.Full):
                         self.accepted.put_nowait(None)
 
+            def close(self) -> None:
+                """Stop answering, join the server's threads (THREAD_JOIN_TIMEOUT in all), close the port."""
+                self.shutdown()
+                deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+                for thread in (serving, *self.workers):
+                    thread.join(max(deadline - time.monotonic(), 0))
+                    if thread.is_alive():
+                        log.warning("metrics: thread %s still answers a client; left behind", thread.name)
+                self.server_close()
+
         try:
             server = Server((host, port))
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
                               "choose another --metrics-port") from None
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        serving = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        serving.start()
         return server
 
 
@@ -3887,21 +3931,15 @@ def _configure_logging(level: str, secrets: list[str], log_format: str = "text")
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First SIGTERM/SIGINT/SIGHUP: finish the current sample and exit; second: exit at once.
+    """First SIGTERM/SIGINT/SIGHUP: set ``stop`` (run's shutdown sequence does the rest); second: exit at once.
 
     The handler interrupts the main thread wherever it is, perhaps inside a lock that logging or
     Sentry holds, so it takes no lock and logs nothing: it writes the signal's number to a pipe. A
-    small thread reads it, sets ``stop``, logs, and arms a deadline that ends the process
-    SHUTDOWN_GRACE seconds later. A signal held while the script imported its libraries counts as a
-    first signal. Returns a function that disarms the deadline and puts the previous handlers back.
+    small thread reads it, sets ``stop`` and logs. A second signal ends the process with os._exit(128
+    + signal): rows not yet in the catalogue are in the journal, and fn4 is asked about the sample in
+    flight at the next start. A signal held while the script imported its libraries counts as a first
+    signal. Returns a function that puts the previous handlers back and joins the thread.
     """
-    def give_up_waiting() -> None:
-        log.warning(GRACE_EXPIRED_LOG, SHUTDOWN_GRACE)
-        logging.shutdown()
-        os._exit(0)
-
-    deadline = threading.Timer(SHUTDOWN_GRACE, give_up_waiting)
-    deadline.daemon = True
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
@@ -3919,7 +3957,6 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
                 if received > 1:  # a second signal came before the first was acted on
                     os._exit(128 + data[0])
                 stop.set()
-                deadline.start()
                 log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
 
     watcher = threading.Thread(target=watch, name="signals", daemon=True)
@@ -3931,12 +3968,11 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         stop.wait(1.0)
 
     def restore() -> None:
-        deadline.cancel()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         with contextlib.suppress(OSError):
             os.write(write_end, b"\0")
-        watcher.join(1.0)
+        watcher.join(THREAD_JOIN_TIMEOUT)
         os.close(write_end)
 
     return restore
@@ -4177,45 +4213,66 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     """
     stop = threading.Event()
     metrics = Metrics(max_age=STALE_POLLS * knobs["poll_interval"])
-    with _startup(log_level, log_format):
-        restore_signals = _install_signal_handlers(stop)  # first: a signal during start-up is a clean stop too
-        try:
+    # The one shutdown sequence: a signal sets ``stop``; the loop finishes the sample in flight and
+    # returns (the prefetcher and the lease keeper joined, the lease released); then what was started
+    # here is stopped in reverse order: the metrics server, the catalogue (rows written or left in the
+    # journal, its writer joined), fn4's connections, and last the signal handlers, so that a second
+    # signal exits at once until the end.
+    with contextlib.ExitStack() as started:
+        with _startup(log_level, log_format):
+            started.callback(_install_signal_handlers(stop))  # first: a signal during start-up is a clean stop too
             settings = Settings(**knobs)
             target = Target.of(fn4_url, namespace, bucket)
             store, fn4, catalogue = _connect(target, database, db_schema, ca_bundle, fail_fast=once, journaled=True,
                                              journal=journal, auth=auth, config_file=config_file, profile=profile,
                                              endpoint=endpoint)
-            lease = catalogue.lease(target, lease_ttl)
+            started.callback(fn4.close)
+            started.callback(_close_catalogue, catalogue, stop)
             server = metrics.serve(*metrics_port) if metrics_port else None
-        except BaseException:
-            restore_signals()
-            raise
-    catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
-    loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
-    log.info("loading %s/%s into %s%s%s", target.namespace, target.bucket, target.server_url, " once" if once else "",
-             f"; metrics on port {server.server_address[1]}" if server else "")
-    failed = False
+            if server:
+                started.callback(server.close)
+            lease = catalogue.lease(target, lease_ttl)
+        catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
+        loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
+        log.info("loading %s/%s into %s%s%s", target.namespace, target.bucket, target.server_url,
+                 " once" if once else "", f"; metrics on port {server.server_address[1]}" if server else "")
+        failure = _load_until_stopped(loader, lease, once)
+    sys.exit(_exit_code(failure, catalogue))
+
+
+def _load_until_stopped(loader: Loader, lease: Lease, once: bool) -> str | None:
+    """Run the loop under the lease until stop is set (or one cycle); return why --once failed, if it did."""
     try:
         with lease.kept():
             loader.run(once=once)
-        if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
-            failed = True
-            _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
     except OutageError as exc:
-        failed = True
         _print_error(str(exc))
-    finally:
-        left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
-        if kept := len(left) - len(catalogue.unjournaled):
-            log.error("%d catalogue rows not written: kept in the journal %s, they are written at the next start",
-                      kept, catalogue.journal.path if catalogue.journal else None)
-        for row in catalogue.unjournaled:
-            log.error("catalogue row not written: %s", json.dumps(row, default=str))
-        fn4.close()
-        restore_signals()
-        if server:
-            server.shutdown()
-    sys.exit(1 if failed or left else 0)
+        return "a service was unavailable"
+    if once and loader.last_summary and loader.last_summary.paused:  # files remain: say so in the exit code
+        _print_error(f"the cycle paused with files left to load: {loader.pause_reason or ''}")
+        return "the cycle paused with files left"
+    return None
+
+
+def _exit_code(failure: str | None, catalogue: LoadLogger) -> int:
+    """Log the last line of run, which says why, and return its exit code: 1 if --once failed or rows were left."""
+    reasons = [failure] if failure else []
+    if lost := len(catalogue.unjournaled):
+        reasons.append(f"{lost} catalogue rows neither written nor journaled")
+    if kept := catalogue.unwritten - lost:  # after close: the rows it could not write
+        reasons.append(f"{kept} catalogue rows kept in the journal")
+    log.info("%s: exit %d (%s)", STOPPED_LOG, 1 if reasons else 0, "; ".join(reasons) or "every row written")
+    return 1 if reasons else 0
+
+
+def _close_catalogue(catalogue: LoadLogger, stop: threading.Event) -> None:
+    """Write the catalogue's rows (briefly after a signal or while it fails), join its writer, log what is left."""
+    left = catalogue.close(timeout=3.0 if stop.is_set() or catalogue.failing else 30.0)
+    if kept := len(left) - len(catalogue.unjournaled):
+        log.error("%d catalogue rows not written: kept in the journal %s, they are written at the next start",
+                  kept, catalogue.journal.path if catalogue.journal else None)
+    for row in catalogue.unjournaled:
+        log.error("catalogue row not written: %s", json.dumps(row, default=str))
 
 
 @main.command("retry-failed")

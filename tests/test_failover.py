@@ -166,9 +166,8 @@ def test_a_loader_loads_only_while_it_holds_the_lease_and_says_so_in_metrics(sto
     other = lease(harness.catalogue, "host-b", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
     other.tend()
     mine = lease(harness.catalogue, "host-a", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
-    loader = harness.loader
-    loader.lease = mine
-    loader.metrics = osa.Metrics()  # the loop reports to the observer it is given
+    loader = osa.Loader(harness.loader.store, harness.client, harness.catalogue, harness.loader.settings,
+                        stop=harness.stop, lease=mine, metrics=osa.Metrics())  # it reports to the observer given
     active = lambda: loader.metrics.registry.get_sample_value("fn4loader_active")  # noqa: E731
     with mine.kept():
         assert loader.run(once=True) == 0 and active() == 0  # another instance holds it: nothing listed
@@ -375,5 +374,5 @@ def test_an_active_cut_off_from_the_catalogue_stops_before_the_standby_starts(
         assert last_of_a < first_of_b, "both inserted at the same time"
         assert last_of_a - cut < TTL, "a went on inserting after its lease could have lapsed"
         assert "standby: stopped inserting" in a.text() and "lapsed at" in b.text()
-        a.stop(seconds=20)  # its release cannot reach the catalogue: it exits after the grace period
+        a.stop(seconds=20)  # the catalogue does not answer: each step of the shutdown gives up at its deadline
     assert b.stop() == 0, b.text()

@@ -15,8 +15,25 @@ from oci_emulator import Fault
 from tcp_proxy import TCPProxy
 
 
+class Clock:
+    """An injected clock: the real time, plus whatever ``advance`` added."""
+
+    def __init__(self):
+        self.offset = timedelta(0)
+
+    def __call__(self):
+        return osa.utcnow() + self.offset
+
+    def advance(self, **kwargs):
+        self.offset += timedelta(**kwargs)
+
+
 class Harness:
-    """A Loader wired to the emulator, the fn4 stand-in and a real catalogue, run a cycle at a time."""
+    """A Loader wired to the emulator, the fn4 stand-in and a real catalogue, run a cycle at a time.
+
+    Its clock and its waits are injected: ``clock.advance`` moves the loader's time on, and a test
+    that sets ``on_wait`` (seconds -> True once stopped) decides every wait of the loop.
+    """
 
     def __init__(self, store, fn4, url, schema=None, retry_cap=30.0, **settings):
         self.fn4 = fn4
@@ -26,8 +43,14 @@ class Harness:
         self.catalogue.start()
         self.client = osa.FN4Client(fn4.url, timeout=settings.pop("timeout", (5.0, 30.0)))
         self.stop = threading.Event()
+        self.clock = Clock()
+        self.on_wait = None
         self.loader = osa.Loader(store, self.client, self.catalogue,
-                                 osa.Settings(**settings), stop=self.stop)
+                                 osa.Settings(**settings), stop=self.stop, clock=self.clock, wait=self.wait)
+
+    def wait(self, seconds):
+        """Every wait the loop asks for: decided by ``on_wait`` if set, else a wait on the stop event."""
+        return self.on_wait(seconds) if self.on_wait else self.stop.wait(seconds)
 
     def cycle(self):
         summary = self.loader.run_cycle()
@@ -169,7 +192,6 @@ def test_run_backs_off_after_an_outage_and_recovers(harness, emulator, fn4):
     h = harness(poll_interval=3600)
     fn4.down = True
     waits = []
-    real_wait = h.stop.wait
 
     def wait(seconds):  # record the loop's waits; recover fn4 after the first backoff, stop when idle
         waits.append(seconds)
@@ -178,9 +200,9 @@ def test_run_backs_off_after_an_outage_and_recovers(harness, emulator, fn4):
             return False
         if seconds == 3600:
             h.stop.set()
-        return real_wait(0)
+        return h.stop.wait(0)
 
-    h.stop.wait = wait
+    h.on_wait = wait
     assert h.loader.run() >= 1
     assert 0 < waits[0] <= osa.BACKOFF_BASE and waits[-1] == 3600
     assert list(fn4.guids) == ["a"]
@@ -350,7 +372,7 @@ def test_reset_server_is_refilled_at_reconciliation(harness, emulator, fn4):
     h = harness()
     h.cycle()
     fn4.guids.clear()  # the fn4 server was rebuilt empty
-    h.loader._next_reconcile = T0  # the reconcile interval has passed
+    h.clock.advance(seconds=h.loader.settings.reconcile_interval)  # the reconcile interval has passed
     h.cycle()
     assert sorted(fn4.guids) == ["a", "b"] and len(fn4.inserts) == 4
 

@@ -33,15 +33,14 @@ def outcomes(h, name):
 def recorded_waits(h, stop_after, longest=0.0):
     """Make the loop's waits last at most ``longest`` seconds, recording them; stop once ``stop_after(waits)``."""
     waits = []
-    real_wait = h.stop.wait
 
     def wait(seconds):
         waits.append(seconds)
         if stop_after(waits):
             h.stop.set()
-        return real_wait(min(seconds, longest))
+        return h.stop.wait(min(seconds, longest))
 
-    h.stop.wait = wait
+    h.on_wait = wait
     return waits
 
 
@@ -125,7 +124,7 @@ def test_fn4_database_down_at_insert_time_never_gives_a_file_up(harness, emulato
 def clocked(h, now):
     """Give the harness's loader an injected clock that reads ``now[0]``."""
     h.loader = osa.Loader(h.loader.store, h.client, h.catalogue, h.loader.settings, clock=lambda: now[0],
-                          stop=h.stop)
+                          stop=h.stop, wait=h.wait)
     return h
 
 

@@ -1,10 +1,13 @@
-"""Signals, with a real subprocess: a first SIGTERM/SIGINT exits 0 within 5 s, a second at once.
+"""Shutdown, with real processes and real signals: a first SIGTERM/SIGINT finishes the sample in flight,
+writes its row and exits 0; a second exits at once; and every thread the loader starts is joined.
 
 The time limits leave room for a loaded 2-core machine; what tells the paths apart is not the
-time but the exit code and the log: a first signal that had to wait for the SHUTDOWN_GRACE
-deadline says so (osa.GRACE_EXPIRED_LOG), and only a second signal exits with 128 + signal.
+time but the exit code and the log: only the end of the one shutdown sequence logs osa.STOPPED_LOG,
+and only a second signal exits with 128 + signal.
 """
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,13 +16,16 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for
+from fn4_standin import Scripted
+from test_journal import attempt
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 PROMPT = 15            # seconds: "at once" on a loaded machine, still far below the 30 s insert it must not wait for
-GRACE_EXPIRED = osa.GRACE_EXPIRED_LOG % osa.SHUTDOWN_GRACE  # the line of an exit forced by the SHUTDOWN_GRACE deadline
+STOPPED = osa.STOPPED_LOG  # the last line of the shutdown sequence: the loop ended, its threads joined
 
 
 class Loader:
@@ -82,10 +88,10 @@ def count(db, table):
         engine.dispose()
 
 
-def stop_and_time(loader, signum):
+def stop_and_time(loader, signum, longest=PROMPT):
     sent = time.monotonic()
     loader.send_signal(signum)
-    code, err = loader.wait(osa.SHUTDOWN_GRACE + PROMPT)
+    code, err = loader.wait(longest)
     return code, time.monotonic() - sent, err
 
 
@@ -97,7 +103,7 @@ def test_signal_during_idle_wait_exits_0_at_once(start, tmp_path, signum):
     code, took, err = stop_and_time(loader, signum)
     assert code == 0, err
     assert "finishing the current sample" in err
-    assert GRACE_EXPIRED not in err and took < PROMPT  # it ended the wait, not the SHUTDOWN_GRACE deadline
+    assert STOPPED in err and took < PROMPT  # the sequence ended the wait at once
 
 
 def test_signal_during_a_batch_finishes_the_sample_and_writes_its_row(start, fn4, emulator, tmp_path):
@@ -108,7 +114,7 @@ def test_signal_during_a_batch_finishes_the_sample_and_writes_its_row(start, fn4
     wait_for(lambda: fn4.inserts_begun >= 1)
     code, took, err = stop_and_time(loader, signal.SIGTERM)
     assert code == 0, err
-    assert GRACE_EXPIRED not in err and took < PROMPT  # the 0.5 s sample was finished, not cut off
+    assert STOPPED in err and took < PROMPT  # the 0.5 s sample was finished, not cut off
     inserted = len(fn4.guids)
     assert 1 <= inserted < 20
     assert count(db, "fn4loadattempt") == inserted  # every insert that happened has its row
@@ -124,19 +130,120 @@ def test_second_signal_exits_at_once(start, fn4, emulator, tmp_path):
     loader.send_signal(signal.SIGTERM)
     loader.wait_for_line("finishing the current sample")  # two signals sent at once would merge into one
     code, took, err = stop_and_time(loader, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, err  # the SHUTDOWN_GRACE deadline would have exited 0
+    assert code == 128 + signal.SIGTERM, err  # a first signal alone would have waited for the insert, then 0
     assert took < PROMPT
     fn4.insert_delay = 0
 
 
-def test_a_first_signal_not_honoured_in_time_exits_0_by_the_deadline_and_says_so(start, fn4, emulator, tmp_path):
-    """The line the other tests look for is the one the deadline path logs (a changed text fails here)."""
-    db = f"sqlite:///{tmp_path / 'c.db'}"
-    upload_series(emulator, [("slow.fasta", fasta("slow"))])
-    fn4.insert_delay = 30
+def test_a_second_signal_leaves_unwritten_rows_in_the_journal(start, fn4, emulator, oci_config, tmp_path):
+    """os._exit on the second signal loses no row: the catalogue refuses them, the journal has them, the
+    next run writes them (the first file stays inserted, not in_server)."""
+    path = tmp_path / "c.db"
+    db = f"sqlite:///{path}"
+    osa.LoadLogger(sa.create_engine(db)).create_tables()
+    refuse = sa.create_engine(db)
+    with refuse.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
+                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    upload_series(emulator, [("fast.fasta", fasta("fast")), ("slow.fasta", fasta("slow"))])
+    fn4.script(Scripted(status=200, guid="fast", store=True))  # answered at once; then "slow" takes 8 s
+    fn4.insert_delay = 8  # what the second signal does not wait for (the next run waits for the stand-in's lock)
     loader = start(db, "--poll-interval", "3600")
     wait_for(lambda: fn4.inserts_begun >= 1)
+    loader.send_signal(signal.SIGTERM)
+    loader.wait_for_line("finishing the current sample")
     code, took, err = stop_and_time(loader, signal.SIGTERM)
     fn4.insert_delay = 0
+    assert code == 128 + signal.SIGTERM and took < PROMPT, err
+    assert b'"fast.fasta"' in osa.journal_path(sa.make_url(db), None, BUCKET).read_bytes()
+    with refuse.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER disk_full")
+    refuse.dispose()
+    again = CliRunner().invoke(osa.main, [fn4.url, NAMESPACE, BUCKET, db, "--once", "--config-file",
+                                          str(oci_config), "--endpoint", emulator.endpoint])
+    assert again.exit_code == 0, again.output
+    engine = sa.create_engine(db)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT fn4id, outcome FROM fn4loadattempt ORDER BY gp_int_id")).all()
+    engine.dispose()
+    assert rows[0] == ("fast", "inserted") and [guid for guid, _ in rows] == ["fast", "slow"]
+
+
+def test_a_signal_with_rows_the_catalogue_refuses_exits_1_and_says_so(start, fn4, emulator, tmp_path):
+    """The exit code and the last line say that rows were left, and where."""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    osa.LoadLogger(sa.create_engine(db)).create_tables()
+    refuse = sa.create_engine(db)
+    with refuse.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
+                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    refuse.dispose()
+    upload_series(emulator, [("a.fasta", fasta("a"))])
+    loader = start(db, "--poll-interval", "3600")
+    loader.wait_for_line("inserted a: a.fasta")
+    code, took, err = stop_and_time(loader, signal.SIGTERM)
+    assert code == 1 and took < PROMPT, err
+    assert f"{STOPPED}: exit 1 (1 catalogue rows kept in the journal)" in err
+    assert b'"a.fasta"' in osa.journal_path(sa.make_url(db), None, BUCKET).read_bytes()
+
+
+def test_a_first_signal_during_a_long_insert_waits_for_it_and_writes_its_row(start, fn4, emulator, tmp_path):
+    """No deadline cuts the sample in flight short: its insert ends, its row is written, then exit 0.
+
+    (A timer used to end the process 4.5 s after the signal, with exit 0 and no row for this insert.)"""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    upload_series(emulator, [("slow.fasta", fasta("slow")), ("next.fasta", fasta("next"))])
+    fn4.insert_delay = 7
+    loader = start(db, "--poll-interval", "3600")
+    wait_for(lambda: fn4.inserts_begun >= 1)
+    code, took, err = stop_and_time(loader, signal.SIGTERM, fn4.insert_delay + PROMPT)
+    fn4.insert_delay = 0
     assert code == 0, err
-    assert GRACE_EXPIRED in err and osa.SHUTDOWN_GRACE <= took < osa.SHUTDOWN_GRACE + PROMPT
+    assert list(fn4.guids) == ["slow"] and fn4.inserts_begun == 1  # the next sample was not begun
+    assert count(db, "fn4loadattempt") == 1, err  # the insert in flight was recorded
+    assert STOPPED in err and "catalogue row not written" not in err
+
+
+# ---- threads: each owner stops and joins what it started ---------------------------------------
+
+
+def threads_since(before):
+    """Names of the threads started since ``before`` that still run, but the stand-ins' request threads."""
+    return sorted(t.name for t in threading.enumerate()
+                  if t not in before and t.is_alive() and "process_request_thread" not in t.name)
+
+
+def test_close_returns_once_the_writer_has_ended_even_with_a_write_in_flight(tmp_path):
+    """LoadLogger.close() joins its writer thread: here the write waits on a lock another connection holds."""
+    path = tmp_path / "c.sqlite"
+    made = sa.create_engine(f"sqlite:///{path}")
+    osa.LoadLogger(made).create_tables()
+    made.dispose()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the database is locked: the writer's write waits up to 0.5 s, then fails
+    before = set(threading.enumerate())
+    catalogue = osa.LoadLogger(sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.5}))
+    try:
+        catalogue.start()
+        catalogue.record_attempt(attempt(1))
+        left = catalogue.close(timeout=0.1)
+        assert threads_since(before) == []
+        assert [row["file_name"] for row in left] == ["run 1/s01.fasta"]
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_run_leaves_no_thread_behind(fn4, emulator, oci_config, tmp_path):
+    """After run returns, the writer, the lease keeper, the metrics server and the signal watcher have ended."""
+    upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(3)])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = set(threading.enumerate())
+    result = CliRunner().invoke(osa.main, [fn4.url, NAMESPACE, BUCKET, f"sqlite:///{tmp_path / 'c.db'}", "--once",
+                                           "--config-file", str(oci_config), "--endpoint", emulator.endpoint,
+                                           "--metrics-port", f"127.0.0.1:{port}"])
+    assert result.exit_code == 0, result.output
+    assert sorted(fn4.guids) == ["s0", "s1", "s2"]
+    assert threads_since(before) == []
