@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import html
 import http.client
+import http.server
 import itertools
 import base64
 import heapq
@@ -3777,98 +3778,103 @@ class Metrics(LoaderObserver):
         return idle <= self.max_age, {"healthy": idle <= self.max_age, "seconds_since_progress": round(idle, 1),
                                       "max_age": self.max_age, "cycles": self.completed_cycles}
 
-    def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics and /healthz from daemon threads; return the server, stopped by close(). Raises ConfigError.
-
-        METRICS_WORKERS threads answer, one request per connection, and a client has METRICS_TIMEOUT
-        seconds to send its request. Clients beyond those wait in the listen backlog, in the kernel:
-        a flood of idle connections costs the loader no descriptors and no threads. A client that goes
-        away early is logged at DEBUG only.
-        """
-        from http.server import BaseHTTPRequestHandler, HTTPServer
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = METRICS_TIMEOUT
-
-            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    code, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
-                elif path == "/healthz":
-                    healthy, details = metrics.health()
-                    code, kind, body = 200 if healthy else 503, "application/json", json.dumps(details).encode()
-                else:
-                    code, kind, body = 404, "text/plain", b"try /metrics or /healthz\n"
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        class Server(HTTPServer):
-            request_queue_size = METRICS_BACKLOG
-
-            def __init__(self, address: tuple[str, int]) -> None:
-                super().__init__(address, Handler)
-                self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
-                self.closing = threading.Event()
-                self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
-                                for n in range(METRICS_WORKERS)]
-                for worker in self.workers:
-                    worker.start()
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                # Waits while every worker is busy, so that further clients wait in the backlog.
-                while not self.closing.is_set():
-                    try:
-                        self.accepted.put((request, client_address), timeout=0.5)
-                        return
-                    except queue.Full:
-                        continue
-                self.shutdown_request(request)
-
-            def work(self) -> None:
-                while not self.closing.is_set() and (item := self.accepted.get()) is not None:
-                    try:
-                        self.finish_request(*item)
-                    except Exception:
-                        self.handle_error(*item)
-                    finally:
-                        self.shutdown_request(item[0])
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
-
-            def shutdown(self) -> None:
-                self.closing.set()
-                super().shutdown()
-                for _ in self.workers:
-                    with contextlib.suppress(queue.Full):
-                        self.accepted.put_nowait(None)
-
-            def close(self) -> None:
-                """Stop answering, join the server's threads (THREAD_JOIN_TIMEOUT in all), close the port."""
-                self.shutdown()
-                deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
-                for thread in (serving, *self.workers):
-                    thread.join(max(deadline - time.monotonic(), 0))
-                    if thread.is_alive():
-                        log.warning("metrics: thread %s still answers a client; left behind", thread.name)
-                self.server_close()
-
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """Serve /metrics and /healthz from daemon threads; return the server, stopped by close. Raises ConfigError."""
         try:
-            server = Server((host, port))
+            server = MetricsServer((host, port), self)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}; "
                               "choose another --metrics-port") from None
-        serving = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-        serving.start()
+        server.serving.start()
         return server
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """Answer one request for /metrics or /healthz from the server's Metrics."""
+
+    timeout = METRICS_TIMEOUT
+    server: MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        metrics = self.server.metrics
+        path = self.path.split("?")[0]
+        if path == "/metrics":
+            code, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+        elif path == "/healthz":
+            healthy, details = metrics.health()
+            code, kind, body = 200 if healthy else 503, "application/json", json.dumps(details).encode()
+        else:
+            code, kind, body = 404, "text/plain", b"try /metrics or /healthz\n"
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+class MetricsServer(http.server.HTTPServer):
+    """The metrics port: METRICS_WORKERS threads answer, one request per connection.
+
+    A client has METRICS_TIMEOUT seconds to send its request. Clients beyond the workers wait in the
+    listen backlog, in the kernel: a flood of idle connections costs the loader no descriptors and
+    no threads. A client that goes away early is logged at DEBUG only.
+    """
+
+    request_queue_size = METRICS_BACKLOG
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics) -> None:
+        super().__init__(address, _MetricsHandler)
+        self.metrics = metrics
+        self.accepted: queue.Queue[Any] = queue.Queue(maxsize=METRICS_WORKERS)
+        self.closing = threading.Event()
+        self.workers = [threading.Thread(target=self.work, name=f"metrics-{n}", daemon=True)
+                        for n in range(METRICS_WORKERS)]
+        for worker in self.workers:
+            worker.start()
+        self.serving = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Waits while every worker is busy, so that further clients wait in the backlog.
+        while not self.closing.is_set():
+            try:
+                self.accepted.put((request, client_address), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self.shutdown_request(request)
+
+    def work(self) -> None:
+        while not self.closing.is_set() and (item := self.accepted.get()) is not None:
+            try:
+                self.finish_request(*item)
+            except Exception:
+                self.handle_error(*item)
+            finally:
+                self.shutdown_request(item[0])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics client %s: %s", client_address[0], _short(sys.exc_info()[1] or Exception()))
+
+    def shutdown(self) -> None:
+        self.closing.set()
+        super().shutdown()
+        for _ in self.workers:
+            with contextlib.suppress(queue.Full):
+                self.accepted.put_nowait(None)
+
+    def close(self) -> None:
+        """Stop answering, join the server's threads (THREAD_JOIN_TIMEOUT in all), close the port."""
+        self.shutdown()
+        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+        for thread in (self.serving, *self.workers):
+            thread.join(max(deadline - time.monotonic(), 0))
+            if thread.is_alive():
+                log.warning("metrics: thread %s still answers a client; left behind", thread.name)
+        self.server_close()
 
 
 # ---- Command line ----------------------------------------------------------------------------
