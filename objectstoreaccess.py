@@ -1697,10 +1697,11 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
     them, and its index names. Missing columns and indexes are added; shorter strings are widened
     and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
-    MariaDB's DATETIME columns gain microseconds. SQLite ignores string lengths; dropping NOT NULL
-    there makes Alembic copy the table. ``operations`` returns Alembic's Operations (on a connection,
-    or on an offline context that prints SQL); it is called, and Alembic imported, only if
-    something needs changing, which spares every later start the import.
+    MariaDB's DATETIME columns gain microseconds, and Oracle's DATE (whole seconds) become TIMESTAMP.
+    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
+    ``operations`` returns Alembic's Operations (on a connection, or on an offline context that
+    prints SQL); it is called, and Alembic imported, only if something needs changing, which
+    spares every later start the import.
     """
     changes: list[str] = []
     ops = None
@@ -1740,9 +1741,9 @@ def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: st
             continue
         length = getattr(old["type"], "length", None)
         widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                 and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
-            isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
-            and isinstance(column.type, sa.DateTime))
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME and Oracle's DATE drop them
+            isinstance(column.type, sa.DateTime) and (isinstance(old["type"], oracle.DATE) or (
+                isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp)))
         if widen or not old["nullable"]:
             alters.append((column, old, widen))
     return alters

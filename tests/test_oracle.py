@@ -292,3 +292,31 @@ def test_the_rules_catch_what_oracle_refuses():
         a.file_name.in_([f"f{i}" for i in range(1000)]), a.error_text.is_(None))
     assert problems(good, [], {}) == []
     assert in_list_sizes(oracle_sql(good, [], literal=False)) == [1000]
+
+
+def test_the_predecessors_oracle_dates_become_timestamps_at_upgrade():
+    """The predecessor's DateTime columns are Oracle DATEs, which keep whole seconds: the upgrade makes them
+    TIMESTAMPs, or a replayed row (microseconds) never matches its stored copy and is written twice."""
+    import io
+
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    metadata = osa.build_tables()[0]
+    old = predecessor_tables(None)[0]
+    existing = {table.name: ([{"name": c.name, "nullable": c.nullable, "comment": None,
+                               "type": oracle.DATE() if isinstance(c.type, sa.DateTime) else c.type}
+                              for c in table.columns], set())
+                for table in old.tables.values()}
+    sql = io.StringIO()
+    context = MigrationContext.configure(dialect_name="oracle", opts={"as_sql": True, "output_buffer": sql})
+    changes = osa.upgrade_tables(lambda: Operations(context), "oracle", metadata, existing)
+    text = sql.getvalue()
+    for table, column in (("fn4batchload", "check_time"), ("fn4loadattempt", "batch_start_time"),
+                          ("fn4loadattempt", "insert_end_time")):
+        assert f"ALTER TABLE {table} MODIFY {column} TIMESTAMP" in text, text
+        assert f"{table}.{column}: widened, nullable" in changes
+    assert "DATE" not in text
+    current = {t.name: ([{"name": c.name, "nullable": True, "type": c.type.dialect_impl(ORACLE)}
+                         for c in t.columns], {i.name for i in t.indexes}) for t in metadata.tables.values()}
+    assert osa.upgrade_tables(lambda: None, "oracle", metadata, current) == []  # TIMESTAMPs stay as they are
