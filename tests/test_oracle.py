@@ -9,6 +9,7 @@ naive UTC datetimes, the database's time only through database_utc). The stateme
 cover every public LoadLogger and Lease method, so a new method is checked as soon as it exists.
 """
 import inspect
+import json
 import re
 import sys
 import threading
@@ -21,7 +22,7 @@ from sqlalchemy.sql.elements import BinaryExpression, BindParameter, Label, Text
 
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
-from fn4_standin import Scripted
+from fn4_standin import FN4StandIn, Scripted
 from test_service import cli
 from test_upgrade import predecessor_tables
 
@@ -320,3 +321,56 @@ def test_the_predecessors_oracle_dates_become_timestamps_at_upgrade():
     current = {t.name: ([{"name": c.name, "nullable": True, "type": c.type.dialect_impl(ORACLE)}
                          for c in t.columns], {i.name for i in t.indexes}) for t in metadata.tables.values()}
     assert osa.upgrade_tables(lambda: None, "oracle", metadata, current) == []  # TIMESTAMPs stay as they are
+
+
+def as_oracle_stores_it(path):
+    """Return an engine event handler that writes '' as NULL into the SQLite file at ``path``, as Oracle does."""
+    def handler(conn, cursor, statement, parameters, context, executemany):
+        if conn.engine.url.database != str(path):
+            return statement, parameters
+
+        def null(row):
+            return tuple(None if v == "" else v for v in row)
+        return statement, [null(row) for row in parameters] if executemany else null(parameters)
+    return handler
+
+
+def operator_view(fn4, emulator, oci_config, url):
+    """Load, fail, retry, re-queue and load again; return what status, list and retry-failed say."""
+    loads = [fn4.url, NAMESPACE, BUCKET, url, "--config-file", oci_config, "--endpoint", emulator.endpoint]
+    fn4.script(Scripted(status=500, guid="r1", times=2), Scripted(status=503, guid="p1"))
+    for _ in range(2):
+        assert cli(*loads, "--once", "--max-attempts", "2").exit_code in (0, 1)
+    requeued = cli("retry-failed", fn4.url, NAMESPACE, BUCKET, url).stdout
+    assert cli(*loads, "--once").exit_code in (0, 1)
+    report = json.loads(cli("status", url, "--json").stdout)["loaders"]
+    listed = json.loads(cli("list", *loads, "--json").stdout)
+    return (requeued, [(one["host_name"], one["backlog"], one["outcomes"], one["recent_files"], one["abandoned"],
+                        sorted((f["file_name"], f["outcome"], f["parse_status"]) for f in one["failed_files"]))
+                       for one in report], sorted((f["name"], f["state"], f["outcome"]) for f in listed))
+
+
+def test_status_list_and_retry_failed_say_the_same_when_empty_text_is_stored_as_null(
+        fn4, emulator, oci_config, tmp_path):
+    """Oracle stores '' as NULL: the same runs on a catalogue that does so report the same states and failures."""
+    upload_series(emulator, [("a.fasta", fasta("a")), ("bad.fasta", b"not fasta"), ("r1.fasta", fasta("r1", seed=1)),
+                             ("p1.fasta", fasta("p1", seed=3)), ("noid.fasta", b">\n" + fasta("x").split(b"\n", 1)[1]),
+                             ("empty.fasta", b"")])
+    plain, nulled = tmp_path / "plain.sqlite", tmp_path / "nulled.sqlite"
+    handler = as_oracle_stores_it(nulled)
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", handler, retval=True)
+    try:
+        with FN4StandIn() as other:
+            expected = operator_view(fn4, emulator, oci_config, f"sqlite:///{plain}")
+            seen = operator_view(other, emulator, oci_config, f"sqlite:///{nulled}")
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", handler)
+    empties = []
+    for path in (plain, nulled):
+        engine = sa.create_engine(f"sqlite:///{path}")
+        with engine.connect() as conn:
+            empties.append(conn.execute(sa.text("SELECT count(*) FROM fn4loadattempt WHERE seqid = ''")).scalar())
+        engine.dispose()
+    assert empties[0] and not empties[1]  # the plain catalogue stored '' (a header without a name), the other NULL
+    assert expected[0] and expected[1][0][5]
+    assert seen == expected
