@@ -374,3 +374,22 @@ def test_status_list_and_retry_failed_say_the_same_when_empty_text_is_stored_as_
     assert empties[0] and not empties[1]  # the plain catalogue stored '' (a header without a name), the other NULL
     assert expected[0] and expected[1][0][5]
     assert seen == expected
+
+
+def test_rows_looked_for_by_the_writer_go_in_in_lists_oracle_takes(tmp_path):
+    """However many uncertain rows the writer looks for at once, each IN list holds at most 1000 items
+    (ORA-01795), and the rows already there are still found."""
+    catalogue = osa.LoadLogger(sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}"))
+    catalogue.create_tables()
+    rows = [{**{k: None for k in catalogue.attempts.c.keys() if k != "gp_int_id"}, "host_name": "vm-1",
+             "file_name": f"f{i:05d}.fasta", "object_etag": "", "outcome": osa.INSERTED,
+             "batch_start_time": T0.replace(tzinfo=None) + timedelta(seconds=i)} for i in range(2500)]
+    with catalogue.engine.begin() as conn:
+        conn.execute(catalogue.attempts.insert(), rows[::2])
+    with Capture() as capture, catalogue.engine.connect() as conn:
+        missing = catalogue._missing(conn, catalogue.attempts, rows)
+    catalogue.engine.dispose()
+    assert missing == rows[1::2]
+    sizes = [n for element, multiparams, *_ in capture.statements
+             for n in in_list_sizes(oracle_sql(element, multiparams, literal=False))]
+    assert sizes and max(sizes) <= ORACLE_IN_LIST_LIMIT, sizes
