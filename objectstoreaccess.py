@@ -112,6 +112,7 @@ AUTO_RETRY_INTERVAL = 86400              # seconds after giving a file up before
 OCI_TIMEOUT = (10.0, 120.0)              # (connect, read) seconds for Object Storage calls
 DB_CONNECT_TIMEOUT = 15                  # seconds to open a catalogue connection
 DB_CALL_TIMEOUT = 60                     # seconds a catalogue call may take before its connections are dropped
+IN_LIST_LIMIT = 1000                     # items in one SQL IN list: Oracle refuses more (ORA-01795)
 DB_KEEPALIVE = 30                        # seconds idle before TCP keepalive probes on a catalogue connection
 ONCE_CATALOGUE_PATIENCE = 30.0           # seconds --once waits for a catalogue that refuses writes, then exits 1
 JOURNAL_COMPACT_BYTES = 1 << 20          # a journal larger than this is rewritten without its committed rows
@@ -1697,10 +1698,11 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
     them, and its index names. Missing columns and indexes are added; shorter strings are widened
     and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
-    MariaDB's DATETIME columns gain microseconds. SQLite ignores string lengths; dropping NOT NULL
-    there makes Alembic copy the table. ``operations`` returns Alembic's Operations (on a connection,
-    or on an offline context that prints SQL); it is called, and Alembic imported, only if
-    something needs changing, which spares every later start the import.
+    MariaDB's DATETIME columns gain microseconds, and Oracle's DATE (whole seconds) become TIMESTAMP.
+    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
+    ``operations`` returns Alembic's Operations (on a connection, or on an offline context that
+    prints SQL); it is called, and Alembic imported, only if something needs changing, which
+    spares every later start the import.
     """
     changes: list[str] = []
     ops = None
@@ -1740,9 +1742,9 @@ def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: st
             continue
         length = getattr(old["type"], "length", None)
         widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                 and length < column.type.length) or (  # MariaDB's plain DATETIME drops microseconds
-            isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp
-            and isinstance(column.type, sa.DateTime))
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME and Oracle's DATE drop them
+            isinstance(column.type, sa.DateTime) and (isinstance(old["type"], oracle.DATE) or (
+                isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp)))
         if widen or not old["nullable"]:
             alters.append((column, old, widen))
     return alters
@@ -2564,13 +2566,15 @@ class LoadLogger:
                         f"; they are kept in the journal {self.journal.path}" if self.journal else "")
 
     def _missing(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Return the rows not yet in the table, found by their key columns (_ROW_KEYS)."""
+        """Return the rows not yet in the table, found by their key columns (_ROW_KEYS), IN_LIST_LIMIT rows a query."""
         keys = _ROW_KEYS[table.name]
         moment = "check_time" if table is self.batches else "batch_start_time"
-        query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in rows})))
-        if table is self.attempts:
-            query = query.where(table.c.file_name.in_(list({r["file_name"] for r in rows})))
-        found = {tuple(map(_key_value, row)) for row in conn.execute(query)}
+        found: set[tuple[Any, ...]] = set()
+        for part in (rows[at:at + IN_LIST_LIMIT] for at in range(0, len(rows), IN_LIST_LIMIT)):
+            query = sa.select(*(table.c[k] for k in keys)).where(table.c[moment].in_(list({r[moment] for r in part})))
+            if table is self.attempts:
+                query = query.where(table.c.file_name.in_(list({r["file_name"] for r in part})))
+            found.update(tuple(map(_key_value, row)) for row in conn.execute(query))
         return [r for r in rows if tuple(_key_value(r[k]) for k in keys) not in found]
 
     def _write_forever(self) -> None:
