@@ -1018,8 +1018,8 @@ class ObjectStoreClient:
         _check_body(response.headers, received, digest, obj.md5)
         return data
 
-    def _get_object(self, name: str, etag: str) -> SimpleNamespace:
-        """GET an object if it still has ``etag``; return its headers, its body's chunks and close.
+    def _get_object(self, name: str, etag: str | None) -> SimpleNamespace:
+        """GET an object if it still has ``etag`` (None: as it is); return its headers, its body's chunks and close.
 
         The SDK's get_object spends about 1 ms of CPU a call above the request itself (model layers,
         per-request objects, the environment read again). So, without a proxy, the GET goes over one
@@ -1041,7 +1041,7 @@ class ObjectStoreClient:
         return SimpleNamespace(headers=headers, close=close,
                                chunks=iter(lambda: response.read(DOWNLOAD_CHUNK), b""))
 
-    def _get_direct(self, name: str, etag: str) -> http.client.HTTPResponse:
+    def _get_direct(self, name: str, etag: str | None) -> http.client.HTTPResponse:
         """One signed GET; errors are raised as the SDK's own, so its retry strategy judges them alike."""
         from oci._vendor import requests as sdk_requests
         base = self._client.base_client
@@ -1050,7 +1050,8 @@ class ObjectStoreClient:
                 f"/o/{quote(name, safe='')}")
         request = sdk_requests.PreparedRequest()
         request.method, request.url, request.body = "GET", f"{endpoint.scheme}://{endpoint.netloc}{path}", None
-        request.headers = sdk_requests.structures.CaseInsensitiveDict({"accept": "*/*", "if-match": etag})
+        request.headers = sdk_requests.structures.CaseInsensitiveDict(
+            {"accept": "*/*", **({"if-match": etag} if etag is not None else {})})
         base.signer(request)
         try:
             verify = base.session.verify
@@ -1152,16 +1153,19 @@ class ObjectStoreClient:
         return True
 
     def download(self, name: str, out: BinaryIO) -> int:
-        """Write an object's bytes, as stored, to ``out``; return how many. Raises TransientError if damaged."""
-        response = self._client.get_object(self.namespace, self.bucket, name)
+        """Write an object's bytes, as stored, to ``out``; return how many. Raises TransientError if damaged.
+
+        Reads as the loader does (see _get_object); a missing object raises the SDK's ServiceError (404).
+        """
+        response = self._get_object(name, None)
         digest, received = hashlib.md5(usedforsecurity=False), 0
         try:
-            for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
+            for chunk in response.chunks:
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
         finally:
-            response.data.close()
+            response.close()
         _check_body(response.headers, received, digest, None)
         return received
 
