@@ -125,6 +125,8 @@ DEFAULT_LIST_WORKERS = 16                # key ranges listed at once, each by it
 RANGES_PER_WORKER = 4                    # key ranges per worker, so a worker with a short range takes another
 #: Where a first listing splits the key space when it has learnt nothing yet (after its first page).
 FIRST_LISTING_SPLITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+OWN_RUNS_KEPT = 10_000                   # runs of its own attempt-row ids a catalogue remembers, newest kept
+NAME_SAMPLE_SIZE = 4096                  # catalogue file names kept, evenly spaced, to split the first listing at
 GUIDS_CHUNK = 1 << 20                    # bytes of fn4's guid list parsed at a time
 DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
@@ -554,6 +556,30 @@ def split_points(pages: Iterable[tuple[str, int]], ranges: int) -> list[str]:
             filled = 0
         filled += count
     return points
+
+
+class NameSample:
+    """Every ``step``-th of the names met, the step doubling whenever ``2 * size`` are kept: at most that many.
+
+    The catalogue names every file listed before: its names split the bucket into ranges of about
+    equal size at start, before any listing has been seen (see ``pages``).
+    """
+
+    def __init__(self, size: int = NAME_SAMPLE_SIZE) -> None:
+        self.size, self.step, self.seen = size, 1, 0
+        self.names: list[str] = []
+
+    def add(self, name: str) -> None:
+        if not self.seen % self.step:
+            self.names.append(name)
+            if len(self.names) >= 2 * self.size:
+                del self.names[1::2]
+                self.step *= 2
+        self.seen += 1
+
+    def pages(self) -> list[tuple[str, int]]:
+        """Return the names kept, sorted, as the first names of pages of ``step`` names: for split_points."""
+        return [(name, self.step) for name in sorted(self.names)]
 
 
 def _utf8(text: str) -> bool:
@@ -2237,6 +2263,8 @@ class LoadLogger:
         self._uncertain_through = 0  # rows up to this id may be in the database already: write the missing
         self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
         self._unjournaled_ids: set[int] = set()
+        # [first, last] id runs of attempt rows this process wrote whose state its loader holds (see rows_held_after)
+        self._own_runs: deque[list[int]] = deque(maxlen=OWN_RUNS_KEPT)
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
         self._connections_lock = threading.Lock()
         sa.event.listen(engine, "connect", self._track)
@@ -2514,11 +2542,44 @@ class LoadLogger:
         self._changed.notify_all()
 
     def _insert(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool) -> None:
-        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing."""
+        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing.
+
+        Attempt rows made in this process (certain ones) are inserted returning their ids, where the
+        database can, so that the loader need not read them back (see rows_held_after).
+        """
+        ids: list[int] = []
         with self._deadline("write"), self.engine.begin() as conn:
             rows = self._missing(conn, table, rows) if uncertain else rows
-            if rows:
+            if rows and table is self.attempts and not uncertain and \
+                    conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+                ids = list(conn.execute(table.insert().returning(table.c.gp_int_id, sort_by_parameter_order=True),
+                                        rows).scalars())
+            elif rows:
                 conn.execute(table.insert(), rows)
+        self._note_own(row_id for row_id, values in zip(ids, rows) if values.get("outcome") != GAVE_UP)
+
+    def _note_own(self, ids: Iterable[int]) -> None:
+        """Add written attempt-row ids to the runs of our own rows, extending the last run where they follow it."""
+        with self._changed:
+            for row_id in ids:
+                if self._own_runs and self._own_runs[-1][1] == row_id - 1:
+                    self._own_runs[-1][1] = row_id
+                else:
+                    self._own_runs.append([row_id, row_id])
+
+    def rows_held_after(self, after_id: int) -> int:
+        """Return the last id of the unbroken run of our own attempt rows right after ``after_id`` (or ``after_id``).
+
+        Those rows were made by this process's loader, which set each file's state as it queued them,
+        in the same order: reading them back would change nothing. A gave_up row (the loader counts
+        those when read) and a row another process wrote break the run.
+        """
+        with self._changed:
+            while self._own_runs and self._own_runs[0][1] <= after_id:
+                self._own_runs.popleft()
+            if self._own_runs and self._own_runs[0][0] <= after_id + 1:
+                return self._own_runs.popleft()[1]
+            return after_id
 
     def _write_rows(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool
                     ) -> tuple[int, Exception | None]:
@@ -3136,8 +3197,9 @@ class Loader:
     def _list(self, keep: Callable[[dict[str, Any]], bool] | None) -> Listing:
         """List every key range but the archive prefix's, concurrently, split where the last listing's pages began.
 
-        With nothing learnt yet, one page of each range is listed first: a bucket bigger than that is
-        then split at FIRST_LISTING_SPLITS.
+        After a restart, the split is where the catalogue's file names put it (see _refresh_from_catalogue).
+        With nothing learnt (an empty catalogue), one page of each range is listed first: a bucket
+        bigger than that is then split at FIRST_LISTING_SPLITS.
         """
         prefix, archive, workers = self.settings.prefix, self.settings.archive_prefix, self.settings.list_workers
         boundaries = self._boundaries
@@ -3162,6 +3224,10 @@ class Loader:
                         self._files[(row["file_name"], row["object_etag"])] = (
                             row["completed"] or 0, row["outcome"] or "", row["failed_attempts"] or 0)
             return False  # our own rows are not all in yet; the in-memory state is newer
+        # our own rows written since the last look (a migration cycle writes millions): held already, not read back
+        self._last_row_id = self.catalogue.rows_held_after(self._last_row_id)
+        prefix, ranges = self.settings.prefix or "", self.settings.list_workers * RANGES_PER_WORKER
+        names = NameSample() if not self._boundaries and ranges > RANGES_PER_WORKER else None
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.fn4.base_url, self.store.namespace, self.store.bucket, self._last_row_id):
@@ -3169,10 +3235,14 @@ class Loader:
                 if outcome == GAVE_UP:
                     rounds = self._given_up.get((name, etag), (0, None))[0]
                     self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
+                if names is not None and name.startswith(prefix):
+                    names.add(name)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
             return False
+        if names is not None:  # nothing listed yet (a restart): split the first listing where the catalogue's names do
+            self._boundaries = split_points(names.pages(), ranges)
         return True
 
     def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:
