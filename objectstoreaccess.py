@@ -2547,16 +2547,15 @@ class LoadLogger:
         Attempt rows made in this process (certain ones) are inserted returning their ids, where the
         database can, so that the loader need not read them back (see rows_held_after).
         """
-        ids: list[int] = []
+        written: list[Any] = []
         with self._deadline("write"), self.engine.begin() as conn:
             rows = self._missing(conn, table, rows) if uncertain else rows
-            if rows and table is self.attempts and not uncertain and \
-                    conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-                ids = list(conn.execute(table.insert().returning(table.c.gp_int_id, sort_by_parameter_order=True),
-                                        rows).scalars())
+            if rows and table is self.attempts and not uncertain and conn.dialect.insert_executemany_returning:
+                # in any order: asking for the rows' order costs a statement a row on some databases
+                written = list(conn.execute(table.insert().returning(table.c.gp_int_id, table.c.outcome), rows))
             elif rows:
                 conn.execute(table.insert(), rows)
-        self._note_own(row_id for row_id, values in zip(ids, rows) if values.get("outcome") != GAVE_UP)
+        self._note_own(sorted(row_id for row_id, outcome in written if outcome != GAVE_UP))
 
     def _note_own(self, ids: Iterable[int]) -> None:
         """Add written attempt-row ids to the runs of our own rows, extending the last run where they follow it."""
