@@ -126,6 +126,8 @@ DEFAULT_LIST_WORKERS = 16                # key ranges listed at once, each by it
 RANGES_PER_WORKER = 4                    # key ranges per worker, so a worker with a short range takes another
 #: Where a first listing splits the key space when it has learnt nothing yet (after its first page).
 FIRST_LISTING_SPLITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+OWN_RUNS_KEPT = 10_000                   # runs of its own attempt-row ids a catalogue remembers, newest kept
+NAME_SAMPLE_SIZE = 4096                  # catalogue file names kept, evenly spaced, to split the first listing at
 GUIDS_CHUNK = 1 << 20                    # bytes of fn4's guid list parsed at a time
 DEFAULT_SQLITE_PATH = Path.home() / ".local" / "state" / "fn4loader" / "catalogue.sqlite"
 DEFAULT_RETENTION_DAYS = 90              # catalogue rows older than this are removed, 0 keeps them all
@@ -635,6 +637,30 @@ def split_points(pages: Iterable[tuple[str, int]], ranges: int) -> list[str]:
     return points
 
 
+class NameSample:
+    """Every ``step``-th of the names met, the step doubling whenever ``2 * size`` are kept: at most that many.
+
+    The catalogue names every file listed before: its names split the bucket into ranges of about
+    equal size at start, before any listing has been seen (see ``pages``).
+    """
+
+    def __init__(self, size: int = NAME_SAMPLE_SIZE) -> None:
+        self.size, self.step, self.seen = size, 1, 0
+        self.names: list[str] = []
+
+    def add(self, name: str) -> None:
+        if not self.seen % self.step:
+            self.names.append(name)
+            if len(self.names) >= 2 * self.size:
+                del self.names[1::2]
+                self.step *= 2
+        self.seen += 1
+
+    def pages(self) -> list[tuple[str, int]]:
+        """Return the names kept, sorted, as the first names of pages of ``step`` names: for split_points."""
+        return [(name, self.step) for name in sorted(self.names)]
+
+
 def _utf8(text: str) -> bool:
     """Return True if ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
     try:
@@ -1097,8 +1123,8 @@ class ObjectStoreClient:
         _check_body(response.headers, received, digest, obj.md5)
         return data
 
-    def _get_object(self, name: str, etag: str) -> SimpleNamespace:
-        """GET an object if it still has ``etag``; return its headers, its body's chunks and close.
+    def _get_object(self, name: str, etag: str | None) -> SimpleNamespace:
+        """GET an object if it still has ``etag`` (None: as it is); return its headers, its body's chunks and close.
 
         The SDK's get_object spends about 1 ms of CPU a call above the request itself (model layers,
         per-request objects, the environment read again). So, without a proxy, the GET goes over one
@@ -1120,7 +1146,7 @@ class ObjectStoreClient:
         return SimpleNamespace(headers=headers, close=close,
                                chunks=iter(lambda: response.read(DOWNLOAD_CHUNK), b""))
 
-    def _get_direct(self, name: str, etag: str) -> http.client.HTTPResponse:
+    def _get_direct(self, name: str, etag: str | None) -> http.client.HTTPResponse:
         """One signed GET; errors are raised as the SDK's own, so its retry strategy judges them alike."""
         from oci._vendor import requests as sdk_requests
         base = self._client.base_client
@@ -1129,7 +1155,8 @@ class ObjectStoreClient:
                 f"/o/{quote(name, safe='')}")
         request = sdk_requests.PreparedRequest()
         request.method, request.url, request.body = "GET", f"{endpoint.scheme}://{endpoint.netloc}{path}", None
-        request.headers = sdk_requests.structures.CaseInsensitiveDict({"accept": "*/*", "if-match": etag})
+        request.headers = sdk_requests.structures.CaseInsensitiveDict(
+            {"accept": "*/*", **({"if-match": etag} if etag is not None else {})})
         base.signer(request)
         try:
             verify = base.session.verify
@@ -1231,16 +1258,19 @@ class ObjectStoreClient:
         return True
 
     def download(self, name: str, out: BinaryIO) -> int:
-        """Write an object's bytes, as stored, to ``out``; return how many. Raises TransientError if damaged."""
-        response = self._client.get_object(self.namespace, self.bucket, name)
+        """Write an object's bytes, as stored, to ``out``; return how many. Raises TransientError if damaged.
+
+        Reads as the loader does (see _get_object); a missing object raises the SDK's ServiceError (404).
+        """
+        response = self._get_object(name, None)
         digest, received = hashlib.md5(usedforsecurity=False), 0
         try:
-            for chunk in response.data.raw.stream(DOWNLOAD_CHUNK, decode_content=False):
+            for chunk in response.chunks:
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
         finally:
-            response.data.close()
+            response.close()
         _check_body(response.headers, received, digest, None)
         return received
 
@@ -2332,6 +2362,8 @@ class LoadLogger:
         self._uncertain_through = 0  # rows up to this id may be in the database already: write the missing
         self.unjournaled: list[dict[str, Any]] = []  # rows the journal could not keep, left at close
         self._unjournaled_ids: set[int] = set()
+        # [first, last] id runs of attempt rows this process wrote whose state its loader holds (see rows_held_after)
+        self._own_runs: deque[list[int]] = deque(maxlen=OWN_RUNS_KEPT)
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # driver connections that have a socket
         self._connections_lock = threading.Lock()
         sa.event.listen(engine, "connect", self._track)
@@ -2633,11 +2665,43 @@ class LoadLogger:
         self._changed.notify_all()
 
     def _insert(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool) -> None:
-        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing."""
+        """Insert rows in one transaction; the uncertain ones (see _write_forever) only where missing.
+
+        Attempt rows made in this process (certain ones) are inserted returning their ids, where the
+        database can, so that the loader need not read them back (see rows_held_after).
+        """
+        written: list[Any] = []
         with self._deadline("write"), self.engine.begin() as conn:
             rows = self._missing(conn, table, rows) if uncertain else rows
-            if rows:
+            if rows and table is self.attempts and not uncertain and conn.dialect.insert_executemany_returning:
+                # in any order: asking for the rows' order costs a statement a row on some databases
+                written = list(conn.execute(table.insert().returning(table.c.gp_int_id, table.c.outcome), rows))
+            elif rows:
                 conn.execute(table.insert(), rows)
+        self._note_own(sorted(row_id for row_id, outcome in written if outcome != GAVE_UP))
+
+    def _note_own(self, ids: Iterable[int]) -> None:
+        """Add written attempt-row ids to the runs of our own rows, extending the last run where they follow it."""
+        with self._changed:
+            for row_id in ids:
+                if self._own_runs and self._own_runs[-1][1] == row_id - 1:
+                    self._own_runs[-1][1] = row_id
+                else:
+                    self._own_runs.append([row_id, row_id])
+
+    def rows_held_after(self, after_id: int) -> int:
+        """Return the last id of the unbroken run of our own attempt rows right after ``after_id`` (or ``after_id``).
+
+        Those rows were made by this process's loader, which set each file's state as it queued them,
+        in the same order: reading them back would change nothing. A gave_up row (the loader counts
+        those when read) and a row another process wrote break the run.
+        """
+        with self._changed:
+            while self._own_runs and self._own_runs[0][1] <= after_id:
+                self._own_runs.popleft()
+            if self._own_runs and self._own_runs[0][0] <= after_id + 1:
+                return self._own_runs.popleft()[1]
+            return after_id
 
     def _write_rows(self, table: sa.Table, rows: list[dict[str, Any]], uncertain: bool
                     ) -> tuple[int, Exception | None]:
@@ -3354,8 +3418,9 @@ class Loader:
     def _list(self, keep: Callable[[dict[str, Any]], bool] | None) -> Listing:
         """List every key range but the archive prefix's, concurrently, split where the last listing's pages began.
 
-        With nothing learnt yet, one page of each range is listed first: a bucket bigger than that is
-        then split at FIRST_LISTING_SPLITS.
+        After a restart, the split is where the catalogue's file names put it (see _refresh_from_catalogue).
+        With nothing learnt (an empty catalogue), one page of each range is listed first: a bucket
+        bigger than that is then split at FIRST_LISTING_SPLITS.
         """
         prefix, archive, workers = self.settings.prefix, self.settings.archive_prefix, self.settings.list_workers
         boundaries = self._boundaries
@@ -3379,6 +3444,10 @@ class Loader:
                         self._files[(row["file_name"], row["object_etag"])] = FileState.of(
                             row["completed"], row["outcome"], row["failed_attempts"])
             return False  # our own rows are not all in yet; the in-memory state is newer
+        # our own rows written since the last look (a migration cycle writes millions): held already, not read back
+        self._last_row_id = self.catalogue.rows_held_after(self._last_row_id)
+        prefix, ranges = self.settings.prefix or "", self.settings.list_workers * RANGES_PER_WORKER
+        names = NameSample() if not self._boundaries and ranges > RANGES_PER_WORKER else None
         try:
             for row_id, name, etag, completed, outcome, attempts, when in self.catalogue.file_states(
                     self.target, self._last_row_id):
@@ -3386,10 +3455,14 @@ class Loader:
                 if outcome == GAVE_UP:
                     rounds = self._given_up.get((name, etag), (0, None))[0]
                     self._given_up[(name, etag)] = (rounds + 1, _aware(when) or _EPOCH)
+                if names is not None and name.startswith(prefix):
+                    names.add(name)
                 self._last_row_id = row_id
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); using what is known", _short(exc))
             return False
+        if names is not None:  # nothing listed yet (a restart): split the first listing where the catalogue's names do
+            self._boundaries = split_points(names.pages(), ranges)
         return True
 
     def _requeue_given_up(self, objects: list[StoredObject], started: datetime) -> None:

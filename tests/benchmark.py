@@ -114,6 +114,7 @@ NATIONAL_IDLE_TARGET_S = 60.0
 NATIONAL_RENAME_TARGET_S = 2.0
 NATIONAL_RSS_TARGET_MB = 400.0
 NATIONAL_MIGRATION_TARGET_S = 900.0
+NATIONAL_PARTS = ("cycles", "rename", "backlog")  # --only: migration, restart, idle; rename:loaded/; CPU, fn4 busy
 SARS_CPU_TARGET_MS = 1.5
 
 
@@ -1107,24 +1108,30 @@ def national(args: argparse.Namespace, progress: Callable[[str], None]) -> list[
         base = {"oci": servers.info["oci"][0], "fn4": servers.info["fn4"][0], "authkey": servers.authkey,
                 "fn4_url": servers.fn4_url, "endpoint": servers.endpoint, "tmp": tmp, "profile_run": args.profile,
                 "oci_config": str(write_oci_config(Path(tmp) / "oci")), "workers": workers}
+        only = set(args.only or NATIONAL_PARTS)
         progress(f"putting {count:,} objects kept in place, {count:,} archived under loaded/ and "
-                 f"{args.waiting} waiting; {count:,} guids into fn4")
-        servers.oci("seed", "national", count, 9000, timeout=1800)
-        servers.oci("seed", "archived", count, 9100, "loaded/", timeout=1800)
-        servers.oci("seed", "archived", args.waiting, 9200, timeout=60)
+                 f"{args.waiting} waiting; {count:,} guids into fn4 (for: {', '.join(sorted(only))})")
+        if "cycles" in only:
+            servers.oci("seed", "national", count, 9000, timeout=1800)
+        if "rename" in only:
+            servers.oci("seed", "archived", count, 9100, "loaded/", timeout=1800)
+            servers.oci("seed", "archived", args.waiting, 9200, timeout=60)
         servers.fn4("reset")
         servers.fn4("add_guids", count, 9000, timeout=600)
         servers.oci("set_latency", latency)
         budget = 600 + count * latency / 1000 * 3 + count / 1000
         for kind, bucket in (("national_first", "national"), ("national_restart", "national"),
                              ("national_rename", "archived")):
+            if ("rename" if bucket == "archived" else "cycles") not in only:
+                continue
             progress(f"{kind}: {bucket}, {workers} list workers, {latency * 1000:.0f} ms a page")
             params = {**base, "tag": bucket, "bucket": bucket, "seed": 9200, "waiting": args.waiting}
             runs[kind] = run_worker(ctx, kind, params, budget)
         servers.oci("set_latency", 0.0)
-        progress("generating genomes for the utilisation and CPU figures")
-        put_genomes(ctx, servers, profiles, shape)
-        for p in profiles:
+        if "backlog" in only:
+            progress("generating genomes for the utilisation and CPU figures")
+            put_genomes(ctx, servers, profiles, shape)
+        for p in profiles if "backlog" in only else []:
             progress(f"{p.label}: Loader, {p.samples} samples")
             backlog.append((p, _run_backlog(ctx, base, p, "loader")))
         errors = servers.oci("errors")
@@ -1253,6 +1260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-workers", type=int, default=osa.DEFAULT_LIST_WORKERS, help="--scale: list workers")
     parser.add_argument("--waiting", type=int, default=NATIONAL_WAITING,
                         help="--scale: objects waiting beside the archived ones")
+    parser.add_argument("--only", action="append", choices=NATIONAL_PARTS,
+                        help="--scale: run only this part (repeatable): cycles = migration, restart, idle and RSS; "
+                             "rename = the rename:loaded/ cycles; backlog = CPU per sample and fn4 busy")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     fingerprint = code_fingerprint()

@@ -23,6 +23,7 @@ from bad_inputs import _bomb
 from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
 from fn4_standin import FN4StandIn, Scripted
 from test_end_to_end import rows, run_cli
+from test_scale import verify_signature
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -203,6 +204,22 @@ def test_download_of_a_missing_object_fails_and_the_others_still_download(emulat
     failed = [line for line in result.stdout.splitlines() if line.startswith("not downloaded")]
     assert len(failed) == 1 and "missing.fasta" in failed[0] and "404" in failed[0]
     assert [(p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir()] == [("here.fasta", fasta("here"))]
+
+
+def test_download_reads_objects_the_way_the_loader_does(emulator, oci_config, tmp_path):
+    """download GETs objects as the loader does (signed as the SDK signs, not through its stack); 404 still reported."""
+    names = ["a.fasta", "dir/sub dir/gène 1.fasta"]
+    for name in names:
+        emulator.put(BUCKET, name, fasta(name[0]))
+    emulator.clear_requests()
+    result = invoke("download", NAMESPACE, BUCKET, *names, "missing.fasta", "--to", tmp_path / "out",
+                    *oci(emulator, oci_config))
+    assert result.exit_code == 1 and sum(line.startswith("not downloaded") for line in result.stdout.splitlines()) == 1
+    gets = [r for r in emulator.requests if r.method == "GET" and "/o/" in r.path]
+    assert [r.path for r in gets] == [f"/n/{NAMESPACE}/b/{BUCKET}/o/{n}" for n in names + ["missing.fasta"]]
+    assert all("Oracle-PythonSDK" not in r.headers.get("user-agent", "") and "if-match" not in r.headers
+               and verify_signature(r)["headers"] == "date (request-target) host" for r in gets)
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").iterdir()) == sorted(fasta(n[0]) for n in names)
 
 
 @pytest.mark.parametrize("name", ["///", "..", ".", "-", "x" * 300 + ".fasta", "x" * 50 + "." + "y" * 199,

@@ -7,6 +7,7 @@ import re
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 import objectstoreaccess as osa
 from conftest import BUCKET, T0, fasta
@@ -57,6 +58,22 @@ def test_split_points_make_ranges_of_at_least_a_page():
     assert osa.split_points([("a", 1000), ("b", 250), ("c", 1000), ("d", 250)], 64) == ["b", "d"]
     assert osa.split_points([], 64) == []
     assert osa.split_points([("a", 1000), ("b\udcff", 1000), ("c", 1000)], 64) == ["c"]  # never sent: a lone surrogate
+
+
+def test_a_name_sample_stays_bounded_and_evenly_spaced():
+    sample = osa.NameSample(size=8)
+    for i in range(1000):
+        sample.add(f"n{i:04d}")
+    assert len(sample.names) < 16 and sample.seen == 1000
+    assert sample.names == [f"n{i:04d}" for i in range(0, 1000, sample.step)]
+    assert sum(count for _, count in sample.pages()) >= 1000 - sample.step
+    points = osa.split_points(sample.pages(), 4)
+    assert points == sorted(points) and len(points) == 0                        # 1,000 names: under one page each
+    big = osa.NameSample(size=64)
+    for i in range(10_000):
+        big.add(f"n{(i * 7919) % 10_000:05d}")                                  # met out of order
+    points = osa.split_points(big.pages(), 4)
+    assert len(points) == 3 and all(abs(int(p[1:]) - q) < 500 for p, q in zip(points, (2500, 5000, 7500))), points
 
 
 def test_key_ranges_cover_the_key_space_once_and_leave_the_archive_out():
@@ -278,3 +295,59 @@ def test_with_a_proxy_in_the_environment_downloads_go_through_the_sdk(emulator, 
     assert osa.parse_fasta(store.read_object(obj, 1 << 20))[0] == "a"
     (get,) = [r for r in emulator.requests if r.method == "GET"]
     assert get.headers["user-agent"].startswith("Oracle-PythonSDK") and verify_signature(get)
+
+
+def test_a_restart_splits_its_first_listing_at_the_catalogues_names(harness, emulator, fn4, store, tmp_path):  # noqa
+    """A restarted loader lists its first cycle by key ranges cut at the catalogue's file names: in parallel even
+    when every name starts alike (FIRST_LISTING_SPLITS would leave them one range), and the listing is whole."""
+    names = [f"sample-{i:05d}.fasta" for i in range(5200)]
+    put_many(emulator, names + UNICODE)
+    fn4.guids.update(dict.fromkeys(osa.guid_from_name(n) for n in names + UNICODE))
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    harness(url=url, list_workers=4).cycle()                 # records every file as in_server
+    restarted = harness(url=url, list_workers=4)
+    emulator.clear_requests()
+    summary = restarted.cycle()
+    lists = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/o")]
+    ends = {r.query.get("end") for r in lists}
+    assert (summary.listed, summary.found) == (len(names) + len(UNICODE), 0)
+    assert len({end for end in ends if end and end.startswith("sample-")}) >= 4, ends
+    assert len(lists) <= len(names) // osa.LIST_PAGE_SIZE + 2 * len(ends), len(lists)   # no page-one probe first
+    fresh = harness(url=url, list_workers=4).loader
+    fresh._refresh_from_catalogue()
+    assert fresh._boundaries and listed_names(fresh._list(None)) == sequential(store)
+    sequential_loader = harness(url=url, list_workers=1).loader
+    assert sequential_loader._refresh_from_catalogue() and sequential_loader._boundaries == []   # page by page
+
+
+def test_a_loader_reads_back_rows_of_others_not_the_rows_it_wrote(harness, emulator, fn4, store, database):  # noqa
+    """After a cycle that recorded thousands of files, the next reads none of those rows back from the catalogue
+    (it set each state as it queued the row), but does read a row another process wrote meanwhile."""
+    url, schema = database
+    names = [f"s{i:05d}.fasta" for i in range(3000)]
+    put_many(emulator, names)
+    fn4.guids.update(dict.fromkeys(osa.guid_from_name(n) for n in names))
+    h = harness(url=url, schema=schema, list_workers=4)
+    reads, counter = [], sa.create_engine(url)
+
+    @sa.event.listens_for(h.engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT") and "gp_int_id >" in statement:
+            with counter.connect() as other:       # the rows that query returns: what the loader reads back
+                reads.append(len(other.exec_driver_sql(statement, parameters).fetchall()))
+
+    h.cycle()
+    assert len(h.rows()) == 3000 and {r["outcome"] for r in h.rows()} == {"in_server"}
+    other = harness(url=url, schema=schema)
+    obj = next(o for o in store.list_objects() if o.name == "s00005.fasta")
+    other.catalogue.record_attempt(osa.AttemptRow(
+        findneighbour_server_url=fn4.url, oci_namespace=store.namespace, bucket_name=store.bucket, file_name=obj.name,
+        object_etag=obj.etag, completed=1, outcome="failed", failed_attempts=0, error_text="another process"))
+    assert other.catalogue.flush(30)
+    reads.clear()
+    for _ in range(2):
+        assert h.cycle().found == 0
+    assert reads == [1, 0]                          # the other process's row, then nothing new
+    assert h.loader._files.get(obj.key) == (1, "failed", 0)
+    assert all(h.loader._files.get(o.key) == (1, "in_server", 0) for o in store.list_objects() if o.name != obj.name)
+    counter.dispose()
