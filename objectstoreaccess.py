@@ -2678,7 +2678,7 @@ class LoadLogger:
                 written = list(conn.execute(table.insert().returning(table.c.gp_int_id, table.c.outcome), rows))
             elif rows:
                 conn.execute(table.insert(), rows)
-        self._note_own(sorted(row_id for row_id, outcome in written if outcome != GAVE_UP))
+        self._note_own(sorted(row_id for row_id, outcome in written if outcome not in (GAVE_UP, REQUEUED)))
 
     def _note_own(self, ids: Iterable[int]) -> None:
         """Add written attempt-row ids to the runs of our own rows, extending the last run where they follow it."""
@@ -2694,7 +2694,8 @@ class LoadLogger:
 
         Those rows were made by this process's loader, which set each file's state as it queued them,
         in the same order: reading them back would change nothing. A gave_up row (the loader counts
-        those when read) and a row another process wrote break the run.
+        those when read), a requeued row (``requeue`` writes through this catalogue too, and the loop
+        learns of it by reading it) and a row another process wrote break the run.
         """
         with self._changed:
             while self._own_runs and self._own_runs[0][1] <= after_id:

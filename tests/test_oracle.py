@@ -36,7 +36,7 @@ NO_STATEMENT = {
     "LoadLogger.record_attempt": "queues: the writer inserts", "LoadLogger.pending_attempts": "reads the queue",
     "LoadLogger.wait_until_below": "waits on the queue", "LoadLogger.flush": "waits on the writer",
     "LoadLogger.close": "stops the writer", "LoadLogger.status_queries": "builds what status runs",
-    "Lease.kept": "calls tend and release",
+    "Lease.kept": "calls tend and release", "LoadLogger.rows_held_after": "reads what the writer kept of its own rows",
     "LoadLogger.has_tables": "asks the dialect's own inspector (driver SQL, not a statement of ours)",
 }
 #: Functions the database's time may come from: only database_utc, the same clock for every host.

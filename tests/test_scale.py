@@ -348,6 +348,6 @@ def test_a_loader_reads_back_rows_of_others_not_the_rows_it_wrote(harness, emula
     for _ in range(2):
         assert h.cycle().found == 0
     assert reads == [1, 0]                          # the other process's row, then nothing new
-    assert h.loader._files.get(obj.key) == (1, "failed", 0)
-    assert all(h.loader._files.get(o.key) == (1, "in_server", 0) for o in store.list_objects() if o.name != obj.name)
+    assert h.loader._files.get(obj.key) == osa.FileState(True, "failed", 0)
+    assert all(h.loader._files.get(o.key) == osa.FileState(True, "in_server", 0) for o in store.list_objects() if o.name != obj.name)
     counter.dispose()
