@@ -57,7 +57,7 @@ from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -820,7 +820,7 @@ class KeptAlive:
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """Yield the answer's body in pieces of at most ``size`` bytes; stops early if the server closes."""
-        while self._left:
+        while self._left != 0:
             if self._left is None:
                 length = int(self._in.readline(_MAX_LINE).split(b";")[0], 16)
                 if length == 0:
@@ -1171,11 +1171,11 @@ class ObjectStoreClient:
         if "\r" in etag or "\n" in etag:
             raise ValueError(f"invalid etag {etag!r}")
         path = target.object_path + quote(name, safe="")
-        request = sdk_requests.PreparedRequest()
-        request.method, request.url, request.body = "GET", target.origin + path, None
-        request.headers = sdk_requests.structures.CaseInsensitiveDict({"accept": "*/*", "if-match": etag})
-        self._client.base_client.signer(request)
-        head = "".join([f"GET {path} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in request.headers.items()),
+        if target.signer is not None:
+            headers = target.signer.headers(path, etag)
+        else:
+            headers = _sdk_signed_get(self._client.base_client.signer, sdk_requests, target.origin + path, etag)
+        head = "".join([f"GET {path} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in headers.items()),
                         "Accept-Encoding: identity\r\n\r\n"]).encode("latin-1")
         try:
             conn = self._connection()
@@ -1218,8 +1218,9 @@ class ObjectStoreClient:
                 tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
         return SimpleNamespace(
             origin=f"{endpoint.scheme}://{endpoint.netloc}", host=endpoint.hostname or "", port=endpoint.port,
-            tls=tls, object_path=f"{endpoint.path.rstrip('/')}/n/{quote(self.namespace, safe='')}"
-                                 f"/b/{quote(self.bucket, safe='')}/o/")
+            tls=tls, signer=GetSigner.matching(self._client.base_client.signer, endpoint.netloc, self._oci),
+            object_path=f"{endpoint.path.rstrip('/')}/n/{quote(self.namespace, safe='')}"
+                        f"/b/{quote(self.bucket, safe='')}/o/")
 
     def _connection(self) -> KeptAlive:
         conn = self._conn
@@ -1303,6 +1304,65 @@ class ObjectStoreClient:
     def _is_fault(self, exc: BaseException) -> bool:
         """Return True for an Object Storage error answer or a network fault."""
         return isinstance(exc, self._oci.exceptions.ServiceError) or _is_network_error(exc)
+
+
+class GetSigner:
+    """Sign GETs exactly as the SDK's API-key Signer does, without its per-request objects.
+
+    For each request the SDK's signer builds a request object and two case-insensitive header
+    dicts, and parses the URL twice: about 0.1 ms of CPU beside the RSA signature itself (0.45 ms).
+    Here the signed string is formatted directly and the Date header is formatted once a second.
+    """
+
+    SIGNED = "date (request-target) host"  # what the SDK signs for a GET, in this order
+
+    def __init__(self, private_key: Any, key_id: str, host: str) -> None:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        self._sign = partial(private_key.sign, padding=padding.PKCS1v15(), algorithm=hashes.SHA256())
+        self._authorization = (f'Signature algorithm="rsa-sha256",headers="{self.SIGNED}",keyId="{key_id}",'
+                               'signature="%s",version="1"')
+        self._host = host
+        self._second, self._date = -1, ""
+
+    @classmethod
+    def matching(cls, signer: Any, host: str, oci: Any) -> GetSigner | None:
+        """Return a GetSigner for the SDK's API-key ``signer`` if it signs a trial GET exactly as the
+        SDK does (PKCS#1 v1.5 signatures are deterministic); None for any other signer (instance or
+        resource principals, session tokens), which keep the SDK's own path."""
+        if type(signer) is not oci.signer.Signer:
+            return None
+        from oci._vendor import requests as sdk_requests
+        fast = cls(signer.private_key, signer.api_key, host)
+        path = "/n/trial/b/trial/o/trial.fasta"
+        theirs = _sdk_signed_get(signer, sdk_requests, f"http://{host}{path}", '"trial"', fast.date())
+        ours = fast.headers(path, '"trial"')
+        return fast if {k.lower(): v for k, v in theirs.items()} == ours else None
+
+    def date(self) -> str:
+        """Return the Date header for now: an HTTP date, formatted again only when the second changes."""
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._date = now, email.utils.formatdate(now, usegmt=True)
+        return self._date
+
+    def headers(self, path: str, etag: str) -> dict[str, str]:
+        """Return a signed GET's headers (those the SDK's signer sends), for ``path`` if it has ``etag``."""
+        date = self.date()
+        signature = self._sign(f"date: {date}\n(request-target): get {path}\nhost: {self._host}".encode())
+        return {"accept": "*/*", "if-match": etag, "date": date, "host": self._host, "content-type": "application/json",
+                "authorization": self._authorization % base64.b64encode(signature).decode()}
+
+
+def _sdk_signed_get(signer: Any, sdk_requests: Any, url: str, etag: str, date: str | None = None) -> Any:
+    """Return the headers the SDK's ``signer`` gives a GET of ``url`` if it has ``etag`` (at ``date``)."""
+    request = sdk_requests.PreparedRequest()
+    request.method, request.url, request.body = "GET", url, None
+    request.headers = sdk_requests.structures.CaseInsensitiveDict({"accept": "*/*", "if-match": etag})
+    if date:
+        request.headers["date"] = date
+    signer(request)
+    return request.headers
 
 
 def _listing_entry(obj: StoredObject) -> dict[str, Any]:
