@@ -3535,8 +3535,9 @@ class Loader:
             downloaded = time.monotonic()
             seqid, seq = parse_fasta(content)
             del content  # the downloaded text is freed as soon as it is parsed (peak memory)
-            log.debug("read %s: %d bytes downloaded in %.0f ms, parsed in %.0f ms: %d bases", obj.name, obj.size,
-                      (downloaded - began) * 1000, (time.monotonic() - downloaded) * 1000, len(seq))
+            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the check, once a sample
+                log.debug("read %s: %d bytes downloaded in %.0f ms, parsed in %.0f ms: %d bases", obj.name,
+                          obj.size, (downloaded - began) * 1000, (time.monotonic() - downloaded) * 1000, len(seq))
             expected = self.settings.expected_length
             if expected and len(seq) != expected:
                 raise SampleError("wrong_length", f"sequence is {len(seq)} bases; the reference "
@@ -3566,8 +3567,9 @@ class Loader:
         result = self.fn4.post_insert(sample.form)
         facts.update(insert_start_time=insert_start, insert_end_time=self.clock(),
                      insert_status_code=result.status_code)
-        log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name, len(sample.form),
-                  result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("insert %s (%s): %d bytes sent, fn4 answered %s in %s ms", obj.guid, obj.name,
+                      len(sample.form), result.status_code or "nothing", _ms(insert_start, facts["insert_end_time"]))
         if result.outcome == INSERTED:
             self._server_count += 1
         # A 500 counts against the file only if fn4's database answers; anything else only if fn4 is up.
