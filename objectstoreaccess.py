@@ -2545,7 +2545,10 @@ class LoadLogger:
             if self.journal and not self.journal.append(n, table.name, values):  # first the journal, then the queue
                 self._unjournaled_ids.add(n)
             self._pending.append((n, table, values, time.monotonic()))
-            self._changed.notify_all()
+            # Wake the writer only when it acts: at its first row (it then gathers more for a moment) and
+            # once a batch is full. A wake-up at every row takes the GIL from the inserter while fn4 waits.
+            if len(self._pending) == 1 or len(self._pending) >= WRITE_BATCH_ROWS:
+                self._changed.notify_all()
 
     def pending_attempts(self) -> list[dict[str, Any]]:
         """Return the values of the attempt rows not yet written, oldest first (rows replayed at start)."""
