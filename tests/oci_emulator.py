@@ -84,6 +84,7 @@ class RequestRecord:
     fault: str = ""              # kind of the fault applied to this request, "" if none
     headers: dict[str, str] = field(default_factory=dict)   # lower-cased names
     target: str = ""             # the request target as sent (path and query, not decoded)
+    client_port: int = 0         # the client's port: requests on one kept-alive connection share it
 
 
 @dataclass
@@ -564,7 +565,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         headers = {key.lower(): value for key, value in self.headers.items()}
         query = dict(parse_qsl(url.query, keep_blank_values=True))    # "+" is a space, as requests sends it
-        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers, target=self.path)
+        record = RequestRecord(self.command, unquote(url.path), query, 0, headers=headers, target=self.path,
+                               client_port=self.client_address[1])
         fault = emulator._take_fault(self.command, record.path)
         record.fault = fault.kind if fault else ""
         try:

@@ -349,5 +349,6 @@ def test_a_loader_reads_back_rows_of_others_not_the_rows_it_wrote(harness, emula
         assert h.cycle().found == 0
     assert reads == [1, 0]                          # the other process's row, then nothing new
     assert h.loader._files.get(obj.key) == osa.FileState(True, "failed", 0)
-    assert all(h.loader._files.get(o.key) == osa.FileState(True, "in_server", 0) for o in store.list_objects() if o.name != obj.name)
+    assert all(h.loader._files.get(o.key) == osa.FileState(True, "in_server", 0)
+               for o in store.list_objects() if o.name != obj.name)
     counter.dispose()
