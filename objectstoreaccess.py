@@ -310,10 +310,10 @@ class InsertTry:
 
 @dataclass(frozen=True)
 class CycleSummary:
-    """What one cycle did; ``found`` counts the files it tried to load."""
+    """What one cycle did: objects listed, files tried (loaded, failed or retried), and whether it paused."""
 
     listed: int
-    found: int
+    tried: int
     loaded: int
     failed: int
     retried: int
@@ -416,7 +416,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class LoaderStatus:
+class LoaderReport:
     """The health of one loader (host and fn4 server) as read from the catalogue by ``status``."""
 
     host_name: str
@@ -3043,7 +3043,7 @@ class LoadLogger:
             inspector = sa.inspect(conn)
             return all(inspector.has_table(t.name, schema=t.schema) for t in (self.batches, self.attempts))
 
-    def status(self, now: datetime, server: str | None = None) -> list[LoaderStatus]:
+    def reports(self, now: datetime, server: str | None = None) -> list[LoaderReport]:
         """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
         found: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
@@ -3070,7 +3070,7 @@ class LoadLogger:
             found.setdefault((host, url), {}).setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
                  "batch_start_time": _aware(when)})
-        return [LoaderStatus(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
+        return [LoaderReport(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
                                                        for k, v in facts.items()})
                 for (host, url), facts in sorted(found.items(), key=lambda item: tuple(map(str, item[0])))]
 
@@ -3161,12 +3161,12 @@ class LoadLogger:
         return [name for name, _, _ in failed]
 
 
-# ---- Loader ----------------------------------------------------------------------------------
+# ---- The loop --------------------------------------------------------------------------------
 
 
 # The threads, who owns each and how each ends. The loop itself runs in the caller's thread (the
 # main thread under the command line) and is the only one that inserts into fn4.
-# - prefetch (Loader._load): downloads and parses the next sample while the loop inserts this one.
+# - prefetch (LoadLoop._load): downloads and parses the next sample while the loop inserts this one.
 #   It hands samples over through a one-slot queue and starts on the next only once the loop has
 #   taken (task_done) the last one, so memory holds at most PREFETCH_DEPTH samples ahead. Ends at the
 #   end of the batch's list, or when _end_prefetch sets ``abandon``; joined for PREFETCH_JOIN_TIMEOUT
@@ -3329,7 +3329,7 @@ def sort_out(objects: list[StoredObject], states: FileStates, server_guids: Guid
     return candidates, settled
 
 
-class Loader:
+class LoadLoop:
     """Move new FASTA files from the bucket into fn4, oldest first, recording every attempt.
 
     Everything it talks to is passed in; ``clock`` gives aware UTC datetimes and ``stop`` ends
@@ -3407,12 +3407,12 @@ class Loader:
             self._prune_if_due()
             if once:
                 break
-            if summary.paused or (summary.found and summary.loaded == 0):
+            if summary.paused or (summary.tried and summary.loaded == 0):
                 failures += 1
                 wait = max(backoff(failures), self._retry_after or 0.0)  # Retry-After is capped when read
             else:
                 failures = 0
-                wait = 0.0 if summary.found else self.settings.poll_interval
+                wait = 0.0 if summary.tried else self.settings.poll_interval
             self.wait(wait)
         return self.cycles
 
@@ -3920,8 +3920,8 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
 # ---- Status report ---------------------------------------------------------------------------
 
 
-def assess(status: LoaderStatus, now: datetime, poll_interval: float, critical_share: float,
-           server_heartbeat: datetime | None = None) -> LoaderStatus:
+def assess(status: LoaderReport, now: datetime, poll_interval: float, critical_share: float,
+           server_heartbeat: datetime | None = None) -> LoaderReport:
     """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
 
     Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
@@ -4520,14 +4520,14 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
                 started.callback(server.close)
             lease = catalogue.lease(target, lease_ttl)
         catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
-        loader = Loader(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
+        loader = LoadLoop(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
         log.info("loading %s/%s into %s%s%s", target.namespace, target.bucket, target.server_url,
                  " once" if once else "", f"; metrics on port {server.server_address[1]}" if server else "")
         failure = _load_until_stopped(loader, lease, once)
     sys.exit(_exit_code(failure, catalogue))
 
 
-def _load_until_stopped(loader: Loader, lease: Lease, once: bool) -> str | None:
+def _load_until_stopped(loader: LoadLoop, lease: Lease, once: bool) -> str | None:
     """Run the loop under the lease until stop is set (or one cycle); return why --once failed, if it did."""
     try:
         with lease.kept():
@@ -4640,7 +4640,7 @@ def _instances_text(instances: list[dict[str, Any]], problems: list[tuple[int, s
 
 
 def _read_status(database: str | None, db_schema: str | None, server: str | None, now: datetime,
-                 poll_interval: float, critical_share: float) -> tuple[list[LoaderStatus], list[dict[str, Any]]]:
+                 poll_interval: float, critical_share: float) -> tuple[list[LoaderReport], list[dict[str, Any]]]:
     """Read and assess every loader's status, and list the running instances (LoadLogger.instances).
 
     Raises ConfigError when the catalogue cannot be read.
@@ -4652,7 +4652,7 @@ def _read_status(database: str | None, db_schema: str | None, server: str | None
         if not catalogue.has_tables():
             raise ConfigError(f"the catalogue {url.render_as_string(hide_password=True)} has no loader tables"
                               f"{' in schema ' + db_schema if db_schema else ''}: has the loader run with it?")
-        found = catalogue.status(now, server)
+        found = catalogue.reports(now, server)
         instances = catalogue.instances(server)
     except sa.exc.SQLAlchemyError as exc:
         error = catalogue.unusable(exc)
@@ -4666,7 +4666,7 @@ def _read_status(database: str | None, db_schema: str | None, server: str | None
     return [assess(r, now, poll_interval, critical_share, newest[r.server_url]) for r in found], instances
 
 
-def _status_text(reports: list[LoaderStatus], now: datetime, level: int, server: str | None) -> str:
+def _status_text(reports: list[LoaderReport], now: datetime, level: int, server: str | None) -> str:
     """Return the human-readable status report: a summary table, then each loader's details."""
     lines = [f"{LEVELS[level].upper()} at {now:%Y-%m-%d %H:%M:%S} UTC: {len(reports)} loader(s)"]
     if not reports:

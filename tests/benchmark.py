@@ -1,4 +1,4 @@
-"""Benchmark of the loader: the project's pipelined Loader against a plain sequential loop.
+"""Benchmark of the loader: the project's pipelined LoadLoop against a plain sequential loop.
 
 Run it with ``pipenv run python tests/benchmark.py [--quick] [--profile]`` (about 2.5 minutes;
 ``--quick`` about 1). It prints a markdown-friendly table of:
@@ -95,7 +95,7 @@ class Profile:
     samples: int
     insert_delay: float       # L, seconds: the stand-in's insert_delay
     download_parse: float     # D, seconds: download + parse time the emulator's delay aims at
-    target: float             # utilisation the Loader should reach
+    target: float             # utilisation the LoadLoop should reach
 
 
 PROFILES = (
@@ -567,7 +567,7 @@ class ReferenceLoop:
         self.timings.append((p0, p1, p2, p3))
 
 
-# ---- Loader workers (each a fresh spawned process) -------------------------------------------
+# ---- LoadLoop workers (each a fresh spawned process) -------------------------------------------
 
 
 class MarkingFN4Client(osa.FN4Client):
@@ -609,9 +609,9 @@ class Setup:
     def catalogue(self) -> osa.LoadLogger:
         return osa.LoadLogger.from_database_arg(self.database)
 
-    def loader(self, bucket: str, catalogue: osa.LoadLogger) -> osa.Loader:
-        return osa.Loader(self.store(bucket), self.fn4_client, catalogue, self.settings(bucket),
-                          clock=osa.utcnow, stop=threading.Event())
+    def loader(self, bucket: str, catalogue: osa.LoadLogger) -> osa.LoadLoop:
+        return osa.LoadLoop(self.store(bucket), self.fn4_client, catalogue, self.settings(bucket),
+                            clock=osa.utcnow, stop=threading.Event())
 
     def reference(self, bucket: str) -> ReferenceLoop:
         engine = sa.create_engine(self.database)
@@ -645,7 +645,7 @@ def _read_parse(store: osa.ObjectStoreClient, obj: osa.StoredObject) -> tuple[st
 
 
 def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
-    """Load one profile's backlog with the Loader or the reference; measure everything."""
+    """Load one profile's backlog with the LoadLoop or the reference; measure everything."""
     setup = Setup(params)
     oci, fn4 = setup.oci, setup.fn4
     bucket, mode = params["bucket"], params["mode"]
@@ -763,13 +763,13 @@ def _scale_setup(params: dict[str, Any]) -> tuple[Setup, osa.LoadLogger, int]:
     return setup, catalogue, _vm("VmRSS")
 
 
-def _loader_cycle(loader: osa.Loader, catalogue: osa.LoadLogger, probe: Probe) -> dict[str, Any]:
+def _loader_cycle(loader: osa.LoadLoop, catalogue: osa.LoadLogger, probe: Probe) -> dict[str, Any]:
     with probe:
         t0 = time.perf_counter()
         summary = loader.run_cycle()
         cycle = time.perf_counter() - t0
         written = catalogue.flush(1800)
-    return {**probe.figures(), "cycle": cycle, "written": written, "found": summary.found, "listed": summary.listed,
+    return {**probe.figures(), "cycle": cycle, "written": written, "tried": summary.tried, "listed": summary.listed,
             "loaded": summary.loaded}
 
 
@@ -808,14 +808,14 @@ def _scale_restart_worker(params: dict[str, Any]) -> dict[str, Any]:
         loader.run_cycle()
         catalogue.flush(60)
         profiler.disable()
-        out["profile_text"] = _profile_text(profiler, f"idle Loader.run_cycle(), {params['size']:,} objects loaded")
+        out["profile_text"] = _profile_text(profiler, f"idle LoadLoop.run_cycle(), {params['size']:,} objects loaded")
         profiler = cProfile.Profile()
         profiler.enable()
         setup.loader(params["bucket"], catalogue).run_cycle()
         catalogue.flush(60)
         profiler.disable()
         out["profile_restart"] = _profile_text(
-            profiler, f"first Loader.run_cycle() after a restart, {params['size']:,} objects loaded")
+            profiler, f"first LoadLoop.run_cycle() after a restart, {params['size']:,} objects loaded")
     out["unwritten"] = len(catalogue.close(10))
     return out
 
@@ -841,9 +841,9 @@ def _scale_reference_worker(params: dict[str, Any]) -> dict[str, Any]:
 # ---- National scale (--scale): 2 million objects --------------------------------------------
 
 
-def _national_loader(setup: Setup, catalogue: osa.LoadLogger, bucket: str, **settings: Any) -> osa.Loader:
-    return osa.Loader(setup.store(bucket), setup.fn4_client, catalogue,
-                      replace(setup.settings(bucket), **settings), clock=osa.utcnow, stop=threading.Event())
+def _national_loader(setup: Setup, catalogue: osa.LoadLogger, bucket: str, **settings: Any) -> osa.LoadLoop:
+    return osa.LoadLoop(setup.store(bucket), setup.fn4_client, catalogue,
+                        replace(setup.settings(bucket), **settings), clock=osa.utcnow, stop=threading.Event())
 
 
 def _attempt_rows(catalogue: osa.LoadLogger) -> int:
@@ -989,7 +989,7 @@ def _report_backlog(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
            "reaches against this stand-in on this machine.", ""]
     rows = []
     for p, r in backlog:
-        name = "Loader (pipelined)" if r.get("mode") == "loader" else "reference (sequential)"
+        name = "LoadLoop (pipelined)" if r.get("mode") == "loader" else "reference (sequential)"
         if "error" in r:
             rows.append([p.label, name, _error_line(r)] + [""] * 9)
             continue
@@ -1009,16 +1009,16 @@ def _report_backlog(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
 
 
 def _report_cpu_rss(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
-    out = ["## 2.-3. Loader process CPU per sample and peak RSS above idle", "",
+    out = ["## 2.-3. LoadLoop process CPU per sample and peak RSS above idle", "",
            "CPU = process_time of the loader process (every thread, catalogue writer included) over the whole "
            "cycle, / samples; the emulator and the stand-in run in other processes. Peak RSS = VmHWM (reset "
            "through /proc/self/clear_refs) - VmRSS just before the cycle; 'genomes' worth' divides it by one "
-           "sequence's size. Targets apply to the tuberculosis-like Loader.", ""]
+           "sequence's size. Targets apply to the tuberculosis-like LoadLoop.", ""]
     rows = []
     for p, r in backlog:
         if "error" in r:
             continue
-        name = "Loader (pipelined)" if r["mode"] == "loader" else "reference (sequential)"
+        name = "LoadLoop (pipelined)" if r["mode"] == "loader" else "reference (sequential)"
         per = r["cpu"] / max(r["samples"], 1) * 1000
         genomes = r["peak"] / p.length
         checked = p.key == "tb" and r["mode"] == "loader"
@@ -1048,11 +1048,11 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
            "building list pages, inside the wall time. RSS growth = VmHWM - VmRSS before the cycle; footprint = "
            "VmHWM - VmRSS of the fresh process before its first cycle. Targets apply to idle cycles at "
            f"{biggest:,} objects.", ""]
-    labels = (("scale_first", "first", "Loader: first cycle (records every object in_server)"),
-              ("scale_first", "idle2", "Loader: 2nd cycle, same process (folds the first cycle's rows)"),
-              ("scale_first", "idle3", "Loader: 3rd cycle, same process (idle)"),
-              ("scale_restart", "restart", "Loader: first cycle after a restart (fresh process)"),
-              ("scale_restart", "idle", "Loader: next cycle in that process (idle)"),
+    labels = (("scale_first", "first", "LoadLoop: first cycle (records every object in_server)"),
+              ("scale_first", "idle2", "LoadLoop: 2nd cycle, same process (folds the first cycle's rows)"),
+              ("scale_first", "idle3", "LoadLoop: 3rd cycle, same process (idle)"),
+              ("scale_restart", "restart", "LoadLoop: first cycle after a restart (fresh process)"),
+              ("scale_restart", "idle", "LoadLoop: next cycle in that process (idle)"),
               ("scale_reference", "ref1", "reference: idle cycle (fresh process)"),
               ("scale_reference", "ref2", "reference: next idle cycle"))
     idle = {"idle2", "idle3", "idle", "ref1", "ref2"}
@@ -1076,15 +1076,15 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
     out += _table(["objects", "cycle", "wall s", "CPU s", "list s (emulator)", "list pages", "RSS growth MB",
                    "footprint MB", "bytes fn4 sent", "target", "result"], rows)
     out += ["", "## 5. List+diff time", "",
-            "Loader: list through the OCI SDK against the emulator and sort; then fold new catalogue rows and "
-            "plan (Loader._plan). Reference: list and sort, fetch fn4's full guid list, read the finished files "
+            "LoadLoop: list through the OCI SDK against the emulator and sort; then fold new catalogue rows and "
+            "plan (LoadLoop._plan). Reference: list and sort, fetch fn4's full guid list, read the finished files "
             "from the catalogue, diff.", ""]
     rows = []
     for size in sizes:
         loader = scale[size].get("scale_restart", {}).get("listdiff")
         reference = scale[size].get("scale_reference", {}).get("listdiff")
         if loader:
-            rows.append([f"{size:,}", "Loader", f"{loader['list']:.2f}", "-", "-", f"{loader['diff']:.3f}",
+            rows.append([f"{size:,}", "LoadLoop", f"{loader['list']:.2f}", "-", "-", f"{loader['diff']:.3f}",
                          f"{loader['list'] + loader['diff']:.2f}"])
         if reference:
             rows.append([f"{size:,}", "reference", f"{reference['list']:.2f}", f"{reference['guids']:.3f}",
@@ -1158,7 +1158,7 @@ def national(args: argparse.Namespace, progress: Callable[[str], None]) -> list[
             put_genomes(ctx, servers, profiles, shape)
         for run in range(args.runs if "backlog" in only else 0):
             for p in profiles:
-                progress(f"{p.label}: Loader, {p.samples} samples (run {run + 1} of {args.runs})")
+                progress(f"{p.label}: LoadLoop, {p.samples} samples (run {run + 1} of {args.runs})")
                 backlog.append((p, _run_backlog(ctx, base, p, "loader", run)))
         errors = servers.oci("errors")
     lines = _report_national(runs, backlog, count, workers, latency, args.waiting)
@@ -1190,7 +1190,7 @@ def _every_cycle(runs: dict[str, dict[str, Any]], waiting: int) -> list[str]:
             continue
         m = result[key]
         rows.append([label, f"{m['wall']:.2f}", f"{m['cpu']:.2f}", str(m["list_pages"]), f"{m['list_seconds']:.2f}",
-                     f"{m['listed']:,}", f"{m['found']:,}", _mb(m["hwm"] - m["peak"]), _mb(m["hwm"]),
+                     f"{m['listed']:,}", f"{m['tried']:,}", _mb(m["hwm"] - m["peak"]), _mb(m["hwm"]),
                      f"{m['fn4_bytes'] / MB:.0f}"])
     out += _table(["cycle", "wall s", "CPU s", "list pages", "list s (emulator)", "FASTA listed", "to load",
                    "RSS at start MB", "VmHWM MB", "MB from fn4"], rows)

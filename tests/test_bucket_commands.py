@@ -44,14 +44,14 @@ def catalogue_args(database):
 
 @contextmanager
 def make_loader(store, fn4_url, database, clock, **settings):
-    """An osa.Loader on a real catalogue with an injected clock."""
+    """An osa.LoadLoop on a real catalogue with an injected clock."""
     url, schema = database
     catalogue = osa.LoadLogger(sa.create_engine(url), schema)
     catalogue.create_tables()
     catalogue.start()
     client = osa.FN4Client(fn4_url)
     try:
-        yield osa.Loader(store, client, catalogue, osa.Settings(**settings), clock=clock)
+        yield osa.LoadLoop(store, client, catalogue, osa.Settings(**settings), clock=clock)
         assert catalogue.flush(30)
     finally:
         catalogue.close()

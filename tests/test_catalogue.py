@@ -130,7 +130,7 @@ def test_readme_monitoring_sql_runs_on_every_database(database, store, emulator,
     assert [(r[0], r[1], r[2]) for r in failed] == [("bad.fasta", "failed", "bad_characters")]
     assert [(r[0], r[1], r[2]) for r in waiting] == [("d.fasta", "retry", 2)]
     assert len(abandoned) == 1 and "503" in abandoned[0][3]  # the reason Object Storage gave
-    [report] = harness.catalogue.status(osa.utcnow())  # status tells the same story
+    [report] = harness.catalogue.reports(osa.utcnow())  # status tells the same story
     assert report.recent_files == {"failed": 1, "inserted": 2, "retry": 1}
     assert [f["file_name"] for f in report.failed_files] == ["bad.fasta"] and report.abandoned
 

@@ -166,8 +166,8 @@ def test_a_loader_loads_only_while_it_holds_the_lease_and_says_so_in_metrics(sto
     other = lease(harness.catalogue, "host-b", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
     other.tend()
     mine = lease(harness.catalogue, "host-a", server=fn4.url, namespace=NAMESPACE, bucket=BUCKET)
-    loader = osa.Loader(harness.loader.store, harness.client, harness.catalogue, harness.loader.settings,
-                        stop=harness.stop, lease=mine, metrics=osa.Metrics())  # it reports to the observer given
+    loader = osa.LoadLoop(harness.loader.store, harness.client, harness.catalogue, harness.loader.settings,
+                          stop=harness.stop, lease=mine, metrics=osa.Metrics())  # it reports to the observer given
     active = lambda: loader.metrics.registry.get_sample_value("fn4loader_active")  # noqa: E731
     with mine.kept():
         assert loader.run(once=True) == 0 and active() == 0  # another instance holds it: nothing listed

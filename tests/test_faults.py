@@ -29,7 +29,7 @@ class Clock:
 
 
 class Harness:
-    """A Loader wired to the emulator, the fn4 stand-in and a real catalogue, run a cycle at a time.
+    """A LoadLoop wired to the emulator, the fn4 stand-in and a real catalogue, run a cycle at a time.
 
     Its clock and its waits are injected: ``clock.advance`` moves the loader's time on, and a test
     that sets ``on_wait`` (seconds -> True once stopped) decides every wait of the loop.
@@ -45,8 +45,8 @@ class Harness:
         self.stop = threading.Event()
         self.clock = Clock()
         self.on_wait = None
-        self.loader = osa.Loader(store, self.client, self.catalogue,
-                                 osa.Settings(**settings), stop=self.stop, clock=self.clock, wait=self.wait)
+        self.loader = osa.LoadLoop(store, self.client, self.catalogue,
+                                   osa.Settings(**settings), stop=self.stop, clock=self.clock, wait=self.wait)
 
     def wait(self, seconds):
         """Every wait the loop asks for: decided by ``on_wait`` if set, else a wait on the stop event."""
@@ -125,7 +125,7 @@ def test_large_bad_gzip_is_judged_by_content_in_one_download(harness, emulator, 
         assert words in row["error_text"] and "cut off" not in row["error_text"]
         reads = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/" + name)]
         assert len(reads) == 1, f"{name} was downloaded {len(reads)} times"
-    [report] = h.catalogue.status(osa.utcnow())
+    [report] = h.catalogue.reports(osa.utcnow())
     assert set(report.outcomes) == {"failed", "inserted"}  # no retry, gave_up: no failed download
     assert [i.guid for i in fn4.inserts] == ["zz-good"]
 

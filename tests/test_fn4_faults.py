@@ -17,7 +17,7 @@ from oci_emulator import Fault
 import test_faults
 from test_faults import put_all
 
-harness = test_faults.harness  # the fixture: a Loader on the emulator, the stand-in and a catalogue
+harness = test_faults.harness  # the fixture: a LoadLoop on the emulator, the stand-in and a catalogue
 
 SERVER_BUSY = getattr(osa, "SERVER_BUSY", "server_busy")
 
@@ -123,8 +123,8 @@ def test_fn4_database_down_at_insert_time_never_gives_a_file_up(harness, emulato
 
 def clocked(h, now):
     """Give the harness's loader an injected clock that reads ``now[0]``."""
-    h.loader = osa.Loader(h.loader.store, h.client, h.catalogue, h.loader.settings, clock=lambda: now[0],
-                          stop=h.stop, wait=h.wait)
+    h.loader = osa.LoadLoop(h.loader.store, h.client, h.catalogue, h.loader.settings, clock=lambda: now[0],
+                            stop=h.stop, wait=h.wait)
     return h
 
 

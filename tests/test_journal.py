@@ -106,7 +106,7 @@ def test_a_black_holed_catalogue_connection_is_dropped_and_loading_goes_on(store
         catalogue.start()
         client = osa.FN4Client(fn4.url)
         stop = threading.Event()
-        loader = osa.Loader(store, client, catalogue, osa.Settings(), stop=stop)
+        loader = osa.LoadLoop(store, client, catalogue, osa.Settings(), stop=stop)
         try:
             upload_series(emulator, [(f"a{i:02d}.fasta", fasta(f"a{i:02d}")) for i in range(5)])
             loader.run_cycle()
@@ -391,7 +391,7 @@ def test_soak_catalogue_black_holed_again_and_again_loses_no_row(
         catalogue.start()
         client = osa.FN4Client(fn4.url)
         done = threading.Event()
-        loader = osa.Loader(store, client, catalogue, osa.Settings(), stop=threading.Event())
+        loader = osa.LoadLoop(store, client, catalogue, osa.Settings(), stop=threading.Event())
 
         def black_hole_now_and_then():
             while not done.wait(rng.uniform(0.05, 0.4)):
@@ -402,7 +402,7 @@ def test_soak_catalogue_black_holed_again_and_again_loses_no_row(
         try:
             with caplog.at_level(logging.WARNING, logger="fn4loader"):
                 for _ in range(40):
-                    if loader.run_cycle().found == 0:
+                    if loader.run_cycle().tried == 0:
                         break
         finally:
             done.set()
@@ -485,8 +485,8 @@ def test_objects_named_with_a_lone_surrogate_do_not_stall_the_loader(store, fn4,
     catalogue = osa.LoadLogger(sa.create_engine(url), schema, retry_cap=0.2, journal=tmp_path / "rows.journal")
     catalogue.create_tables()
     client = osa.FN4Client(fn4.url)
-    loader = osa.Loader(store, client, catalogue.start(), osa.Settings(),
-                        stop=threading.Event())
+    loader = osa.LoadLoop(store, client, catalogue.start(), osa.Settings(),
+                          stop=threading.Event())
     try:
         loader.run_cycle()
         assert catalogue.flush(30), f"{catalogue.unwritten} catalogue rows never written: the queue is blocked"

@@ -200,8 +200,8 @@ def loader_cycles(store, fn4, url):
     """Cycles of a loader (good, bad, retried, given up, paused files), then prune a long time later."""
     clock = Clock(osa.utcnow() - timedelta(days=200))
     catalogue = osa.LoadLogger.from_database_arg(url)
-    loader = osa.Loader(store, osa.FN4Client(fn4.url), catalogue, osa.Settings(max_attempts=2, retention_days=90),
-                        clock=clock, host_name="vm-1")
+    loader = osa.LoadLoop(store, osa.FN4Client(fn4.url), catalogue, osa.Settings(max_attempts=2, retention_days=90),
+                          clock=clock, host_name="vm-1")
     fn4.script(Scripted(status=500, guid="r1", times=2), Scripted(status=500, guid="r2"),
                Scripted(status=503, guid="p1"))
     try:
@@ -254,7 +254,7 @@ def test_every_statement_the_loader_issues_compiles_for_oracle_and_keeps_its_rul
     called = set().union(*(callers for *_, callers in capture.statements))
     uncovered = public_methods() - set(NO_STATEMENT) - called
     assert not uncovered, f"public methods whose statements no run here issued: {sorted(uncovered)}"
-    assert {"upgrade_tables", "LoadLogger._missing", "LoadLogger.prune", "LoadLogger.requeue", "LoadLogger.status",
+    assert {"upgrade_tables", "LoadLogger._missing", "LoadLogger.prune", "LoadLogger.requeue", "LoadLogger.reports",
             "Lease._renew", "Lease._look", "Lease._write_row", "Lease.release"} <= called
     failures, widest = {}, 0
     for element, multiparams, params, callers in capture.statements:

@@ -144,7 +144,7 @@ def test_the_archive_prefix_is_never_listed(harness, emulator, fn4):  # noqa: F8
         summary = h.cycle()
         lists = [r.query for r in emulator.requests if r.method == "GET" and r.path.endswith("/o")]
         assert lists and not [q for q in lists if q.get("start", "") < "loaded0" and q.get("end", "\uffff") > "loaded/"]
-        assert summary.found == 0
+        assert summary.tried == 0
     assert summary.listed == 0 and len(emulator.names(BUCKET)) == 3700   # the first cycle archived them all
 
 
@@ -165,13 +165,13 @@ def test_a_first_cycle_against_a_full_fn4_records_files_as_they_are_listed(
     caplog.set_level("INFO", logger="fn4loader")
     summary = streamed.cycle()
     assert "2398 files fn4 already holds recorded in_server as they were listed" in caplog.text  # all but 7
-    assert summary.listed == 2405 and summary.found == 2   # new-1 and new-2, which the first loader loaded
+    assert summary.listed == 2405 and summary.tried == 2   # new-1 and new-2, which the first loader loaded
     got, expected = outcomes(streamed), outcomes(plain)
     assert got.pop("new-1.fasta") == got.pop("new-2.fasta") == "inserted"
     assert expected.pop("new-1.fasta") == expected.pop("new-2.fasta") == "inserted"
     assert got == expected and got["s02000.fa"] == got["s00010.fasta"] == "duplicate"
     assert got["z/s00010.fasta"] == "in_server" and got["bad guid.fasta"] == "failed"
-    assert streamed.cycle().found == 0 and len(streamed.rows()) == 2405
+    assert streamed.cycle().tried == 0 and len(streamed.rows()) == 2405
 
 
 # ---- fn4's guid list, parsed as it streams ----
@@ -310,7 +310,7 @@ def test_a_restart_splits_its_first_listing_at_the_catalogues_names(harness, emu
     summary = restarted.cycle()
     lists = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/o")]
     ends = {r.query.get("end") for r in lists}
-    assert (summary.listed, summary.found) == (len(names) + len(UNICODE), 0)
+    assert (summary.listed, summary.tried) == (len(names) + len(UNICODE), 0)
     assert len({end for end in ends if end and end.startswith("sample-")}) >= 4, ends
     assert len(lists) <= len(names) // osa.LIST_PAGE_SIZE + 2 * len(ends), len(lists)   # no page-one probe first
     fresh = harness(url=url, list_workers=4).loader
@@ -346,7 +346,7 @@ def test_a_loader_reads_back_rows_of_others_not_the_rows_it_wrote(harness, emula
     assert other.catalogue.flush(30)
     reads.clear()
     for _ in range(2):
-        assert h.cycle().found == 0
+        assert h.cycle().tried == 0
     assert reads == [1, 0]                          # the other process's row, then nothing new
     assert h.loader._files.get(obj.key) == osa.FileState(True, "failed", 0)
     assert all(h.loader._files.get(o.key) == osa.FileState(True, "in_server", 0)

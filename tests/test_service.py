@@ -56,8 +56,8 @@ def loaders(store, fn4):
     def make(url, schema=None, **kwargs):
         catalogue = osa.LoadLogger(sa.create_engine(url), schema)
         catalogue.create_tables()
-        made.append(osa.Loader(store, osa.FN4Client(fn4.url), catalogue.start(),
-                               osa.Settings(), **kwargs))
+        made.append(osa.LoadLoop(store, osa.FN4Client(fn4.url), catalogue.start(),
+                                 osa.Settings(), **kwargs))
         return made[-1]
 
     yield make

@@ -1,6 +1,6 @@
 """Signals an operator can trust: `list`, `status` and the metrics agree, and alerts clear when the problem does.
 
-Rows are made by a real Loader (emulator, fn4 stand-in, real catalogue) with an injected clock, so
+Rows are made by a real LoadLoop (emulator, fn4 stand-in, real catalogue) with an injected clock, so
 an hour passes without a sleep; `status` runs as the real command line or as the functions it calls.
 """
 import json
@@ -34,7 +34,7 @@ class Clock:
 
 @pytest.fixture
 def loader(store, fn4):
-    """Build one Loader on the emulator, the fn4 stand-in and a real catalogue, with an injected clock."""
+    """Build one LoadLoop on the emulator, the fn4 stand-in and a real catalogue, with an injected clock."""
     made = []
 
     def make(database, clock, **settings):
@@ -43,8 +43,8 @@ def loader(store, fn4):
         catalogue.create_tables()
         client = osa.FN4Client(fn4.url, timeout=(5.0, 30.0))
         metrics = osa.Metrics(clock=clock, max_age=3600)
-        made.append(osa.Loader(store, client, catalogue.start(), osa.Settings(**settings),
-                               clock=clock, metrics=metrics, host_name="vm-1"))
+        made.append(osa.LoadLoop(store, client, catalogue.start(), osa.Settings(**settings),
+                                 clock=clock, metrics=metrics, host_name="vm-1"))
         return made[-1]
 
     yield make
@@ -65,7 +65,7 @@ def cycle(loader):
 
 def assessed(loader, now, share=0.5, poll_interval=180):
     """The status of the one loader as `status` would report it at ``now``."""
-    [found] = loader.catalogue.status(now)
+    [found] = loader.catalogue.reports(now)
     return osa.assess(found, now, poll_interval, share)
 
 
