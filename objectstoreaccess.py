@@ -1028,25 +1028,8 @@ class ObjectStoreClient:
         if endpoint:
             kwargs["service_endpoint"] = endpoint
         try:
-            if auth in ("api_key", "security_token"):
-                config = oci.config.from_file(
-                    os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION), profile or "DEFAULT")
-                _remember_secret(config.get("pass_phrase"))
-                if auth == "security_token":
-                    token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
-                    key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
-                    kwargs["signer"] = oci.auth.signers.SecurityTokenSigner(token, key)
-                else:
-                    oci.config.validate_config(config)
-            elif auth == "instance_principal":
-                kwargs["signer"] = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
-                config = {"region": kwargs["signer"].region}
-            elif auth == "resource_principal":
-                kwargs["signer"] = oci.auth.signers.get_resource_principals_signer()
-                config = {"region": kwargs["signer"].region}
-            else:
-                raise ConfigError(f"unknown --auth {auth!r}: use api_key, instance_principal, "
-                                  "resource_principal or security_token")
+            config, signer = _oci_auth(oci, auth, config_file, profile)
+            kwargs.update({"signer": signer} if signer else {})
             client = oci.object_storage.ObjectStorageClient(config, **kwargs)
         except (oci.exceptions.ClientError, KeyError, OSError, ValueError) as exc:
             reason = f"the profile lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else _short(exc)
@@ -1474,6 +1457,28 @@ def _sdk_signed_get(signer: Any, sdk_requests: Any, url: str, etag: str | None, 
         request.headers["date"] = date
     signer(request)
     return request.headers
+
+
+def _oci_auth(oci: Any, auth: str, config_file: str | None, profile: str | None) -> tuple[dict[str, Any], Any]:
+    """Return the SDK config and signer (None: the config's API key) of one of the OCI CLI's auth methods."""
+    if auth in ("api_key", "security_token"):
+        config = oci.config.from_file(os.path.expanduser(config_file or oci.config.DEFAULT_LOCATION),
+                                      profile or "DEFAULT")
+        _remember_secret(config.get("pass_phrase"))
+        if auth == "api_key":
+            oci.config.validate_config(config)
+            return config, None
+        token = Path(os.path.expanduser(config["security_token_file"])).read_text().strip()
+        key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
+        return config, oci.auth.signers.SecurityTokenSigner(token, key)
+    if auth == "instance_principal":
+        signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+    elif auth == "resource_principal":
+        signer = oci.auth.signers.get_resource_principals_signer()
+    else:
+        raise ConfigError(f"unknown --auth {auth!r}: use api_key, instance_principal, "
+                          "resource_principal or security_token")
+    return {"region": signer.region}, signer
 
 
 def _listing_entry(obj: StoredObject) -> dict[str, Any]:
