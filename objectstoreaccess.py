@@ -1099,11 +1099,7 @@ class ObjectStoreClient:
         probe: see ``next_start``). Raises OutageError when any range fails.
         """
         workers = max(1, min(workers, len(ranges))) if self._new_client else 1
-        while len(self._list_clients) < workers - 1:
-            self._list_clients.append(self._new_client())  # type: ignore[misc]
-        clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for client in [self._client] + self._list_clients[:workers - 1]:
-            clients.put(client)
+        clients = self._clients(workers)
         failed = threading.Event()
 
         def list_one(start: str | None, end: str | None
@@ -1130,6 +1126,15 @@ class ObjectStoreClient:
                         future.cancel()
         return Listing([obj for part in parts for obj in part[0]], sum(part[1] for part in parts),
                        [page for part in parts for page in part[2]], next((p[3] for p in parts if p[3]), None))
+
+    def _clients(self, workers: int) -> queue.SimpleQueue[Any]:
+        """Return ``workers`` SDK clients to take turns with (made once, kept): one per listing thread."""
+        while len(self._list_clients) < workers - 1:
+            self._list_clients.append(self._new_client())  # type: ignore[misc]
+        clients: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for client in [self._client] + self._list_clients[:workers - 1]:
+            clients.put(client)
+        return clients
 
     def _list_range(self, client: Any, prefix: str | None, start: str | None, end: str | None,
                     keep: Callable[[dict[str, Any]], bool] | None, failed: threading.Event,
@@ -1186,11 +1191,11 @@ class ObjectStoreClient:
                 log.info("download of %s failed (%s); reading it again", obj.name, reason)
         raise TransientError(f"download failed {DOWNLOAD_TRIES} times: {reason}")
 
-    def _read_once(self, obj: StoredObject, max_bytes: int) -> bytearray:
-        oci = self._oci
+    def _open(self, obj: StoredObject) -> SimpleNamespace:
+        """Start reading an object (see _get_object). Raises ObjectChanged or TransientError."""
         try:
-            response = self._get_object(obj.name, obj.etag)
-        except oci.exceptions.ServiceError as exc:
+            return self._get_object(obj.name, obj.etag)
+        except self._oci.exceptions.ServiceError as exc:
             if exc.status in (404, 412):
                 raise self._confirm_change(obj, exc.status) from None
             raise TransientError(f"Object Storage answered {exc.status} {exc.code}") from None
@@ -1198,6 +1203,9 @@ class ObjectStoreClient:
             if _is_network_error(exc):
                 raise TransientError(f"Object Storage unreachable: {_short(exc)}") from None
             raise
+
+    def _read_once(self, obj: StoredObject, max_bytes: int) -> bytearray:
+        response = self._open(obj)
         expected = int(response.headers.get("content-length", -1))
         digest = hashlib.md5(usedforsecurity=False)
         received = 0
