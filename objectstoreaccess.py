@@ -319,6 +319,11 @@ class CycleSummary:
     retried: int
     paused: bool
 
+    @property
+    def unproductive(self) -> bool:
+        """True if the cycle paused, or tried files and loaded none: the loop backs off."""
+        return self.paused or (self.tried > 0 and self.loaded == 0)
+
 
 @dataclass(frozen=True, slots=True)
 class FileState:
@@ -3420,14 +3425,16 @@ class LoadLoop:
             self._prune_if_due()
             if once:
                 break
-            if summary.paused or (summary.tried and summary.loaded == 0):
-                failures += 1
-                wait = max(backoff(failures), self._retry_after or 0.0)  # Retry-After is capped when read
-            else:
-                failures = 0
-                wait = 0.0 if summary.tried else self.settings.poll_interval
-            self.wait(wait)
+            failures = failures + 1 if summary.unproductive else 0
+            self.wait(self._pause_after(summary, failures))
         return self.cycles
+
+    def _pause_after(self, summary: CycleSummary, failures: int) -> float:
+        """Return the seconds to wait after a cycle: none after one that loaded, the poll interval after
+        an idle one, and a capped backoff (or fn4's Retry-After, capped when read) after an unproductive one."""
+        if summary.unproductive:
+            return max(backoff(failures), self._retry_after or 0.0)
+        return 0.0 if summary.tried else self.settings.poll_interval
 
     def run_cycle(self) -> CycleSummary:
         """List, diff, record the batch row, then load what is new. Raises OutageError."""
@@ -3566,40 +3573,42 @@ class LoadLoop:
         SETTLE_WHILE_LISTING unknown files are in fn4 (a first cycle against a full fn4), see
         _settle_while_listing.
         """
-        if self.settings.on_success != "keep":
-            listing = self._list(None)
-        else:
-            skipped, in_server = array("q"), array("q")  # guid hashes: loaded earlier; unknown, in fn4, not kept
-            unknown_in_server = 0
-
-            def keep(entry: dict[str, Any]) -> bool:
-                nonlocal unknown_in_server
-                state = self._files.get((entry["name"], entry.get("etag") or ""))
-                if state is not None and not state.loaded:
-                    return True
-                guid = guid_from_name(entry["name"])
-                if server_guids is not None and guid not in server_guids:
-                    return True
-                if state is not None:
-                    skipped.append(hash(guid))
-                    return False
-                if server_guids is None or guid_problem(guid):
-                    return True
-                unknown_in_server += 1
-                if unknown_in_server <= SETTLE_WHILE_LISTING:
-                    return True
-                in_server.append(hash(guid))
-                return False
-            listing = self._list(keep)
-            if in_server:
-                shared = _repeated(itertools.chain(skipped, in_server, (hash(o.guid) for o in listing.objects)))
-                listing = self._settle_while_listing(server_guids, shared, started)
-            elif skipped and (held := {hash(obj.guid) for obj in listing.objects}) and any(
-                    guid in held for guid in skipped):
-                log.info("a file loaded earlier shares its guid with a new file: listing again in full")
-                listing = self._list(None)
+        listing = self._list(None) if self.settings.on_success != "keep" else self._list_new(server_guids, started)
         self._boundaries = split_points(listing.pages, self.settings.list_workers * RANGES_PER_WORKER)
         return sorted(listing.objects, key=lambda o: (o.time_created, o.name)), listing.listed
+
+    def _list_new(self, server_guids: GuidSet | None, started: datetime) -> Listing:
+        """List the bucket keeping only what may need work (see _list_bucket); the rest is counted."""
+        skipped, in_server = array("q"), array("q")  # guid hashes: loaded earlier; unknown, in fn4, not kept
+        unknown_in_server = 0
+
+        def keep(entry: dict[str, Any]) -> bool:
+            nonlocal unknown_in_server
+            state = self._files.get((entry["name"], entry.get("etag") or ""))
+            if state is not None and not state.loaded:
+                return True
+            guid = guid_from_name(entry["name"])
+            if server_guids is not None and guid not in server_guids:
+                return True
+            if state is not None:
+                skipped.append(hash(guid))
+                return False
+            if server_guids is None or guid_problem(guid):
+                return True
+            unknown_in_server += 1
+            if unknown_in_server <= SETTLE_WHILE_LISTING:
+                return True
+            in_server.append(hash(guid))
+            return False
+        listing = self._list(keep)
+        if in_server:
+            shared = _repeated(itertools.chain(skipped, in_server, (hash(o.guid) for o in listing.objects)))
+            listing = self._settle_while_listing(server_guids, shared, started)
+        elif skipped and (held := {hash(obj.guid) for obj in listing.objects}) and any(
+                guid in held for guid in skipped):
+            log.info("a file loaded earlier shares its guid with a new file: listing again in full")
+            listing = self._list(None)
+        return listing
 
     def _settle_while_listing(self, server_guids: GuidSet, shared: set[int], started: datetime) -> Listing:
         """List again, recording each unknown file fn4 already holds as in_server as its page arrives.
