@@ -2830,47 +2830,57 @@ class LoadLogger:
 
     def _write_forever(self) -> None:
         failures = 0
-        while True:
-            with self._changed:
-                while not self._pending and not self._closing:
-                    self._changed.wait()
-                # Gather rows for a moment: one write per batch of rows costs the inserter far less
-                # GIL time than one per row.
-                self._changed.wait_for(lambda: self._closing or self._urgent or len(self._pending) >= WRITE_BATCH_ROWS,
-                                       timeout=WRITE_BATCH_DELAY)
-                if self._closing:
-                    return
-                table = self._pending[0][1]
-                batch, ids = [], []
-                for n, queued_table, values, _ in self._pending:
-                    if queued_table is not table or len(batch) >= 200:
-                        break
-                    batch.append(values)
-                    ids.append(n)
-                # A write that failed may have been committed all the same (the answer was lost):
-                # such rows, and rows replayed from the journal, are written only if missing.
-                uncertain = self._pending[0][0] <= self._uncertain_through
-            written, exc = self._write_rows(table, batch, uncertain)
+        while (batch := self._next_batch()) is not None:
+            table, rows, ids, uncertain = batch
+            written, exc = self._write_rows(table, rows, uncertain)
             if written:
                 with self._changed:
                     self._committed(ids[:written])
             if exc is not None:
                 failures += 1
-                with self._changed:
-                    self._uncertain_through = max(self._uncertain_through, ids[-1])
-                    self._outage_since = self._outage_since or time.monotonic()
-                    self._last_error = _short(getattr(exc, "orig", None) or exc)
-                    self._changed.notify_all()
-                if failures == 1:
-                    log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
-                                len(self._pending), self._last_error)
-                self._warn_if_waiting()
-                with self._changed:
-                    self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
+                self._write_failed(exc, ids[-1], failures)
                 continue
             if failures and written:
                 log.warning("catalogue database is back after %d failed writes", failures)
                 failures = 0
+
+    def _next_batch(self) -> tuple[sa.Table, list[dict[str, Any]], list[int], bool] | None:
+        """Wait for rows, then return the first queued ones of one table (up to 200); None once closing.
+
+        The rows are uncertain if a write that failed may have been committed all the same (the
+        answer was lost), or if they were replayed from the journal: they are written only if missing.
+        """
+        with self._changed:
+            while not self._pending and not self._closing:
+                self._changed.wait()
+            # Gather rows for a moment: one write per batch of rows costs the inserter far less
+            # GIL time than one per row.
+            self._changed.wait_for(lambda: self._closing or self._urgent or len(self._pending) >= WRITE_BATCH_ROWS,
+                                   timeout=WRITE_BATCH_DELAY)
+            if self._closing:
+                return None
+            table = self._pending[0][1]
+            rows, ids = [], []
+            for n, queued_table, values, _ in self._pending:
+                if queued_table is not table or len(rows) >= 200:
+                    break
+                rows.append(values)
+                ids.append(n)
+            return table, rows, ids, self._pending[0][0] <= self._uncertain_through
+
+    def _write_failed(self, exc: Exception, last_id: int, failures: int) -> None:
+        """Note a failed write (its rows may have been committed: uncertain), warn, and back off."""
+        with self._changed:
+            self._uncertain_through = max(self._uncertain_through, last_id)
+            self._outage_since = self._outage_since or time.monotonic()
+            self._last_error = _short(getattr(exc, "orig", None) or exc)
+            self._changed.notify_all()
+        if failures == 1:
+            log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
+                        len(self._pending), self._last_error)
+        self._warn_if_waiting()
+        with self._changed:
+            self._changed.wait_for(lambda: self._closing, timeout=backoff(failures, 1.0, self.retry_cap))
 
     def _committed(self, ids: list[int]) -> None:
         """Take the rows ``ids``, the first ones queued and now written, off the queue (caller holds _changed)."""
