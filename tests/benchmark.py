@@ -1,4 +1,4 @@
-"""Benchmark of the loader: the project's pipelined LoadLoop against a plain sequential loop.
+"""Benchmark of the loader: the project's pipelined loader against a plain sequential loop.
 
 Run it with ``pipenv run python tests/benchmark.py [--quick] [--profile]`` (about 2.5 minutes;
 ``--quick`` about 1). It prints a markdown-friendly table of:
@@ -95,7 +95,7 @@ class Profile:
     samples: int
     insert_delay: float       # L, seconds: the stand-in's insert_delay
     download_parse: float     # D, seconds: download + parse time the emulator's delay aims at
-    target: float             # utilisation the LoadLoop should reach
+    target: float             # utilisation the loader should reach
 
 
 PROFILES = (
@@ -567,7 +567,7 @@ class ReferenceLoop:
         self.timings.append((p0, p1, p2, p3))
 
 
-# ---- LoadLoop workers (each a fresh spawned process) -------------------------------------------
+# ---- Loader workers (each a fresh spawned process) ---------------------------------------------
 
 
 class MarkingFN4Client(osa.FN4Client):
@@ -645,7 +645,7 @@ def _read_parse(store: osa.ObjectStoreClient, obj: osa.StoredObject) -> tuple[st
 
 
 def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
-    """Load one profile's backlog with the LoadLoop or the reference; measure everything."""
+    """Load one profile's backlog with the loader or the reference; measure everything."""
     setup = Setup(params)
     oci, fn4 = setup.oci, setup.fn4
     bucket, mode = params["bucket"], params["mode"]
@@ -989,7 +989,7 @@ def _report_backlog(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
            "reaches against this stand-in on this machine.", ""]
     rows = []
     for p, r in backlog:
-        name = "LoadLoop (pipelined)" if r.get("mode") == "loader" else "reference (sequential)"
+        name = "loader (pipelined)" if r.get("mode") == "loader" else "reference (sequential)"
         if "error" in r:
             rows.append([p.label, name, _error_line(r)] + [""] * 9)
             continue
@@ -1009,16 +1009,16 @@ def _report_backlog(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
 
 
 def _report_cpu_rss(backlog: list[tuple[Profile, dict[str, Any]]]) -> list[str]:
-    out = ["## 2.-3. LoadLoop process CPU per sample and peak RSS above idle", "",
+    out = ["## 2.-3. Loader process CPU per sample and peak RSS above idle", "",
            "CPU = process_time of the loader process (every thread, catalogue writer included) over the whole "
            "cycle, / samples; the emulator and the stand-in run in other processes. Peak RSS = VmHWM (reset "
            "through /proc/self/clear_refs) - VmRSS just before the cycle; 'genomes' worth' divides it by one "
-           "sequence's size. Targets apply to the tuberculosis-like LoadLoop.", ""]
+           "sequence's size. Targets apply to the tuberculosis-like loader.", ""]
     rows = []
     for p, r in backlog:
         if "error" in r:
             continue
-        name = "LoadLoop (pipelined)" if r["mode"] == "loader" else "reference (sequential)"
+        name = "loader (pipelined)" if r["mode"] == "loader" else "reference (sequential)"
         per = r["cpu"] / max(r["samples"], 1) * 1000
         genomes = r["peak"] / p.length
         checked = p.key == "tb" and r["mode"] == "loader"
@@ -1048,11 +1048,11 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
            "building list pages, inside the wall time. RSS growth = VmHWM - VmRSS before the cycle; footprint = "
            "VmHWM - VmRSS of the fresh process before its first cycle. Targets apply to idle cycles at "
            f"{biggest:,} objects.", ""]
-    labels = (("scale_first", "first", "LoadLoop: first cycle (records every object in_server)"),
-              ("scale_first", "idle2", "LoadLoop: 2nd cycle, same process (folds the first cycle's rows)"),
-              ("scale_first", "idle3", "LoadLoop: 3rd cycle, same process (idle)"),
-              ("scale_restart", "restart", "LoadLoop: first cycle after a restart (fresh process)"),
-              ("scale_restart", "idle", "LoadLoop: next cycle in that process (idle)"),
+    labels = (("scale_first", "first", "loader: first cycle (records every object in_server)"),
+              ("scale_first", "idle2", "loader: 2nd cycle, same process (folds the first cycle's rows)"),
+              ("scale_first", "idle3", "loader: 3rd cycle, same process (idle)"),
+              ("scale_restart", "restart", "loader: first cycle after a restart (fresh process)"),
+              ("scale_restart", "idle", "loader: next cycle in that process (idle)"),
               ("scale_reference", "ref1", "reference: idle cycle (fresh process)"),
               ("scale_reference", "ref2", "reference: next idle cycle"))
     idle = {"idle2", "idle3", "idle", "ref1", "ref2"}
@@ -1076,7 +1076,7 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
     out += _table(["objects", "cycle", "wall s", "CPU s", "list s (emulator)", "list pages", "RSS growth MB",
                    "footprint MB", "bytes fn4 sent", "target", "result"], rows)
     out += ["", "## 5. List+diff time", "",
-            "LoadLoop: list through the OCI SDK against the emulator and sort; then fold new catalogue rows and "
+            "loader: list through the OCI SDK against the emulator and sort; then fold new catalogue rows and "
             "plan (LoadLoop._plan). Reference: list and sort, fetch fn4's full guid list, read the finished files "
             "from the catalogue, diff.", ""]
     rows = []

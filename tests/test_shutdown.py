@@ -28,7 +28,7 @@ PROMPT = 15            # seconds: "at once" on a loaded machine, still far below
 STOPPED = osa.STOPPED_LOG  # the last line of the shutdown sequence: the loop ended, its threads joined
 
 
-class LoadLoop:
+class LoaderProcess:
     """The loader as a subprocess; its stderr is read as it comes, so a wait for a line has a deadline."""
 
     def __init__(self, args):
@@ -68,8 +68,8 @@ def start(fn4, emulator, oci_config):
     started = []
 
     def launch(db, *extra):
-        started.append(LoadLoop([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file",
-                                 str(oci_config), "--endpoint", emulator.endpoint, *extra]))
+        started.append(LoaderProcess([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file",
+                                      str(oci_config), "--endpoint", emulator.endpoint, *extra]))
         return started[-1]
 
     yield launch

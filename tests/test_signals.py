@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, fasta, upload_series
 from fn4_standin import Scripted
-from test_shutdown import STOPPED, PROMPT, LoadLoop, count, stop_and_time, wait_for
+from test_shutdown import STOPPED, PROMPT, LoaderProcess, count, stop_and_time, wait_for
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
 
@@ -36,8 +36,8 @@ def test_sighup_finishes_the_sample_and_writes_its_row(fn4, emulator, oci_config
     db = f"sqlite:///{tmp_path / 'c.db'}"
     upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(20)])
     fn4.insert_delay = 0.5
-    loader = LoadLoop([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file", str(oci_config),
-                       "--endpoint", emulator.endpoint, "--poll-interval", "3600"])
+    loader = LoaderProcess([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file",
+                            str(oci_config), "--endpoint", emulator.endpoint, "--poll-interval", "3600"])
     try:
         wait_for(lambda: fn4.inserts_begun >= 1)
         code, took, err = stop_and_time(loader, signal.SIGHUP)
