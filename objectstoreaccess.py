@@ -204,6 +204,10 @@ class ObjectChanged(LoaderError):
     """The object was deleted or replaced after it was listed."""
 
 
+class Stopped(LoaderError):
+    """The stop event was set during a step that ends early (a listing of many pages): the cycle ends here."""
+
+
 class OutageError(LoaderError):
     """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry.
 
@@ -1095,13 +1099,14 @@ class ObjectStoreClient:
 
     def list_ranges(self, ranges: list[tuple[str | None, str | None]], prefix: str | None = None,
                     workers: int = 1, keep: Callable[[dict[str, Any]], bool] | None = None,
-                    max_pages: int | None = None) -> Listing:
+                    max_pages: int | None = None, stop: threading.Event | None = None) -> Listing:
         """List key ranges [start, end), ``workers`` at a time, and merge them in name order.
 
         ``keep(entry)`` decides, page by page as they arrive, which FASTA objects are kept (the entry is
         the listing's JSON: name, size, etag, md5, timeCreated); it is
         called from the listing threads. ``max_pages`` stops each range after that many pages (a
-        probe: see ``next_start``). Raises OutageError when any range fails.
+        probe: see ``next_start``). Raises OutageError when any range fails, and Stopped when ``stop``
+        is set: each range ends after its page in flight.
         """
         workers = max(1, min(workers, len(ranges))) if self._new_client else 1
         clients = self._clients(workers)
@@ -1111,7 +1116,7 @@ class ObjectStoreClient:
                      ) -> tuple[list[StoredObject], int, list[tuple[str, int]], str | None]:
             client = clients.get()
             try:
-                return self._list_range(client, prefix, start, end, keep, failed, max_pages)
+                return self._list_range(client, prefix, start, end, keep, failed, max_pages, stop)
             except BaseException:
                 failed.set()  # the other ranges stop after their current page
                 raise
@@ -1143,13 +1148,15 @@ class ObjectStoreClient:
 
     def _list_range(self, client: Any, prefix: str | None, start: str | None, end: str | None,
                     keep: Callable[[dict[str, Any]], bool] | None, failed: threading.Event,
-                    max_pages: int | None
+                    max_pages: int | None, stop: threading.Event | None = None
                     ) -> tuple[list[StoredObject], int, list[tuple[str, int]], str | None]:
         objects: list[StoredObject] = []
         listed = 0
         starts: list[tuple[str, int]] = []
         cursor, pages = start, 0
         while not failed.is_set() and (max_pages is None or pages < max_pages):
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while listing the bucket")
             items = (page := self._page(client, prefix, cursor, end)).get("objects") or ()
             pages += 1
             if items:
@@ -3417,6 +3424,9 @@ class LoadLoop:
                 continue
             try:
                 summary = self.run_cycle()
+            except Stopped as exc:
+                log.info("%s: the cycle ends here, nothing recorded", exc)
+                break
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
                 wait = backoff(failures)
@@ -3659,12 +3669,13 @@ class LoadLoop:
         prefix, archive, workers = self.settings.prefix, self.settings.archive_prefix, self.settings.list_workers
         boundaries = self._boundaries
         if not boundaries and workers > 1:
-            probe = self.store.list_ranges(key_ranges(prefix, archive), prefix, workers, None, max_pages=1)
+            probe = self.store.list_ranges(key_ranges(prefix, archive), prefix, workers, None, max_pages=1,
+                                           stop=self.stop)
             if probe.next_start is None:  # that was the whole bucket: filter it as if listed so
                 kept = [obj for obj in probe.objects if keep is None or keep(_listing_entry(obj))]
                 return dataclasses.replace(probe, objects=kept)
             boundaries = [(prefix or "") + split for split in FIRST_LISTING_SPLITS]
-        return self.store.list_ranges(key_ranges(prefix, archive, boundaries), prefix, workers, keep)
+        return self.store.list_ranges(key_ranges(prefix, archive, boundaries), prefix, workers, keep, stop=self.stop)
 
     def _refresh_from_catalogue(self) -> bool:
         """Fold rows written since the last look (by us or by a requeue) into the file states.

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import objectstoreaccess as osa
 from conftest import BUCKET, NAMESPACE, fasta, upload_series
 from fn4_standin import Scripted
+from oci_emulator import Fault
 from test_shutdown import STOPPED, PROMPT, LoaderProcess, count, stop_and_time, wait_for
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
@@ -50,6 +51,32 @@ def test_sighup_finishes_the_sample_and_writes_its_row(fn4, emulator, oci_config
     assert 1 <= inserted < 20
     assert count(db, "fn4loadattempt") == inserted
     assert "catalogue row not written" not in err
+
+
+def test_a_signal_during_a_long_listing_stops_after_the_page_in_flight(fn4, emulator, oci_config, tmp_path):
+    """A bucket listed page by page for minutes (2 million objects, a first cycle) must not hold a stop:
+    the listing ends after the page in flight, the cycle is not recorded as abandoned, and the exit is 0."""
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    emulator.put_many(BUCKET, ((f"s{i:05d}.fasta", b">x\nACGT\n", None) for i in range(4500)))  # 5 pages
+    emulator.add_fault(Fault(method="GET", path_contains="/o", kind="delay", delay=6.0, times=-1))
+
+    def pages():
+        return [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/o")]
+
+    loader = LoaderProcess([sys.executable, str(SCRIPT), fn4.url, NAMESPACE, BUCKET, db, "--config-file",
+                            str(oci_config), "--endpoint", emulator.endpoint, "--list-workers", "1"])
+    try:
+        wait_for(lambda: len(pages()) >= 2, 60)  # the start-up check and the cycle's first page: the second is asked
+        code, took, err = stop_and_time(loader, signal.SIGTERM, 6.0 + PROMPT)
+    finally:
+        loader.kill()
+        emulator.clear_faults()
+    assert code == 0, err
+    assert len(pages()) <= 3, "the listing went on after the signal"  # at most the page in flight when it came
+    assert STOPPED in err and "stopped while listing" in err
+    with sa.create_engine(db).connect() as conn:
+        abandoned = conn.execute(sa.text("SELECT count(*) FROM fn4batchload WHERE abandon_reason IS NOT NULL"))
+        assert abandoned.scalar() == 0
 
 
 def _third_party_code_loaded(pid):
