@@ -1084,7 +1084,7 @@ def _report_scale(scale: dict[int, dict[str, Any]]) -> list[str]:
         loader = scale[size].get("scale_restart", {}).get("listdiff")
         reference = scale[size].get("scale_reference", {}).get("listdiff")
         if loader:
-            rows.append([f"{size:,}", "LoadLoop", f"{loader['list']:.2f}", "-", "-", f"{loader['diff']:.3f}",
+            rows.append([f"{size:,}", "loader", f"{loader['list']:.2f}", "-", "-", f"{loader['diff']:.3f}",
                          f"{loader['list'] + loader['diff']:.2f}"])
         if reference:
             rows.append([f"{size:,}", "reference", f"{reference['list']:.2f}", f"{reference['guids']:.3f}",
@@ -1158,7 +1158,7 @@ def national(args: argparse.Namespace, progress: Callable[[str], None]) -> list[
             put_genomes(ctx, servers, profiles, shape)
         for run in range(args.runs if "backlog" in only else 0):
             for p in profiles:
-                progress(f"{p.label}: LoadLoop, {p.samples} samples (run {run + 1} of {args.runs})")
+                progress(f"{p.label}: loader, {p.samples} samples (run {run + 1} of {args.runs})")
                 backlog.append((p, _run_backlog(ctx, base, p, "loader", run)))
         errors = servers.oci("errors")
     lines = _report_national(runs, backlog, count, workers, latency, args.waiting)

@@ -146,3 +146,13 @@ def wait_for(condition, seconds=30.0, tick=0.05):
             return time.monotonic() - started
         pause.wait(tick)
     raise AssertionError(f"condition not reached in {seconds} s")
+
+
+def disk_full(engine, full=True):
+    """Make the SQLite catalogue refuse every attempt row as a full disk does (full=False: room again)."""
+    with engine.begin() as conn:
+        if full:
+            conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
+                                 "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER disk_full")

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series, wait_for
+from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series, wait_for, disk_full
 from tcp_proxy import TCPProxy
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
@@ -236,9 +236,7 @@ def test_once_exits_1_in_bounded_time_when_the_catalogue_refuses_writes_and_lose
     db = f"sqlite:///{path}"
     osa.LoadLogger(sa.create_engine(db)).create_tables()
     engine = sa.create_engine(db)
-    with engine.begin() as conn:  # SQLite's own answer when the disk is full, on every attempt row
-        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
-                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    disk_full(engine)  # SQLite's own answer when the disk is full, on every attempt row
     total = osa.MAX_UNWRITTEN_ROWS + 10
     upload_series(emulator, [(f"s{i:02d}.fasta", fasta(f"s{i:02d}")) for i in range(total)])
     # A real process, its patience with the catalogue cut from 30 s to 1 s so that the test is quick.
@@ -263,8 +261,7 @@ def test_once_exits_1_in_bounded_time_when_the_catalogue_refuses_writes_and_lose
                             cwd=SCRIPT.parent, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Error: the catalogue database refused" in result.stderr, result.stderr
     assert [i.guid for i in fn4.inserts if i.status == 200] == sent
-    with engine.begin() as conn:  # the disk has room again
-        conn.exec_driver_sql("DROP TRIGGER disk_full")
+    disk_full(engine, full=False)  # the disk has room again
     again = CliRunner().invoke(osa.main, run_args(fn4, emulator, oci_config, db))
     assert again.exit_code == 0, again.output
     rows = attempt_rows(db)
@@ -280,9 +277,7 @@ def test_the_daemon_keeps_retrying_a_catalogue_that_refuses_writes_and_warns(tmp
     engine = sa.create_engine(db)
     catalogue = osa.LoadLogger(engine, retry_cap=0.1, journal=tmp_path / "rows.journal", call_timeout=0.5)
     catalogue.create_tables()
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
-                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    disk_full(engine)  # SQLite's own answer when the disk is full, on every attempt row
     catalogue.start()
     for i in range(3):
         catalogue.record_attempt(attempt(i))
@@ -293,8 +288,7 @@ def test_the_daemon_keeps_retrying_a_catalogue_that_refuses_writes_and_warns(tmp
             waiter.start()
             wait_for(lambda: "catalogue rows have waited" in caplog.text)
             assert waiter.is_alive() and catalogue.unwritten == 3  # no patience set: inserting waits, never fails
-            with engine.begin() as conn:
-                conn.exec_driver_sql("DROP TRIGGER disk_full")
+            disk_full(engine, full=False)  # the disk has room again
             waiter.join(30)
             assert not waiter.is_alive()
     finally:

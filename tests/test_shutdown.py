@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for, disk_full
 from fn4_standin import Scripted
 from test_journal import attempt
 
@@ -142,9 +142,7 @@ def test_a_second_signal_leaves_unwritten_rows_in_the_journal(start, fn4, emulat
     db = f"sqlite:///{path}"
     osa.LoadLogger(sa.create_engine(db)).create_tables()
     refuse = sa.create_engine(db)
-    with refuse.begin() as conn:
-        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
-                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    disk_full(refuse)  # SQLite's own answer when the disk is full, on every attempt row
     upload_series(emulator, [("fast.fasta", fasta("fast")), ("slow.fasta", fasta("slow"))])
     fn4.script(Scripted(status=200, guid="fast", store=True))  # answered at once; then "slow" takes 8 s
     fn4.insert_delay = 8  # what the second signal does not wait for (the next run waits for the stand-in's lock)
@@ -156,8 +154,7 @@ def test_a_second_signal_leaves_unwritten_rows_in_the_journal(start, fn4, emulat
     fn4.insert_delay = 0
     assert code == 128 + signal.SIGTERM and took < PROMPT, err
     assert b'"fast.fasta"' in osa.journal_path(sa.make_url(db), None, BUCKET).read_bytes()
-    with refuse.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER disk_full")
+    disk_full(refuse, full=False)  # the disk has room again
     refuse.dispose()
     again = CliRunner().invoke(osa.main, [fn4.url, NAMESPACE, BUCKET, db, "--once", "--config-file",
                                           str(oci_config), "--endpoint", emulator.endpoint])
@@ -174,9 +171,7 @@ def test_a_signal_with_rows_the_catalogue_refuses_exits_1_and_says_so(start, fn4
     db = f"sqlite:///{tmp_path / 'c.db'}"
     osa.LoadLogger(sa.create_engine(db)).create_tables()
     refuse = sa.create_engine(db)
-    with refuse.begin() as conn:
-        conn.exec_driver_sql("CREATE TRIGGER disk_full BEFORE INSERT ON fn4loadattempt "
-                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    disk_full(refuse)  # SQLite's own answer when the disk is full, on every attempt row
     refuse.dispose()
     upload_series(emulator, [("a.fasta", fasta("a"))])
     loader = start(db, "--poll-interval", "3600")
