@@ -3429,15 +3429,10 @@ class LoadLoop:
                 break
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
-                wait = backoff(failures)
-                self._record_abandoned(exc)
-                if isinstance(exc, OutageError):
-                    log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
-                else:
-                    log.exception("cycle failed unexpectedly; next try in %.0f s", wait)
+                self._record_abandoned(exc, backoff(failures))
                 if once:
                     raise
-                self.wait(wait)
+                self.wait(backoff(failures))
                 continue
             self.cycles += 1
             self.last_summary = summary
@@ -3518,8 +3513,13 @@ class LoadLoop:
             self.metrics.progressed(self.clock())  # a standby in touch with the catalogue is healthy
         return False
 
-    def _record_abandoned(self, exc: Exception) -> None:
-        """Write a batch row that says why the cycle was abandoned, and count it."""
+    def _record_abandoned(self, exc: Exception, wait: float) -> None:
+        """Log why the cycle was abandoned (from inside its except block), write a batch row that says it,
+        and count it; the next try comes in ``wait`` seconds."""
+        if isinstance(exc, OutageError):
+            log.warning("cycle abandoned: %s; next try in %.0f s", exc, wait)
+        else:
+            log.exception("cycle failed unexpectedly; next try in %.0f s", wait)
         service = exc.service if isinstance(exc, OutageError) else "loader"
         reason = str(exc) if isinstance(exc, OutageError) else f"unexpected error: {_short(exc)}"
         self.catalogue.record_batch(BatchRow(
@@ -4279,17 +4279,7 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         with contextlib.suppress(OSError):
             os.write(write_end, bytes([signum]))
 
-    def watch() -> None:
-        received = 0
-        with open(read_end, "rb", buffering=0) as pipe:
-            while (data := pipe.read(1)) and data[0]:  # a 0 byte: restore() ends the watch
-                received += 1
-                if received > 1:  # a second signal came before the first was acted on
-                    os._exit(128 + data[0])
-                stop.set()
-                log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
-
-    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher = threading.Thread(target=_watch_signals, args=(read_end, stop), name="signals", daemon=True)
     watcher.start()
     previous = {signum: _EARLY_HANDLERS.pop(signum, signal.signal(signum, handle)) for signum in STOP_SIGNALS}
     if _EARLY_SIGNALS:  # held during the imports: acted on now, before anything is loaded
@@ -4306,6 +4296,18 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         os.close(write_end)
 
     return restore
+
+
+def _watch_signals(read_end: int, stop: threading.Event) -> None:
+    """Read the signal numbers the handler writes: set stop at the first, exit at once at a second; a 0 byte ends it."""
+    received = 0
+    with open(read_end, "rb", buffering=0) as pipe:
+        while (data := pipe.read(1)) and data[0]:
+            received += 1
+            if received > 1:  # a second signal came before the first was acted on
+                os._exit(128 + data[0])
+            stop.set()
+            log.info("%s received: finishing the current sample, then exiting", signal.Signals(data[0]).name)
 
 
 def _release_early_signals() -> None:
