@@ -3429,10 +3429,10 @@ class LoadLoop:
                 break
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
-                self._record_abandoned(exc, backoff(failures))
+                self._record_abandoned(exc, wait := backoff(failures))
                 if once:
                     raise
-                self.wait(backoff(failures))
+                self.wait(wait)
                 continue
             self.cycles += 1
             self.last_summary = summary

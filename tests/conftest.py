@@ -2,6 +2,7 @@
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -156,3 +157,10 @@ def disk_full(engine, full=True):
                                  "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
         else:
             conn.exec_driver_sql("DROP TRIGGER disk_full")
+
+
+def free_port():
+    """Return a loopback port nothing listens on now: connecting to it is refused, and a test may serve on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 import objectstoreaccess as osa
 import readme
-from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series, free_port
 from fn4_standin import FN4StandIn, Scripted
 from oci_emulator import write_oci_config
 from sentry_catcher import SentryCatcher
-from test_service import free_port, poll
+from test_service import poll
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSET = getattr(click.core, "UNSET", None)  # click 8.3+ marks "no default" with it; older click with None
@@ -170,9 +170,7 @@ def test_bad_database_url(base_args, oci_config, emulator):
 
 
 def test_unreachable_database_hides_its_password(base_args, oci_config, emulator):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed as soon as the block ends: nothing listens there
+    port = free_port()
     url = f"postgresql+psycopg2://loader:s3cretpw@127.0.0.1:{port}/fn4"
     line = one_line_error(invoke([*base_args, url], None, oci_config, emulator), "catalogue database")
     assert "s3cretpw" not in line and "***" in line
@@ -355,9 +353,7 @@ def test_secrets_never_reach_logs_sentry_tables_or_metrics(emulator, fn4, tmp_pa
 
 
 def test_password_from_the_config_file_is_redacted_from_logs(tmp_path, base_args, oci_config, emulator, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "db.json"
     config.write_text(json.dumps({"prod": {"DBTYPE": "postgresql",
                                            "ENGINE_NAME": f"postgresql+psycopg2://u:topsecret99@127.0.0.1:{port}/x"}}))

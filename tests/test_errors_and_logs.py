@@ -3,25 +3,17 @@ JSON logs that stay JSON, and log lines that say what happened. Real subprocesse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, T0, fasta, upload_series, free_port
 from fn4_standin import FN4StandIn, Scripted
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "objectstoreaccess.py"
-
-
-def closed_port():
-    """A port nothing listens on: connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**extra):
@@ -53,7 +45,7 @@ def db(tmp_path):
 
 def test_unreachable_fn4_at_start_is_one_line_naming_the_url_and_the_cause(emulator, oci_config, tmp_path):
     """--once with nothing listening at the fn4 URL: exit 1 at once, one Error line, no urllib3 internals."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     done, took = loader(url, NAMESPACE, BUCKET, db(tmp_path), *oci(emulator, oci_config), "--once", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert took < 15
@@ -64,7 +56,7 @@ def test_unreachable_fn4_at_start_is_one_line_naming_the_url_and_the_cause(emula
 
 def test_unreachable_object_storage_at_start_is_one_line_within_15_s(fn4, oci_config, tmp_path):
     """--once with nothing listening at --endpoint: one Error line naming the endpoint, well within 15 s."""
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     done, took = loader(fn4.url, NAMESPACE, BUCKET, db(tmp_path), "--config-file", oci_config,
                         "--endpoint", endpoint, "--once", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
@@ -75,7 +67,7 @@ def test_unreachable_object_storage_at_start_is_one_line_within_15_s(fn4, oci_co
 
 
 def test_list_fails_fast_when_fn4_is_unreachable(emulator, oci_config, tmp_path):
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     done, took = loader("list", url, NAMESPACE, BUCKET, db(tmp_path), *oci(emulator, oci_config), cwd=tmp_path)
     assert done.returncode == 1 and took < 15, done.stderr
     assert error_lines(done.stderr) == [f"Error: fn4 at {url} is not answering: connection refused"], done.stderr
@@ -83,7 +75,7 @@ def test_list_fails_fast_when_fn4_is_unreachable(emulator, oci_config, tmp_path)
 
 def test_the_daemon_warns_about_an_unreachable_fn4_and_loads_once_it_answers(emulator, oci_config, tmp_path):
     """Without --once an unreachable fn4 at start is a warning, not the end: the loader loads when fn4 comes up."""
-    port = closed_port()
+    port = free_port()
     upload_series(emulator, [("a.fasta", fasta("a"))])
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), f"http://127.0.0.1:{port}", NAMESPACE, BUCKET, db(tmp_path),
@@ -138,7 +130,7 @@ def all_json(text):
 
 def test_json_logs_keep_fatal_errors_and_option_errors_json(emulator, oci_config, tmp_path):
     """With --log-format json, a fatal start-up error and an option error are JSON lines too."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     done, _ = loader(url, NAMESPACE, BUCKET, db(tmp_path), *oci(emulator, oci_config), "--once",
                      "--log-format", "json", cwd=tmp_path)
     assert done.returncode == 1

@@ -297,17 +297,23 @@ def test_two_loaders_started_together_one_inserts_every_sample_once(fn4, emulato
     assert sum(one.active for one in instances) == 1
 
 
+def active_and_standby(fn4, emulator, oci_config, database, tmp_path, instances, a=None, b=None):
+    """Start instance a and wait until it loads, then b (options ``a``, ``b``) until it stands by, a 5 inserts in."""
+    first = Instance("a", fn4, emulator, oci_config, database, tmp_path, **(a or {}))
+    instances.append(first)
+    wait_for(lambda: first.active, 60)
+    second = Instance("b", fn4, emulator, oci_config, database, tmp_path, **(b or {}))
+    instances.append(second)
+    wait_for(lambda: "standby: " in second.text(), 60)
+    wait_for(lambda: fn4.inserts_begun >= 5, 60)
+    return first, second
+
+
 def test_kill_9_of_the_active_the_standby_takes_over_after_the_ttl(
         fn4, emulator, oci_config, database, tmp_path, instances, other_host):
     guids = samples(emulator, 25)
     fn4.insert_delay = 0.1
-    a = Instance("a", fn4, emulator, oci_config, database, tmp_path)
-    instances.append(a)
-    wait_for(lambda: a.active, 60)
-    b = Instance("b", fn4, emulator, oci_config, database, tmp_path, host=other_host)
-    instances.append(b)
-    wait_for(lambda: "standby: " in b.text(), 60)
-    wait_for(lambda: fn4.inserts_begun >= 5, 60)
+    a, b = active_and_standby(fn4, emulator, oci_config, database, tmp_path, instances, b={"host": other_host})
     a.proc.kill()  # SIGKILL mid-batch: no release, the row keeps the lease until it lapses
     killed = time.perf_counter()
     a.proc.wait(timeout=10)
@@ -329,13 +335,7 @@ def test_kill_9_of_the_active_the_standby_takes_over_after_the_ttl(
 def test_sigterm_of_the_active_hands_over_within_seconds(fn4, emulator, oci_config, database, tmp_path, instances):
     guids = samples(emulator, 25)
     fn4.insert_delay = 0.1
-    a = Instance("a", fn4, emulator, oci_config, database, tmp_path)
-    instances.append(a)
-    wait_for(lambda: a.active, 60)
-    b = Instance("b", fn4, emulator, oci_config, database, tmp_path)
-    instances.append(b)
-    wait_for(lambda: "standby: " in b.text(), 60)
-    wait_for(lambda: fn4.inserts_begun >= 5, 60)
+    a, b = active_and_standby(fn4, emulator, oci_config, database, tmp_path, instances)
     signalled = time.perf_counter()
     assert a.stop() == 0, a.text()
     wait_for(lambda: all_loaded(fn4, guids, a, b), 90)
@@ -357,13 +357,7 @@ def test_an_active_cut_off_from_the_catalogue_stops_before_the_standby_starts(
     fn4.insert_delay = 0.5  # slow enough that the lease, not the unwritten rows (MAX_UNWRITTEN_ROWS), stops a
     with TCPProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
         through = target.set(port=proxy.port).render_as_string(hide_password=False)
-        a = Instance("a", fn4, emulator, oci_config, database, tmp_path, url=through)
-        instances.append(a)
-        wait_for(lambda: a.active, 60)
-        b = Instance("b", fn4, emulator, oci_config, database, tmp_path)
-        instances.append(b)
-        wait_for(lambda: "standby: " in b.text(), 60)
-        wait_for(lambda: fn4.inserts_begun >= 5, 60)
+        a, b = active_and_standby(fn4, emulator, oci_config, database, tmp_path, instances, a={"url": through})
         proxy.blackhole(new=True)  # a's catalogue falls silent: no error, no answer
         cut = time.perf_counter()
         wait_for(lambda: all_loaded(fn4, guids, a, b), 90)

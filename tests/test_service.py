@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.dialects import oracle
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, free_port
 from fn4_standin import Scripted
 
 SCRIPT = Path(__file__).resolve().parent.parent / "objectstoreaccess.py"
@@ -202,12 +202,6 @@ def test_metrics_and_healthz_in_process(loaders, emulator, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(url, condition, proc, seconds=20):

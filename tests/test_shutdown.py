@@ -6,7 +6,6 @@ time but the exit code and the log: only the end of the one shutdown sequence lo
 and only a second signal exits with 128 + signal.
 """
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for, disk_full
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, wait_for, disk_full, free_port
 from fn4_standin import Scripted
 from test_journal import attempt
 
@@ -232,9 +231,7 @@ def test_close_returns_once_the_writer_has_ended_even_with_a_write_in_flight(tmp
 def test_run_leaves_no_thread_behind(fn4, emulator, oci_config, tmp_path):
     """After run returns, the writer, the lease keeper, the metrics server and the signal watcher have ended."""
     upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}")) for i in range(3)])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     before = set(threading.enumerate())
     result = CliRunner().invoke(osa.main, [fn4.url, NAMESPACE, BUCKET, f"sqlite:///{tmp_path / 'c.db'}", "--once",
                                            "--config-file", str(oci_config), "--endpoint", emulator.endpoint,

@@ -17,7 +17,7 @@ import requests
 import sqlalchemy as sa
 
 import objectstoreaccess as osa
-from conftest import BUCKET, NAMESPACE, fasta, upload_series
+from conftest import BUCKET, NAMESPACE, fasta, upload_series, free_port
 from fn4_standin import Scripted
 from oci_emulator import Fault
 from test_shutdown import STOPPED, PROMPT, LoaderProcess, count, stop_and_time, wait_for
@@ -170,12 +170,6 @@ def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator
 
 
 # ---- the metrics port --------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_with_metrics(fn4, emulator, oci_config, tmp_path, port, *extra, max_files=None):

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from conftest import free_port
 from fn4_standin import FN4StandIn, Scripted, is_unsafe_guid
 from tcp_proxy import TCPProxy
 
@@ -519,9 +520,7 @@ def test_proxy_bounds_connections(echo_server):
 
 
 def test_proxy_resets_when_target_is_down():
-    with socket.socket() as s:     # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     with TCPProxy("127.0.0.1", dead_port) as p:
         assert_rejected(p.port)
         assert p.rejected == 1
