@@ -460,14 +460,24 @@ TIMESTAMP = (sa.DateTime()
              .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"))
 
 
+def _loader_columns(loads_into: str, source: str) -> Any:
+    """Return the record of the columns that begin a batch and an attempt row: which loader, loading what where.
+
+    The two tables word the comments their own way: the fn4 server ``loads_into``, the bucket ``source``.
+    """
+    @dataclass(frozen=True)
+    class LoaderColumns:
+        host_name: str = _column(sa.String(255), "Host the loader ran on")
+        findneighbour_server_url: str = _column(sa.String(512), f"fn4 server {loads_into}")
+        oci_namespace: str = _column(sa.String(128), f"Object Storage namespace {source}")
+        bucket_name: str = _column(sa.String(256), f"Bucket {source}")
+    return LoaderColumns
+
+
 @dataclass(frozen=True)
-class BatchRow:
+class BatchRow(_loader_columns("the batch loads into", "listed")):
     """One fn4batchload row: written at the start of every cycle, the loader's heartbeat."""
 
-    host_name: str = _column(sa.String(255), "Host the loader ran on")
-    findneighbour_server_url: str = _column(sa.String(512), "fn4 server the batch loads into")
-    oci_namespace: str = _column(sa.String(128), "Object Storage namespace listed")
-    bucket_name: str = _column(sa.String(256), "Bucket listed")
     check_time: datetime = _column(TIMESTAMP, "UTC time the cycle began")
     objects_listed: int = _column(sa.Integer(), "FASTA objects in the bucket under the prefix")
     batch_size: int = _column(sa.Integer(), "Files this cycle will try to load")
@@ -479,13 +489,9 @@ class BatchRow:
 
 
 @dataclass(frozen=True)
-class AttemptRow:
+class AttemptRow(_loader_columns("loaded into", "of the file")):
     """One fn4loadattempt row: what happened to one file in one cycle."""
 
-    host_name: str = _column(sa.String(255), "Host the loader ran on")
-    findneighbour_server_url: str = _column(sa.String(512), "fn4 server loaded into")
-    oci_namespace: str = _column(sa.String(128), "Object Storage namespace of the file")
-    bucket_name: str = _column(sa.String(256), "Bucket of the file")
     file_name: str = _column(sa.String(1024), "Object name in the bucket")
     object_etag: str = _column(sa.String(128), "Object etag; a new etag is a new file")
     object_size: int = _column(sa.BigInteger(), "Object size in bytes, as listed")
