@@ -460,14 +460,24 @@ TIMESTAMP = (sa.DateTime()
              .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"))
 
 
+def _loader_columns(loads_into: str, source: str) -> Any:
+    """Return the record of the columns that begin a batch and an attempt row: which loader, loading what where.
+
+    The two tables word the comments their own way: the fn4 server ``loads_into``, the bucket ``source``.
+    """
+    @dataclass(frozen=True)
+    class LoaderColumns:
+        host_name: str = _column(sa.String(255), "Host the loader ran on")
+        findneighbour_server_url: str = _column(sa.String(512), f"fn4 server {loads_into}")
+        oci_namespace: str = _column(sa.String(128), f"Object Storage namespace {source}")
+        bucket_name: str = _column(sa.String(256), f"Bucket {source}")
+    return LoaderColumns
+
+
 @dataclass(frozen=True)
-class BatchRow:
+class BatchRow(_loader_columns("the batch loads into", "listed")):
     """One fn4batchload row: written at the start of every cycle, the loader's heartbeat."""
 
-    host_name: str = _column(sa.String(255), "Host the loader ran on")
-    findneighbour_server_url: str = _column(sa.String(512), "fn4 server the batch loads into")
-    oci_namespace: str = _column(sa.String(128), "Object Storage namespace listed")
-    bucket_name: str = _column(sa.String(256), "Bucket listed")
     check_time: datetime = _column(TIMESTAMP, "UTC time the cycle began")
     objects_listed: int = _column(sa.Integer(), "FASTA objects in the bucket under the prefix")
     batch_size: int = _column(sa.Integer(), "Files this cycle will try to load")
@@ -479,13 +489,9 @@ class BatchRow:
 
 
 @dataclass(frozen=True)
-class AttemptRow:
+class AttemptRow(_loader_columns("loaded into", "of the file")):
     """One fn4loadattempt row: what happened to one file in one cycle."""
 
-    host_name: str = _column(sa.String(255), "Host the loader ran on")
-    findneighbour_server_url: str = _column(sa.String(512), "fn4 server loaded into")
-    oci_namespace: str = _column(sa.String(128), "Object Storage namespace of the file")
-    bucket_name: str = _column(sa.String(256), "Bucket of the file")
     file_name: str = _column(sa.String(1024), "Object name in the bucket")
     object_etag: str = _column(sa.String(128), "Object etag; a new etag is a new file")
     object_size: int = _column(sa.BigInteger(), "Object size in bytes, as listed")
@@ -4388,22 +4394,22 @@ def _error_message(exc: click.ClickException) -> str:
     return message
 
 
-def _store(namespace: str, bucket: str, auth: str, config_file: str | None, profile: str | None,
-           endpoint: str | None, fail_fast: bool = True) -> ObjectStoreClient:
+def _store(where: BucketArguments, oci: OciOptions, fail_fast: bool = True) -> ObjectStoreClient:
     """Build the Object Storage client and check the bucket can be read (see _check_service)."""
-    store = ObjectStoreClient.from_config(namespace, bucket, auth, config_file, profile, endpoint)
+    store = ObjectStoreClient.from_config(where.namespace, where.bucket, oci.auth, oci.config_file, oci.profile,
+                                          oci.endpoint)
     _check_service(store.check_access, fail_fast)
     return store
 
 
-def _connect(target: Target, database: str | None, db_schema: str | None, ca_bundle: str | None,
-             fail_fast: bool = True, read_only: bool = False, journaled: bool = False, journal: Path | None = None,
-             **oci: Any) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
+def _connect(target: Target, where: CatalogueOptions, connections: Connections, fail_fast: bool = True,
+             read_only: bool = False, journaled: bool = False, journal: Path | None = None
+             ) -> tuple[ObjectStoreClient, FN4Client, LoadLogger]:
     """Build the three clients once and check that fn4 and Object Storage answer (see _check_service)."""
-    fn4 = FN4Client(target.server_url, verify=ca_bundle or True)
+    fn4 = FN4Client(target.server_url, verify=connections.ca_bundle or True)
     _check_service(fn4.check, fail_fast)
-    store = _store(target.namespace, target.bucket, fail_fast=fail_fast, **oci)
-    catalogue = LoadLogger.from_database_arg(database, db_schema, read_only, journal,
+    store = _store(BucketArguments(namespace=target.namespace, bucket=target.bucket), connections.oci, fail_fast)
+    catalogue = LoadLogger.from_database_arg(where.database, where.db_schema, read_only, journal,
                                              target.bucket if journaled else None)
     return store, fn4, catalogue
 
@@ -4444,67 +4450,153 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     return host.strip("[]"), int(port)
 
 
-#: How much to log, and how.
-log_options = _apply([
-    click.option("--log-level", envvar="FN4_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
-                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-                 help="Logging threshold."),
-    click.option("--log-format", envvar="FN4_LOG_FORMAT", show_envvar=True, default="text", show_default=True,
-                 type=click.Choice(["text", "json"]), help="Log lines as text, or as one JSON object each."),
-])
-db_schema_option = click.option("--db-schema", envvar="FN4_DB_SCHEMA", show_envvar=True,
-                                help="Database schema (Oracle user) holding the tables, e.g. FN4LOADER. Default: none.")
-database_argument = click.argument("database", required=False, envvar="FN4_DATABASE")
-bucket_arguments = _apply([click.argument("namespace", envvar="OCI_NAMESPACE"),
-                           click.argument("bucket", envvar="OCI_BUCKET")])
-
-#: The arguments and options of commands tied to one fn4 server and bucket: where to load, and the catalogue.
-common = _apply([click.argument("fn4_url", envvar="FN4_URL"), bucket_arguments, database_argument,
-                 db_schema_option, log_options])
-
-#: How to reach Object Storage.
-oci_options = _apply([
-    click.option("--auth", envvar="OCI_CLI_AUTH", show_envvar=True, default="api_key", show_default=True,
-                 type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]),
-                 help="How to authenticate to OCI, as the OCI CLI names it."),
-    click.option("--config-file", envvar="OCI_CLI_CONFIG_FILE", show_envvar=True,
-                 help="OCI config file for api_key and security_token. Default: ~/.oci/config."),
-    click.option("--profile", envvar="OCI_CLI_PROFILE", show_envvar=True,
-                 help="Profile in the OCI config file. Default: DEFAULT."),
-    click.option("--endpoint", envvar="OCI_OBJECT_STORAGE_ENDPOINT", show_envvar=True,
-                 help="Object Storage endpoint URL instead of the region's, e.g. a private endpoint."),
-])
-
-#: The options of commands that read the bucket and talk to fn4.
-connections = _apply([
-    oci_options,
-    click.option("--ca-bundle", envvar="FN4_CA_BUNDLE", show_envvar=True, type=click.Path(exists=True),
-                 help="CA bundle to verify an https fn4 server. Default: the system's."),
-])
 _OPTION_CALLBACKS = {"on_success": _on_success}  # checks a knob needs beyond its range, by Settings field
 
 
-def knob_option(name: str) -> Callable[..., Any]:
-    """Return the click option of the Settings knob ``name``, built from its declaration (see knob)."""
-    declared = next(f for f in dataclasses.fields(Settings) if f.name == name)
+def option(default: Any, env: str | None, help: str, name: str | None = None, **attrs: Any) -> Any:
+    """Declare a field of a command's record that is also its option, as knob does for Settings.
+
+    The option is --field-name unless ``name`` says otherwise; ``attrs`` go to click.option as they
+    are (``type``, ``callback``, ``is_flag``...).
+    """
+    return field(default=default, metadata={"env": env, "help": help, "name": name, "click": attrs})
+
+
+def argument(env: str | None, **attrs: Any) -> Any:
+    """Declare a field of a command's record that is also its argument, read from ``env`` when not given."""
+    return field(metadata={"env": env, "argument": attrs})
+
+
+def group(record: type, *only: str) -> Any:
+    """Declare a field holding a record whose arguments and options (``only`` these, if named) the command
+    takes at this place."""
+    return field(metadata={"group": record, "only": only})
+
+
+def json_flag() -> Any:
+    """Declare the --json flag of a command that prints a table."""
+    return option(False, None, "Print JSON for scripts instead of a table.", name="--json", is_flag=True)
+
+
+def _declared(record: type, only: tuple[str, ...] = ()) -> list[dataclasses.Field[Any]]:
+    """Return the fields of ``record`` that are arguments, options or groups (``only`` these, if named)."""
+    return [f for f in dataclasses.fields(record) if ("env" in f.metadata or "group" in f.metadata)
+            and (not only or f.name in only)]
+
+
+def _option(declared: dataclasses.Field[Any]) -> Callable[..., Any]:
+    """Return the click option of a record field declared by knob or option: --name, default, variable, help."""
     meta = declared.metadata
-    options: dict[str, Any] = {"envvar": meta["env"], "show_envvar": True, "help": meta["help"],
-                               "callback": _OPTION_CALLBACKS.get(name)}
-    if declared.default is not None:
-        options.update(default=declared.default, show_default=True)
+    attrs: dict[str, Any] = {"envvar": meta["env"], "show_envvar": bool(meta["env"]), "help": meta["help"],
+                             "callback": _OPTION_CALLBACKS.get(declared.name), **meta.get("click", {})}
+    if declared.default is not None and not attrs.get("is_flag"):
+        attrs.update(default=declared.default, show_default=True)
     if "kind" in meta:
         kind = click.IntRange if meta["kind"] is int else click.FloatRange
-        options["type"] = kind(meta.get("min"), meta.get("max"))
-    return click.option("--" + name.replace("_", "-"), **options)
+        attrs["type"] = kind(meta.get("min"), meta.get("max"))
+    return click.option(meta.get("name") or "--" + declared.name.replace("_", "-"), declared.name, **attrs)
 
 
-#: Every knob of Settings, as options of ``run`` (which builds Settings from them by name).
-knob_options = _apply([knob_option(f.name) for f in dataclasses.fields(Settings) if "env" in f.metadata])
-prefix_option = knob_option("prefix")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
-on_success_option = knob_option("on_success")
-max_object_bytes_option = knob_option("max_object_bytes")
-poll_interval_option = knob_option("poll_interval")
+def _parameters(record: type, only: tuple[str, ...] = ()) -> list[Callable[..., Any]]:
+    """Return the click arguments and options a record declares, in the order of its fields (see group)."""
+    made: list[Callable[..., Any]] = []
+    for declared in _declared(record, only):
+        meta = declared.metadata
+        if "group" in meta:
+            made += _parameters(meta["group"], meta["only"])
+        elif "argument" in meta:
+            made.append(click.argument(declared.name, envvar=meta["env"], **meta["argument"]))
+        else:
+            made.append(_option(declared))
+    return made
+
+
+def _record(record: type, values: dict[str, Any], only: tuple[str, ...] = ()) -> Any:
+    """Build ``record`` by name from a command's parsed values, each group its own record."""
+    return record(**{f.name: _record(f.metadata["group"], values, f.metadata["only"]) if "group" in f.metadata
+                     else values[f.name] for f in _declared(record, only)})
+
+
+def takes(record: type) -> Callable[..., Any]:
+    """Give a command the arguments and options ``record`` declares, and call it with the record built from them.
+
+    A value the record refuses (Settings raises ConfigError) is one line and exit 2, as at start-up.
+    """
+    def decorate(func: Callable[[Any], Any]) -> Callable[..., Any]:
+        def command(**values: Any) -> Any:
+            try:
+                given = _record(record, values)
+            except ConfigError as exc:
+                error = click.ClickException(str(exc))
+                error.exit_code = 2
+                raise error from None
+            return func(given)
+        command.__name__, command.__doc__ = func.__name__, func.__doc__
+        return _apply(_parameters(record))(command)
+    return decorate
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogOptions:
+    """How much to log, and how: options of every command."""
+
+    log_level: str = option("INFO", "FN4_LOG_LEVEL", "Logging threshold.",
+                            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+    log_format: str = option("text", "FN4_LOG_FORMAT", "Log lines as text, or as one JSON object each.",
+                             type=click.Choice(["text", "json"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketArguments:
+    """The Object Storage bucket: arguments of every command that reads or writes it."""
+
+    namespace: str = argument("OCI_NAMESPACE")
+    bucket: str = argument("OCI_BUCKET")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogueOptions:
+    """Where the catalogue is: its argument and option, for every command that reads or writes it."""
+
+    database: str | None = argument("FN4_DATABASE", required=False)
+    db_schema: str | None = option(None, "FN4_DB_SCHEMA", "Database schema (Oracle user) holding the tables, "
+                                   "e.g. FN4LOADER. Default: none.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OciOptions:
+    """How to reach Object Storage."""
+
+    auth: str = option("api_key", "OCI_CLI_AUTH", "How to authenticate to OCI, as the OCI CLI names it.",
+                       type=click.Choice(["api_key", "instance_principal", "resource_principal", "security_token"]))
+    config_file: str | None = option(None, "OCI_CLI_CONFIG_FILE",
+                                     "OCI config file for api_key and security_token. Default: ~/.oci/config.")
+    profile: str | None = option(None, "OCI_CLI_PROFILE", "Profile in the OCI config file. Default: DEFAULT.")
+    endpoint: str | None = option(None, "OCI_OBJECT_STORAGE_ENDPOINT",
+                                  "Object Storage endpoint URL instead of the region's, e.g. a private endpoint.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connections:
+    """How to reach Object Storage and fn4: options of the commands that read the bucket and talk to fn4."""
+
+    oci: OciOptions = group(OciOptions)
+    ca_bundle: str | None = option(None, "FN4_CA_BUNDLE", "CA bundle to verify an https fn4 server. "
+                                   "Default: the system's.", type=click.Path(exists=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Common:
+    """The arguments and options of commands tied to one fn4 server and bucket: where to load, the catalogue, logs."""
+
+    fn4_url: str = argument("FN4_URL")
+    oci_bucket: BucketArguments = group(BucketArguments)
+    catalogue: CatalogueOptions = group(CatalogueOptions)
+    logs: LogOptions = group(LogOptions)
+
+    def target(self) -> Target:
+        """Return what these arguments name. Raises ConfigError if FN4_URL is not http(s)."""
+        return Target.of(self.fn4_url, self.oci_bucket.namespace, self.oci_bucket.bucket)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -4515,28 +4607,30 @@ def main(ctx: click.Context) -> None:
         _release_early_signals()
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(Common):
+    """What ``run`` is given: each field an argument, an option, or a group of them, in --help's order."""
+
+    connections: Connections = group(Connections)
+    once: bool = option(False, "FN4_ONCE", "Run one cycle, then exit (0 if the cycle completed, 1 if a service "
+                        "was down or busy).", is_flag=True)
+    settings: Settings = group(Settings)
+    metrics_port: tuple[str, int] | None = option(
+        None, "FN4_METRICS_PORT", "Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every "
+        "interface) or 127.0.0.1:9108. Default: off.", callback=_host_port)
+    lease_ttl: float = option(DEFAULT_LEASE_TTL, "FN4_LEASE_TTL", "Seconds the active instance's lease lasts "
+                              "unless renewed (every third of it). A standby instance of the same fn4 server and "
+                              "bucket takes over within this plus 5 s of the active one dying; give every instance "
+                              "the same value.", type=click.FloatRange(min=3))
+    journal: Path | None = option(None, "FN4_JOURNAL", "Local file that keeps catalogue rows until the database "
+                                  "has them; rows left there are written at the next start. Default: beside a "
+                                  "SQLite catalogue, else in ~/.local/state/fn4loader/.",
+                                  type=click.Path(dir_okay=False, path_type=Path))
+
+
 @main.command()
-@common
-@connections
-@click.option("--once", is_flag=True, envvar="FN4_ONCE", show_envvar=True,
-              help="Run one cycle, then exit (0 if the cycle completed, 1 if a service was down or busy).")
-@knob_options
-@click.option("--metrics-port", callback=_host_port, envvar="FN4_METRICS_PORT", show_envvar=True,
-              help="Serve Prometheus /metrics and /healthz on [HOST:]PORT, e.g. 9108 (every interface) or "
-                   "127.0.0.1:9108. Default: off.")
-@click.option("--lease-ttl", type=click.FloatRange(min=3), default=DEFAULT_LEASE_TTL, show_default=True,
-              envvar="FN4_LEASE_TTL", show_envvar=True,
-              help="Seconds the active instance's lease lasts unless renewed (every third of it). A standby "
-                   "instance of the same fn4 server and bucket takes over within this plus 5 s of the active "
-                   "one dying; give every instance the same value.")
-@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), envvar="FN4_JOURNAL", show_envvar=True,
-              help="Local file that keeps catalogue rows until the database has them; rows left there are "
-                   "written at the next start. Default: beside a SQLite catalogue, else in "
-                   "~/.local/state/fn4loader/.")
-def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-        log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-        endpoint: str | None, ca_bundle: str | None, once: bool, metrics_port: tuple[str, int] | None,
-        lease_ttl: float, journal: Path | None, **knobs: Any) -> None:
+@takes(RunOptions)
+def run(given: RunOptions) -> None:
     """Load FASTA files from an OCI Object Storage bucket into findNeighbour4, oldest first.
 
     FN4_URL is the fn4 server, NAMESPACE and BUCKET the Object Storage bucket, and DATABASE the
@@ -4544,31 +4638,29 @@ def run(fn4_url: str, namespace: str, bucket: str, database: str | None, db_sche
     for a SQLite file. Every option can also be set in the environment or in a .env file.
     """
     stop = threading.Event()
-    metrics = Metrics(max_age=STALE_POLLS * knobs["poll_interval"])
+    metrics = Metrics(max_age=STALE_POLLS * given.settings.poll_interval)
     # The one shutdown sequence: a signal sets ``stop``; the loop finishes the sample in flight and
     # returns (the prefetcher and the lease keeper joined, the lease released); then what was started
     # here is stopped in reverse order: the metrics server, the catalogue (rows written or left in the
     # journal, its writer joined), fn4's connections, and last the signal handlers, so that a second
     # signal exits at once until the end.
     with contextlib.ExitStack() as started:
-        with _startup(log_level, log_format):
+        with _startup(given.logs):
             started.callback(_install_signal_handlers(stop))  # first: a signal during start-up is a clean stop too
-            settings = Settings(**knobs)
-            target = Target.of(fn4_url, namespace, bucket)
-            store, fn4, catalogue = _connect(target, database, db_schema, ca_bundle, fail_fast=once, journaled=True,
-                                             journal=journal, auth=auth, config_file=config_file, profile=profile,
-                                             endpoint=endpoint)
+            target = given.target()
+            store, fn4, catalogue = _connect(target, given.catalogue, given.connections, fail_fast=given.once,
+                                             journaled=True, journal=given.journal)
             started.callback(fn4.close)
             started.callback(_close_catalogue, catalogue, stop)
-            server = metrics.serve(*metrics_port) if metrics_port else None
+            server = metrics.serve(*given.metrics_port) if given.metrics_port else None
             if server:
                 started.callback(server.close)
-            lease = catalogue.lease(target, lease_ttl)
-        catalogue.patience = ONCE_CATALOGUE_PATIENCE if once else None
-        loader = LoadLoop(store, fn4, catalogue, settings, stop=stop, metrics=metrics, lease=lease)
+            lease = catalogue.lease(target, given.lease_ttl)
+        catalogue.patience = ONCE_CATALOGUE_PATIENCE if given.once else None
+        loader = LoadLoop(store, fn4, catalogue, given.settings, stop=stop, metrics=metrics, lease=lease)
         log.info("loading %s/%s into %s%s%s", target.namespace, target.bucket, target.server_url,
-                 " once" if once else "", f"; metrics on port {server.server_address[1]}" if server else "")
-        failure = _load_until_stopped(loader, lease, once)
+                 " once" if given.once else "", f"; metrics on port {server.server_address[1]}" if server else "")
+        failure = _load_until_stopped(loader, lease, given.once)
     sys.exit(_exit_code(failure, catalogue))
 
 
@@ -4607,37 +4699,46 @@ def _close_catalogue(catalogue: LoadLogger, stop: threading.Event) -> None:
         log.error("catalogue row not written: %s", json.dumps(row, default=str))
 
 
+@dataclass(frozen=True, kw_only=True)
+class RetryOptions(Common):
+    """What ``retry-failed`` is given."""
+
+    names: tuple[str, ...] = option(None, None, "Object name to re-queue; repeat for several. Default: every "
+                                    "failed file.", name="--name", multiple=True)
+
+
 @main.command("retry-failed")
-@common
-@click.option("--name", "names", multiple=True,
-              help="Object name to re-queue; repeat for several. Default: every failed file.")
-def retry_failed(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-                 log_level: str, log_format: str, names: tuple[str, ...]) -> None:
+@takes(RetryOptions)
+def retry_failed(given: RetryOptions) -> None:
     """Re-queue failed, given-up, duplicate and vanished files so the loader tries them again."""
-    with _startup(log_level, log_format):
-        target = Target.of(fn4_url, namespace, bucket)
-        catalogue = LoadLogger.from_database_arg(database, db_schema)
-    requeued = catalogue.requeue(target, names)
+    with _startup(given.logs):
+        target = given.target()
+        catalogue = LoadLogger.from_database_arg(given.catalogue.database, given.catalogue.db_schema)
+    requeued = catalogue.requeue(target, given.names)
     left = catalogue.close(timeout=30.0)
     click.echo(f"re-queued {len(requeued)} file(s)" + "".join(f"\n  {n}" for n in requeued))
     if left:
         raise click.ClickException(f"{len(left)} re-queue rows could not be written; try again")
 
 
+@dataclass(frozen=True, kw_only=True)
+class StatusOptions:
+    """What ``status`` is given."""
+
+    catalogue: CatalogueOptions = group(CatalogueOptions)
+    logs: LogOptions = group(LogOptions)
+    server: str | None = option(None, "FN4_URL", "Report only loaders of this fn4 server URL. Default: every "
+                                "loader in the catalogue.")
+    settings: Settings = group(Settings, "poll_interval")
+    critical_failure_share: float = option(0.5, "FN4_CRITICAL_FAILURE_SHARE", "Critical when more than this "
+                                           "share of the files tried in the last hour failed for reasons of fn4, "
+                                           "Object Storage or the loader.", type=click.FloatRange(0, 1))
+    as_json: bool = json_flag()
+
+
 @main.command()
-@database_argument
-@db_schema_option
-@log_options
-@click.option("--server", envvar="FN4_URL", show_envvar=True,
-              help="Report only loaders of this fn4 server URL. Default: every loader in the catalogue.")
-@poll_interval_option
-@click.option("--critical-failure-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              envvar="FN4_CRITICAL_FAILURE_SHARE", show_envvar=True,
-              help="Critical when more than this share of the files tried in the last hour failed for "
-                   "reasons of fn4, Object Storage or the loader.")
-@json_option
-def status(database: str | None, db_schema: str | None, log_level: str, log_format: str, server: str | None,
-           poll_interval: float, critical_failure_share: float, as_json: bool) -> None:
+@takes(StatusOptions)
+def status(given: StatusOptions) -> None:
     """Report each loader's health from the catalogue; exit 0 OK, 1 warning, 2 critical, 3 unknown.
 
     Critical: no cycle and no attempt for 3 poll intervals (unless another host now loads the same
@@ -4649,16 +4750,16 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     """
     now = utcnow()
     reason = None
-    with _startup(log_level, log_format):
+    with _startup(given.logs):
         try:
-            reports, instances = _read_status(database, db_schema, server, now, poll_interval,
-                                              critical_failure_share)
+            reports, instances = _read_status(given.catalogue.database, given.catalogue.db_schema, given.server,
+                                              now, given.settings.poll_interval, given.critical_failure_share)
         except ConfigError as exc:
             reason, reports, instances = redact(str(exc), _SECRETS), [], []
     lease_problems = assess_instances(instances)
     level = 3 if reason else max([r.level for r in reports] + [lvl for lvl, _ in lease_problems], default=2)
     # Rows written before redaction existed (or by an older loader) may quote a secret: redact on output.
-    if as_json:
+    if given.as_json:
         click.echo(json.dumps({"checked_at": now, "status": LEVELS[level], "exit_code": level,
                                **({"reason": reason} if reason else {}),
                                "loaders": [redact_all({**dataclasses.asdict(r), "status": LEVELS[r.level]}, _SECRETS)
@@ -4669,7 +4770,7 @@ def status(database: str | None, db_schema: str | None, log_level: str, log_form
     elif reason:
         _print_error(reason)
     else:
-        click.echo(redact(_status_text(reports, now, level, server), _SECRETS))
+        click.echo(redact(_status_text(reports, now, level, given.server), _SECRETS))
         if instances:
             click.echo(_instances_text(instances, lease_problems))
     sys.exit(level)
@@ -4765,16 +4866,18 @@ def inventory(store: ObjectStoreClient, fn4: FN4Client, catalogue: LoadLogger, s
     return files
 
 
+@dataclass(frozen=True, kw_only=True)
+class ListOptions(Common):
+    """What ``list`` is given."""
+
+    connections: Connections = group(Connections)
+    settings: Settings = group(Settings, "prefix", "on_success")
+    as_json: bool = json_flag()
+
+
 @main.command("list")
-@common
-@connections
-@prefix_option
-@on_success_option
-@json_option
-def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, db_schema: str | None,
-               log_level: str, log_format: str, auth: str, config_file: str | None, profile: str | None,
-               endpoint: str | None, ca_bundle: str | None, prefix: str | None, on_success: str,
-               as_json: bool) -> None:
+@takes(ListOptions)
+def list_files(given: ListOptions) -> None:
     """List the bucket's FASTA files, oldest first, each loaded, pending or failed.
 
     The state is the file's latest outcome in the catalogue, as status counts it: loaded
@@ -4782,19 +4885,17 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     pending; a file not yet tried shows the state the next cycle will record. Give the loader's
     --on-success, so that archived objects are left out.
     """
-    with _startup(log_level, log_format):
-        settings = Settings(prefix, on_success=on_success)
-        target = Target.of(fn4_url, namespace, bucket)
-        store, fn4, catalogue = _connect(target, database, db_schema, ca_bundle, read_only=True, auth=auth,
-                                         config_file=config_file, profile=profile, endpoint=endpoint)
+    with _startup(given.logs):
+        target = given.target()
+        store, fn4, catalogue = _connect(target, given.catalogue, given.connections, read_only=True)
     try:
-        files = inventory(store, fn4, catalogue, settings, target)
+        files = inventory(store, fn4, catalogue, given.settings, target)
     except OutageError as exc:
         raise click.ClickException(redact(str(exc), _SECRETS)) from None
     finally:
         catalogue.close()
         fn4.close()
-    if as_json:
+    if given.as_json:
         click.echo(json.dumps(files, default=_json_value, indent=2))
         return
     click.echo(_table(["state", "name", "bytes", "created (UTC)", "outcome"],
@@ -4803,17 +4904,20 @@ def list_files(fn4_url: str, namespace: str, bucket: str, database: str | None, 
     click.echo(f"{len(files)} FASTA files: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
 
 
+@dataclass(frozen=True, kw_only=True)
+class UploadOptions:
+    """What ``upload`` is given."""
+
+    oci_bucket: BucketArguments = group(BucketArguments)
+    files: tuple[str, ...] = argument(None, nargs=-1, metavar="FILES...", type=click.Path())
+    oci: OciOptions = group(OciOptions)
+    settings: Settings = group(Settings, "prefix", "max_object_bytes")
+    logs: LogOptions = group(LogOptions)
+
+
 @main.command()
-@bucket_arguments
-@click.argument("files", nargs=-1, metavar="FILES...", type=click.Path())
-@oci_options
-@prefix_option
-@max_object_bytes_option
-@log_options
-@click.pass_context
-def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ...], auth: str,
-           config_file: str | None, profile: str | None, endpoint: str | None, prefix: str | None,
-           max_object_bytes: int, log_level: str, log_format: str) -> None:
+@takes(UploadOptions)
+def upload(given: UploadOptions) -> None:
     """Upload FASTA files to the bucket, never replacing an object of the same name.
 
     Each file is stored under its own name (after --prefix), as it is, if the loader would load it:
@@ -4821,9 +4925,10 @@ def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ..
     Other files are refused with the reason. Put -- before names that start with '-'. Exit 1 if any
     was not uploaded. NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
-    namespace, bucket, files = _bucket_words(ctx, namespace, bucket, files, "FILES...")
-    with _startup(log_level, log_format):
-        store = _store(namespace, bucket, auth, config_file, profile, endpoint)
+    where, files = _bucket_words(given.oci_bucket, given.files, "FILES...")
+    prefix, max_object_bytes = given.settings.prefix, given.settings.max_object_bytes
+    with _startup(given.logs):
+        store = _store(where, given.oci)
     results = []
     with _progress(files, "uploading", item_show_func=lambda p: p and Path(p).name) as bar:
         for path in bar:
@@ -4843,26 +4948,31 @@ def upload(ctx: click.Context, namespace: str, bucket: str, files: tuple[str, ..
     _report("uploaded", results)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DownloadOptions:
+    """What ``download`` is given."""
+
+    oci_bucket: BucketArguments = group(BucketArguments)
+    names: tuple[str, ...] = argument(None, nargs=-1, metavar="NAMES...")
+    folder: Path = option(None, None, "Folder to write the files into (made if missing); existing files are never "
+                          "replaced.", name="--to", required=True, type=click.Path(file_okay=False, path_type=Path))
+    oci: OciOptions = group(OciOptions)
+    logs: LogOptions = group(LogOptions)
+
+
 @main.command()
-@bucket_arguments
-@click.argument("names", nargs=-1, metavar="NAMES...")
-@click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write the files into (made if missing); existing files are never replaced.")
-@oci_options
-@log_options
-@click.pass_context
-def download(ctx: click.Context, namespace: str, bucket: str, names: tuple[str, ...], folder: Path, auth: str,
-             config_file: str | None, profile: str | None, endpoint: str | None, log_level: str,
-             log_format: str) -> None:
+@takes(DownloadOptions)
+def download(given: DownloadOptions) -> None:
     """Download objects, as stored, into a folder under safe local names.
 
     An object name becomes a file name of letters, digits, '.', '_' and '-' only ('/' and the rest
     become '_'), so no name can leave the folder. Exit 1 if any was not downloaded.
     NAMESPACE and BUCKET may be left out when OCI_NAMESPACE and OCI_BUCKET are set.
     """
-    namespace, bucket, names = _bucket_words(ctx, namespace, bucket, names, "NAMES...")
-    with _startup(log_level, log_format):
-        store = _store(namespace, bucket, auth, config_file, profile, endpoint)
+    where, names = _bucket_words(given.oci_bucket, given.names, "NAMES...")
+    folder = given.folder
+    with _startup(given.logs):
+        store = _store(where, given.oci)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -4885,21 +4995,22 @@ def download(ctx: click.Context, namespace: str, bucket: str, names: tuple[str, 
     _report("downloaded", results)
 
 
-def _bucket_words(ctx: click.Context, namespace: str, bucket: str, items: tuple[str, ...], metavar: str
-                  ) -> tuple[str, str, tuple[str, ...]]:
-    """Return (namespace, bucket, items), NAMESPACE and BUCKET left out when OCI_NAMESPACE and OCI_BUCKET are set.
+def _bucket_words(where: BucketArguments, items: tuple[str, ...], metavar: str
+                  ) -> tuple[BucketArguments, tuple[str, ...]]:
+    """Return (bucket, items), NAMESPACE and BUCKET left out when OCI_NAMESPACE and OCI_BUCKET are set.
 
     click gives the first words to NAMESPACE and BUCKET; when both variables are set and those words
     are not their values, the words are items (files or object names), as in ``upload a.fasta b.fasta``.
     """
-    given = [value for name, value in (("namespace", namespace), ("bucket", bucket))
+    ctx = click.get_current_context()
+    given = [value for name, value in (("namespace", where.namespace), ("bucket", where.bucket))
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     named = (os.environ.get("OCI_NAMESPACE"), os.environ.get("OCI_BUCKET"))
     if named[0] and named[1] and given and tuple(given) != named:
-        namespace, bucket, items = named[0], named[1], (*given, *items)
+        where, items = BucketArguments(namespace=named[0], bucket=named[1]), (*given, *items)
     if not items:
         raise click.UsageError(f"Missing argument '{metavar}'.", ctx)
-    return namespace, bucket, items
+    return where, items
 
 
 def read_upload(path: str, max_bytes: int) -> bytes:
@@ -4952,7 +5063,7 @@ def _when(moment: datetime | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
+def _startup(logs: LogOptions) -> Iterator[list[str]]:
     """Set up logging and Sentry, and turn a ConfigError into one clear line and exit code 2.
 
     Yields the secrets to redact: the same list grows as passwords are learnt (resolve_database).
@@ -4960,7 +5071,7 @@ def _startup(log_level: str, log_format: str = "text") -> Iterator[list[str]]:
     for name in ("FN_SENTRY_URL", "WALLET_PASSWORD"):
         _remember_secret(os.environ.get(name))
     _remember_secret(urlsplit(os.environ.get("FN_SENTRY_URL", "")).username)  # the DSN's key
-    _configure_logging(log_level, _SECRETS, log_format)
+    _configure_logging(logs.log_level, _SECRETS, logs.log_format)
     if os.environ.get("FN_SENTRY_URL"):
         import sentry_sdk  # default PII stays off: sentry-sdk sends none unless told to
         sentry_sdk.init(dsn=os.environ["FN_SENTRY_URL"], max_breadcrumbs=20,  # argv, locals, breadcrumbs: all

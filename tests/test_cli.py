@@ -337,7 +337,9 @@ def test_secrets_never_reach_logs_sentry_tables_or_metrics(emulator, fn4, tmp_pa
     assert len(events) >= 2 and not catcher.errors, catcher.errors
     crash = events[-1]  # the uncaught RecursionError, through the run command whose locals hold the URL
     assert "***" in str(crash["extra"]["sys.argv"]) and crash.get("breadcrumbs"), crash.keys()
-    urls = [v["database"] for function, v in frame_vars(crash) if function == "run" and "database" in v]
+    # run's locals hold the URL in the record of its arguments and options (given.catalogue.database)
+    urls = [url for function, v in frame_vars(crash) if function == "run"
+            for url in re.findall(r"\bdatabase='([^']*)'", " ".join(map(str, v.values())))]
     assert urls and all("***" in url for url in urls), urls
     texts = {"stdout": served[0] + crashed.stdout, "stderr": served[1] + crashed.stderr, "/metrics": metrics,
              "catalogue rows": repr(stored) + " ".join(str(v) for row in stored for v in row.values())}
@@ -420,3 +422,30 @@ def test_read_only_commands_create_no_file_nor_folder(tmp_path, emulator, oci_co
         assert done.returncode in codes and len(errors) == 1, (args, done.returncode, done.stdout + done.stderr)
         assert "does not exist" in errors[0] and "Traceback" not in done.stderr, errors[0]
         assert _files_under(home) == [] and not (tmp_path / "missing.sqlite").exists(), (args, _files_under(home))
+
+
+def declared_fields(record):
+    """The fields of a command's record that are its arguments and options, a group's in its place."""
+    for declared in osa.dataclasses.fields(record):
+        if "group" in declared.metadata:
+            only = declared.metadata["only"]
+            yield from (f for f in declared_fields(declared.metadata["group"]) if not only or f.name in only)
+        elif "env" in declared.metadata:
+            yield declared
+
+
+def test_an_option_is_one_field_of_its_command_record_as_the_readme_shows():
+    """Each parameter of a command is one field of its record, so a new option is its field and its use."""
+    records = {"run": osa.RunOptions, "list": osa.ListOptions, "retry-failed": osa.RetryOptions,
+               "status": osa.StatusOptions, "upload": osa.UploadOptions, "download": osa.DownloadOptions}
+    assert set(records) == set(osa.main.commands)
+    for name, record in records.items():
+        params = [p.name for p in osa.main.commands[name].params if p.name != "help"]
+        assert params == [f.name for f in declared_fields(record)], name
+    source = (ROOT / "objectstoreaccess.py").read_text()
+    assert source.count("click.option(") == 1 and source.count("click.argument(") == 1, \
+        "options and arguments are declared as fields of a command's record (option, argument, group, knob)"
+    [example] = readme.blocks(readme.section("Adding an option"), "python")
+    lines = {line.strip() for line in source.splitlines()}
+    assert all(line.strip() in lines for line in example.splitlines()), "README's example is not the code's"
+    assert "given.metrics_port" in example and "metrics_port" in {f.name for f in declared_fields(osa.RunOptions)}
