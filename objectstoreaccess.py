@@ -2078,6 +2078,11 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
 
+def _db_error(exc: BaseException) -> str:
+    """Return a database error as one short line: the driver's own message, without SQLAlchemy's wrapping."""
+    return _short(getattr(exc, "orig", None) or exc)
+
+
 def _hide_password(text: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
@@ -2203,7 +2208,7 @@ class Lease:
         except sa.exc.SQLAlchemyError as exc:
             self._failures += 1
             if self._failures == 1:
-                log.warning("lease: the catalogue database failed (%s); %s", _short(getattr(exc, "orig", None) or exc),
+                log.warning("lease: the catalogue database failed (%s); %s", _db_error(exc),
                             "inserting stops if it cannot be renewed in time" if self._valid_until else "still standby")
             return min(LEASE_RETRY, self.ttl / 6)
         if self._failures:
@@ -2282,7 +2287,7 @@ class Lease:
                 conn.execute(self.table.delete().where(self.table.c.instance_token == self.token))
         except sa.exc.SQLAlchemyError as exc:
             log.warning("lease: could not remove this instance's row (%s); a standby takes over when it lapses",
-                        _short(getattr(exc, "orig", None) or exc))
+                        _db_error(exc))
             return
         log.info("lease released: a standby can take over at once")
 
@@ -2358,23 +2363,25 @@ def sanitised_row(table: sa.Table, values: dict[str, Any], refusal: str) -> tupl
         value = values.get(column.name)
         if not isinstance(value, str) or column.name == "error_text":
             continue
-        text = value if value.isascii() and value.isprintable() else value.encode("unicode_escape").decode("ascii")
+        text = _escaped(value)
         how = ["escaped"] if text != value else []
         if column.type.length and len(text) > column.type.length:
             text, how = text[:column.type.length], [*how, f"cut to {column.type.length} characters"]
         if how:
             clean[column.name] = text
             changed.append(f"{column.name} {' and '.join(how)}")
-    if "error_text" in table.columns:
+    if "error_text" in table.columns:  # the note always makes it differ from the error_text refused
         note = f"stored with {', '.join(changed) or 'error_text escaped'}: the catalogue database refused " \
                f"the row as it was ({refusal})"
         earlier = values.get("error_text")
-        text = f"{note}; {earlier}" if earlier else note
-        text = text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
-        if text != values.get("error_text"):
-            clean["error_text"] = text[:table.c.error_text.type.length]
-            changed = changed or ["error_text escaped"]
+        clean["error_text"] = _escaped(f"{note}; {earlier}" if earlier else note)[:table.c.error_text.type.length]
+        changed = changed or ["error_text escaped"]
     return clean, changed
+
+
+def _escaped(text: str) -> str:
+    """Return text as printable ASCII: itself if it is, else with Python's escapes (``\\x00``, ``\\udcff``)."""
+    return text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _key_value(value: Any) -> Any:
@@ -2412,9 +2419,10 @@ class RowJournal:
     rows of another catalogue are refused, never replayed into this one.
     """
 
-    def __init__(self, path: Path, owner: str | None = None) -> None:
+    def __init__(self, path: Path, owner: str) -> None:
         self.path = Path(path)
         self.owner = owner
+        self._header = json.dumps({"journal": owner}).encode() + b"\n"  # the first line while rows are held
         self._found_owner: str | None = None
         self.next_id = 1
         self._fd: int | None = None
@@ -2438,7 +2446,7 @@ class RowJournal:
                               "its own --journal") from None
         try:
             entries = self._read()
-            if entries and self.owner and self._found_owner and self._found_owner != self.owner:
+            if entries and self._found_owner and self._found_owner != self.owner:
                 self.close()
                 raise ConfigError(f"the journal {self.path} holds {len(entries)} rows of the catalogue "
                                   f"{self._found_owner}, not of {self.owner}: run with that catalogue to write them, "
@@ -2481,7 +2489,7 @@ class RowJournal:
     def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
         """Replace the file with these rows only: written beside it, then renamed over it in one step."""
         lines = b"".join(self._line(n, table, values) for n, table, values in entries)
-        lines = self._header() + lines if lines else lines
+        lines = self._header + lines if lines else lines
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_bytes(lines)
         os.replace(temporary, self.path)
@@ -2489,9 +2497,6 @@ class RowJournal:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = len(lines)
-
-    def _header(self) -> bytes:
-        return json.dumps({"journal": self.owner}).encode() + b"\n" if self.owner else b""
 
     @staticmethod
     def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
@@ -2505,20 +2510,14 @@ class RowJournal:
         """Note that rows up to ``through`` are in the database; ``pending`` is the writer's queue after them."""
         if self._fd is None:
             return
-        if not pending:
-            self._truncate()
-        elif self._size > JOURNAL_COMPACT_BYTES:
-            try:
-                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
-            except OSError as exc:
-                self._warn(exc)
-        else:
-            self._write(json.dumps({"done": through}).encode() + b"\n")
-
-    def _truncate(self) -> None:
         try:
-            os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
-            self._size = 0
+            if not pending:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
+            elif self._size > JOURNAL_COMPACT_BYTES:
+                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
+            else:
+                self._write(json.dumps({"done": through}).encode() + b"\n")
         except OSError as exc:
             self._warn(exc)
 
@@ -2526,7 +2525,7 @@ class RowJournal:
         if self._fd is None:
             return False
         if self._size == 0:  # the first line after an empty file: name the catalogue first
-            line = self._header() + line
+            line = self._header + line
         try:
             written = os.write(self._fd, line)
             if written != len(line):
@@ -2660,8 +2659,8 @@ class LoadLogger:
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
         self.engine.dispose()
-        return ConfigError(f"cannot use the catalogue database {self.engine.url.render_as_string(hide_password=True)}"
-                           f": {_short(getattr(exc, 'orig', None) or exc)}")
+        url = self.engine.url.render_as_string(hide_password=True)
+        return ConfigError(f"cannot use the catalogue database {url}: {_db_error(exc)}")
 
     def start(self) -> LoadLogger:
         self._writer.start()
@@ -2791,7 +2790,9 @@ class LoadLogger:
 
         def watch() -> None:
             while not ended.wait(self.call_timeout):
-                self._drop_connections(what)
+                log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
+                            "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+                self._shut_connections()
 
         watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
         watcher.start()
@@ -2800,11 +2801,6 @@ class LoadLogger:
         finally:
             ended.set()
             watcher.join(self.call_timeout)
-
-    def _drop_connections(self, what: str) -> None:
-        log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
-                    "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
-        self._shut_connections()
 
     def _shut_connections(self) -> None:
         """Shut the sockets of the engine's connections, so that a call blocked on one returns at once."""
@@ -2880,7 +2876,7 @@ class LoadLogger:
         with self._changed:
             self._uncertain_through = max(self._uncertain_through, last_id)
             self._outage_since = self._outage_since or time.monotonic()
-            self._last_error = _short(getattr(exc, "orig", None) or exc)
+            self._last_error = _db_error(exc)
             self._changed.notify_all()
         if failures == 1:
             log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
@@ -2974,7 +2970,7 @@ class LoadLogger:
         except Exception as exc:  # noqa: BLE001
             if _connection_failure(exc):
                 raise
-            refusal, error = _short(getattr(exc, "orig", None) or exc), exc
+            refusal, error = _db_error(exc), exc
         clean, changed = sanitised_row(table, values, refusal)
         if not changed:
             raise error
@@ -3167,8 +3163,7 @@ class LoadLogger:
             for name, etag, completed, outcome, attempts in conn.execution_options(yield_per=5000).execute(query):
                 yield name, etag, FileState.of(completed, outcome, attempts)
 
-    def requeue(self, target: Target, names: Iterable[str] = (), now: datetime | None = None,
-                host_name: str | None = None) -> list[str]:
+    def requeue(self, target: Target, names: Iterable[str] = ()) -> list[str]:
         """Mark failed files of ``target`` as pending again (all, or those named); return the names re-queued.
 
         Failed: the file's latest row finished it without loading it (REQUEUEABLE). Rows still queued
@@ -3183,7 +3178,7 @@ class LoadLogger:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); nothing re-queued", _short(exc))
             return []
-        host_name, now = host_name or socket.gethostname(), now or utcnow()
+        host_name, now = socket.gethostname(), utcnow()
         for name, etag, outcome in failed:
             guid, text = guid_from_name(name), f"requeued by an operator after {outcome}"
             self.record_attempt(AttemptRow(
