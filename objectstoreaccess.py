@@ -55,7 +55,7 @@ import time
 import weakref
 import zlib
 from array import array
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -2090,9 +2090,7 @@ def _hide_password(text: str) -> str:
 def _connect_args(url: sa.URL) -> dict[str, Any]:
     """Return driver options that bound connecting and every call, so a half-open connection fails.
 
-    SQLite: the busy timeout. PostgreSQL (libpq): keepalives while idle, tcp_user_timeout for sent
-    data never acknowledged, and statement_timeout. MariaDB/MySQL: read and write timeouts. Oracle:
-    expire_time (keepalive probes, minutes); call_timeout is set on each connection (LoadLogger.connect).
+    Oracle's call timeout is set on each connection instead (_bound_oracle_calls).
     """
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -2106,7 +2104,7 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
                 "write_timeout": DB_CALL_TIMEOUT}
     if backend == "oracle":
         tns_admin = os.environ.get("TNS_ADMIN")
-        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}  # probes, minutes
         if tns_admin:
             args.update(config_dir=tns_admin, wallet_location=tns_admin)
             if os.environ.get("WALLET_PASSWORD"):
@@ -3076,29 +3074,28 @@ class LoadLogger:
 
     def reports(self, now: datetime, server: str | None = None) -> list[LoaderReport]:
         """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
-        found: dict[tuple[str, str], dict[str, Any]] = {}
+        found: defaultdict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
         with self.engine.connect() as conn:
             rows = {name: conn.execute(query).all()
                     for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
         for host, url, check_time, reason in rows["batches"]:
-            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), abandoned=reason)
+            found[host, url].update(last_batch=_aware(check_time), abandoned=reason)
         for host, url, backlog in rows["backlog"]:
-            found.setdefault((host, url), {})["backlog"] = None if backlog is None else max(backlog, 0)
+            found[host, url]["backlog"] = None if backlog is None else max(backlog, 0)
         for host, url, since, count in rows["abandoned"]:
-            found.setdefault((host, url), {}).update(abandoned_since=_aware(since), abandoned_cycles=count)
+            found[host, url].update(abandoned_since=_aware(since), abandoned_cycles=count)
         for host, url, active, success in rows["times"]:
-            found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
+            found[host, url].update(last_activity=_aware(active), last_success=_aware(success))
         for host, url, outcome, started, error in rows["latest"]:
-            facts = found.setdefault((host, url), {})
+            facts = found[host, url]
             ran = facts.get("last_batch") if not facts.get("abandoned") else None
             if outcome == SERVER_UNAVAILABLE and ran and started and _aware(started) >= ran:
                 facts["paused"] = error or outcome  # the latest cycle that ran paused on it
-        for name in ("outcomes", "recent"):
+        for name, key in (("outcomes", "outcomes"), ("recent", "recent_files")):
             for host, url, outcome, count in rows[name]:
-                found.setdefault((host, url), {}).setdefault(name if name == "outcomes" else "recent_files", {})[
-                    outcome or "none"] = count
+                found[host, url].setdefault(key, {})[outcome or "none"] = count
         for host, url, name, outcome, parse_status, error, when in rows["failed"]:
-            found.setdefault((host, url), {}).setdefault("failed_files", []).append(
+            found[host, url].setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
                  "batch_start_time": _aware(when)})
         return [LoaderReport(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
@@ -3163,7 +3160,8 @@ class LoadLogger:
             for name, etag, completed, outcome, attempts in conn.execution_options(yield_per=5000).execute(query):
                 yield name, etag, FileState.of(completed, outcome, attempts)
 
-    def requeue(self, target: Target, names: Iterable[str] = ()) -> list[str]:
+    def requeue(self, target: Target, names: Iterable[str] = (), now: datetime | None = None,
+                host_name: str | None = None) -> list[str]:
         """Mark failed files of ``target`` as pending again (all, or those named); return the names re-queued.
 
         Failed: the file's latest row finished it without loading it (REQUEUEABLE). Rows still queued
@@ -3178,7 +3176,7 @@ class LoadLogger:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the catalogue (%s); nothing re-queued", _short(exc))
             return []
-        host_name, now = socket.gethostname(), utcnow()
+        host_name, now = host_name or socket.gethostname(), now or utcnow()
         for name, etag, outcome in failed:
             guid, text = guid_from_name(name), f"requeued by an operator after {outcome}"
             self.record_attempt(AttemptRow(
@@ -3960,15 +3958,9 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
 
 def assess(status: LoaderReport, now: datetime, poll_interval: float, critical_share: float,
            server_heartbeat: datetime | None = None) -> LoaderReport:
-    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
+    """Return the status with its level and problems, for what is wrong now (the rules: the status command's help).
 
-    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
-    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
-    abandoned, or the latest cycle paused, because a service was unavailable; or more than
-    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
-    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
-    Warning: such a failure below the share, a retry in the window, or a file whose latest state
-    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
+    ``server_heartbeat``: the latest write of any loader of the same fn4 server, whose host may have taken over.
     """
     problems = _staleness(status.heartbeat, now, poll_interval, server_heartbeat)
     window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
