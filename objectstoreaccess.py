@@ -2594,8 +2594,8 @@ class LoadLogger:
             replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
             self._next_id = self.journal.next_id
             self._pending.extend((n, table, values, time.monotonic()) for n, table, values in replay)
-            self._uncertain_through = replay[-1][0] if replay else 0
             if replay:
+                self._uncertain_through = replay[-1][0]
                 log.warning("replaying %d catalogue rows left in the journal %s by an earlier run", len(replay),
                             self.journal.path)
 
