@@ -1949,13 +1949,10 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     """Bring tables made by an older loader up to this one, keeping every row; return what changed.
 
     ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
-    them, and its index names. Missing columns and indexes are added; shorter strings are widened
-    and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
-    MariaDB's DATETIME columns gain microseconds, and Oracle's DATE (whole seconds) become TIMESTAMP.
-    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
-    ``operations`` returns Alembic's Operations (on a connection, or on an offline context that
-    prints SQL); it is called, and Alembic imported, only if something needs changing, which
-    spares every later start the import.
+    them, and its index names. Shorter strings are widened and NOT NULL is dropped, since this
+    loader writes longer names and leaves unused columns empty; on SQLite (no string lengths),
+    dropping NOT NULL makes Alembic copy the table. ``operations`` returns Alembic's Operations;
+    it is called, and Alembic imported, only if something needs changing: later starts skip the import.
     """
     changes: list[str] = []
     ops = None
@@ -1995,7 +1992,7 @@ def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: st
             continue
         length = getattr(old["type"], "length", None)
         widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                 and length < column.type.length) or (  # MariaDB's plain DATETIME and Oracle's DATE drop them
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME, Oracle's DATE: whole seconds
             isinstance(column.type, sa.DateTime) and (isinstance(old["type"], oracle.DATE) or (
                 isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp)))
         if widen or not old["nullable"]:
@@ -2154,13 +2151,10 @@ def process_exists(pid: int | None) -> bool:
 class Lease:
     """This instance's claim to be the one loader of an fn4 server, namespace and bucket; the others stand by.
 
-    Each instance has a fn4loaderlease row; the active one's active_key holds the lease key in a
-    unique column, so a lease never has two holders. The active one renews every third of ``ttl``;
-    ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before its lease
-    could lapse, so an instance that cannot renew stops inserting before another can take over.
-    A standby takes the lease when it lapsed (by the database's clock), or at once when its holder
-    ran on this host and its process is gone. Calls go straight to the catalogue engine, never
-    through the row writer. ``terms`` counts the times this instance became active.
+    The active instance's row holds the lease key in active_key, a unique column: a lease never has
+    two holders. ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before
+    the lease could lapse, so an instance that cannot renew stops inserting before another can take
+    over. Calls go straight to the catalogue engine, never through the row writer.
     """
 
     def __init__(self, engine: sa.Engine, table: sa.Table, target: Target, ttl: float = DEFAULT_LEASE_TTL,
@@ -2174,7 +2168,7 @@ class Lease:
         self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
                          "process_id": os.getpid(), "findneighbour_server_url": target.server_url,
                          "oci_namespace": target.namespace, "bucket_name": target.bucket, "lease_key": self.key}
-        self.terms = 0
+        self.terms = 0  # the times this instance became active
         self.last_contact: float | None = None   # monotonic time of the last database call that worked
         self._valid_until: float | None = None   # set while held: when to stop inserting
         self._holder: str | None = None          # the other holder last logged
