@@ -2158,11 +2158,11 @@ class Lease:
     """
 
     def __init__(self, engine: sa.Engine, table: sa.Table, target: Target, ttl: float = DEFAULT_LEASE_TTL,
-                 host_name: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 host_name: str | None = None) -> None:
         self.engine = engine
         self.table = table
         self.ttl = ttl
-        self.clock = clock
+        self.clock = time.monotonic  # the clock of active and last_contact
         self.key = hashlib.sha256("\n".join(dataclasses.astuple(target)).encode()).hexdigest()
         self.token = os.urandom(16).hex()
         self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
