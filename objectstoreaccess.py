@@ -3002,11 +3002,11 @@ class LoadLogger:
         tried five times counts once, and one re-queued and loaded is no longer failed. ``server``
         (as fn4_server_url gives it) keeps only the loaders of that fn4 server.
         """
-        queries = {**self._batch_queries(), **self._attempt_queries(since)}
+        batch_queries = self._batch_queries()
+        queries = {**batch_queries, **self._attempt_queries(since)}
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        b, a = self.batches.c, self.attempts.c
         for name, query in queries.items():
-            table = b if name in ("batches", "backlog", "abandoned") else a
+            table = self.batches.c if name in batch_queries else self.attempts.c
             query = query.where(table.bucket_name.is_not(None))
             if server:
                 query = query.where(table.findneighbour_server_url == server)
