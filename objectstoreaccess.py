@@ -55,7 +55,7 @@ import time
 import weakref
 import zlib
 from array import array
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -1955,13 +1955,10 @@ def upgrade_tables(operations: Callable[[], Any], dialect: str, metadata: sa.Met
     """Bring tables made by an older loader up to this one, keeping every row; return what changed.
 
     ``existing`` maps each table already there to its columns, as SQLAlchemy's inspector lists
-    them, and its index names. Missing columns and indexes are added; shorter strings are widened
-    and NOT NULL is dropped, since this loader writes longer names and leaves unused columns empty;
-    MariaDB's DATETIME columns gain microseconds, and Oracle's DATE (whole seconds) become TIMESTAMP.
-    SQLite ignores string lengths; dropping NOT NULL there makes Alembic copy the table.
-    ``operations`` returns Alembic's Operations (on a connection, or on an offline context that
-    prints SQL); it is called, and Alembic imported, only if something needs changing, which
-    spares every later start the import.
+    them, and its index names. Shorter strings are widened and NOT NULL is dropped, since this
+    loader writes longer names and leaves unused columns empty; on SQLite (no string lengths),
+    dropping NOT NULL makes Alembic copy the table. ``operations`` returns Alembic's Operations;
+    it is called, and Alembic imported, only if something needs changing: later starts skip the import.
     """
     changes: list[str] = []
     ops = None
@@ -2001,7 +1998,7 @@ def _column_alters(table: sa.Table, have: dict[str, dict[str, Any]], dialect: st
             continue
         length = getattr(old["type"], "length", None)
         widen = (dialect != "sqlite" and isinstance(column.type, sa.String) and length is not None
-                 and length < column.type.length) or (  # MariaDB's plain DATETIME and Oracle's DATE drop them
+                 and length < column.type.length) or (  # MariaDB's plain DATETIME, Oracle's DATE: whole seconds
             isinstance(column.type, sa.DateTime) and (isinstance(old["type"], oracle.DATE) or (
                 isinstance(old["type"], mysql.DATETIME) and not old["type"].fsp)))
         if widen or not old["nullable"]:
@@ -2084,6 +2081,11 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
 
+def _db_error(exc: BaseException) -> str:
+    """Return a database error as one short line: the driver's own message, without SQLAlchemy's wrapping."""
+    return _short(getattr(exc, "orig", None) or exc)
+
+
 def _hide_password(text: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
@@ -2091,9 +2093,7 @@ def _hide_password(text: str) -> str:
 def _connect_args(url: sa.URL) -> dict[str, Any]:
     """Return driver options that bound connecting and every call, so a half-open connection fails.
 
-    SQLite: the busy timeout. PostgreSQL (libpq): keepalives while idle, tcp_user_timeout for sent
-    data never acknowledged, and statement_timeout. MariaDB/MySQL: read and write timeouts. Oracle:
-    expire_time (keepalive probes, minutes); call_timeout is set on each connection (LoadLogger.connect).
+    Oracle's call timeout is set on each connection instead (_bound_oracle_calls).
     """
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -2107,7 +2107,7 @@ def _connect_args(url: sa.URL) -> dict[str, Any]:
                 "write_timeout": DB_CALL_TIMEOUT}
     if backend == "oracle":
         tns_admin = os.environ.get("TNS_ADMIN")
-        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}
+        args: dict[str, Any] = {"tcp_connect_timeout": DB_CONNECT_TIMEOUT, "expire_time": 1}  # probes, minutes
         if tns_admin:
             args.update(config_dir=tns_admin, wallet_location=tns_admin)
             if os.environ.get("WALLET_PASSWORD"):
@@ -2157,27 +2157,24 @@ def process_exists(pid: int | None) -> bool:
 class Lease:
     """This instance's claim to be the one loader of an fn4 server, namespace and bucket; the others stand by.
 
-    Each instance has a fn4loaderlease row; the active one's active_key holds the lease key in a
-    unique column, so a lease never has two holders. The active one renews every third of ``ttl``;
-    ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before its lease
-    could lapse, so an instance that cannot renew stops inserting before another can take over.
-    A standby takes the lease when it lapsed (by the database's clock), or at once when its holder
-    ran on this host and its process is gone. Calls go straight to the catalogue engine, never
-    through the row writer. ``terms`` counts the times this instance became active.
+    The active instance's row holds the lease key in active_key, a unique column: a lease never has
+    two holders. ``active`` turns False, on the local monotonic clock, a quarter of ``ttl`` before
+    the lease could lapse, so an instance that cannot renew stops inserting before another can take
+    over. Calls go straight to the catalogue engine, never through the row writer.
     """
 
     def __init__(self, engine: sa.Engine, table: sa.Table, target: Target, ttl: float = DEFAULT_LEASE_TTL,
-                 host_name: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 host_name: str | None = None) -> None:
         self.engine = engine
         self.table = table
         self.ttl = ttl
-        self.clock = clock
+        self.clock = time.monotonic  # the clock of active and last_contact
         self.key = hashlib.sha256("\n".join(dataclasses.astuple(target)).encode()).hexdigest()
         self.token = os.urandom(16).hex()
         self.identity = {"instance_token": self.token, "host_name": host_name or socket.gethostname(),
                          "process_id": os.getpid(), "findneighbour_server_url": target.server_url,
                          "oci_namespace": target.namespace, "bucket_name": target.bucket, "lease_key": self.key}
-        self.terms = 0
+        self.terms = 0  # the times this instance became active
         self.last_contact: float | None = None   # monotonic time of the last database call that worked
         self._valid_until: float | None = None   # set while held: when to stop inserting
         self._holder: str | None = None          # the other holder last logged
@@ -2209,7 +2206,7 @@ class Lease:
         except sa.exc.SQLAlchemyError as exc:
             self._failures += 1
             if self._failures == 1:
-                log.warning("lease: the catalogue database failed (%s); %s", _short(getattr(exc, "orig", None) or exc),
+                log.warning("lease: the catalogue database failed (%s); %s", _db_error(exc),
                             "inserting stops if it cannot be renewed in time" if self._valid_until else "still standby")
             return min(LEASE_RETRY, self.ttl / 6)
         if self._failures:
@@ -2288,7 +2285,7 @@ class Lease:
                 conn.execute(self.table.delete().where(self.table.c.instance_token == self.token))
         except sa.exc.SQLAlchemyError as exc:
             log.warning("lease: could not remove this instance's row (%s); a standby takes over when it lapses",
-                        _short(getattr(exc, "orig", None) or exc))
+                        _db_error(exc))
             return
         log.info("lease released: a standby can take over at once")
 
@@ -2364,23 +2361,25 @@ def sanitised_row(table: sa.Table, values: dict[str, Any], refusal: str) -> tupl
         value = values.get(column.name)
         if not isinstance(value, str) or column.name == "error_text":
             continue
-        text = value if value.isascii() and value.isprintable() else value.encode("unicode_escape").decode("ascii")
+        text = _escaped(value)
         how = ["escaped"] if text != value else []
         if column.type.length and len(text) > column.type.length:
             text, how = text[:column.type.length], [*how, f"cut to {column.type.length} characters"]
         if how:
             clean[column.name] = text
             changed.append(f"{column.name} {' and '.join(how)}")
-    if "error_text" in table.columns:
+    if "error_text" in table.columns:  # the note always makes it differ from the error_text refused
         note = f"stored with {', '.join(changed) or 'error_text escaped'}: the catalogue database refused " \
                f"the row as it was ({refusal})"
         earlier = values.get("error_text")
-        text = f"{note}; {earlier}" if earlier else note
-        text = text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
-        if text != values.get("error_text"):
-            clean["error_text"] = text[:table.c.error_text.type.length]
-            changed = changed or ["error_text escaped"]
+        clean["error_text"] = _escaped(f"{note}; {earlier}" if earlier else note)[:table.c.error_text.type.length]
+        changed = changed or ["error_text escaped"]
     return clean, changed
+
+
+def _escaped(text: str) -> str:
+    """Return text as printable ASCII: itself if it is, else with Python's escapes (``\\x00``, ``\\udcff``)."""
+    return text if text.isascii() and text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _key_value(value: Any) -> Any:
@@ -2418,9 +2417,10 @@ class RowJournal:
     rows of another catalogue are refused, never replayed into this one.
     """
 
-    def __init__(self, path: Path, owner: str | None = None) -> None:
+    def __init__(self, path: Path, owner: str) -> None:
         self.path = Path(path)
         self.owner = owner
+        self._header = json.dumps({"journal": owner}).encode() + b"\n"  # the first line while rows are held
         self._found_owner: str | None = None
         self.next_id = 1
         self._fd: int | None = None
@@ -2444,7 +2444,7 @@ class RowJournal:
                               "its own --journal") from None
         try:
             entries = self._read()
-            if entries and self.owner and self._found_owner and self._found_owner != self.owner:
+            if entries and self._found_owner and self._found_owner != self.owner:
                 self.close()
                 raise ConfigError(f"the journal {self.path} holds {len(entries)} rows of the catalogue "
                                   f"{self._found_owner}, not of {self.owner}: run with that catalogue to write them, "
@@ -2487,7 +2487,7 @@ class RowJournal:
     def _rewrite(self, entries: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
         """Replace the file with these rows only: written beside it, then renamed over it in one step."""
         lines = b"".join(self._line(n, table, values) for n, table, values in entries)
-        lines = self._header() + lines if lines else lines
+        lines = self._header + lines if lines else lines
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_bytes(lines)
         os.replace(temporary, self.path)
@@ -2495,9 +2495,6 @@ class RowJournal:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = len(lines)
-
-    def _header(self) -> bytes:
-        return json.dumps({"journal": self.owner}).encode() + b"\n" if self.owner else b""
 
     @staticmethod
     def _line(n: int, table: str, values: dict[str, Any]) -> bytes:
@@ -2511,20 +2508,14 @@ class RowJournal:
         """Note that rows up to ``through`` are in the database; ``pending`` is the writer's queue after them."""
         if self._fd is None:
             return
-        if not pending:
-            self._truncate()
-        elif self._size > JOURNAL_COMPACT_BYTES:
-            try:
-                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
-            except OSError as exc:
-                self._warn(exc)
-        else:
-            self._write(json.dumps({"done": through}).encode() + b"\n")
-
-    def _truncate(self) -> None:
         try:
-            os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
-            self._size = 0
+            if not pending:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
+            elif self._size > JOURNAL_COMPACT_BYTES:
+                self._rewrite((n, table.name, values) for n, table, values, _ in pending)
+            else:
+                self._write(json.dumps({"done": through}).encode() + b"\n")
         except OSError as exc:
             self._warn(exc)
 
@@ -2532,7 +2523,7 @@ class RowJournal:
         if self._fd is None:
             return False
         if self._size == 0:  # the first line after an empty file: name the catalogue first
-            line = self._header() + line
+            line = self._header + line
         try:
             written = os.write(self._fd, line)
             if written != len(line):
@@ -2603,8 +2594,8 @@ class LoadLogger:
             replay = [(n, tables[name], values) for n, name, values in self.journal.open() if name in tables]
             self._next_id = self.journal.next_id
             self._pending.extend((n, table, values, time.monotonic()) for n, table, values in replay)
-            self._uncertain_through = replay[-1][0] if replay else 0
             if replay:
+                self._uncertain_through = replay[-1][0]
                 log.warning("replaying %d catalogue rows left in the journal %s by an earlier run", len(replay),
                             self.journal.path)
 
@@ -2666,8 +2657,8 @@ class LoadLogger:
     def unusable(self, exc: sa.exc.SQLAlchemyError) -> ConfigError:
         """Close the engine and return the error that says the catalogue cannot be used, and why."""
         self.engine.dispose()
-        return ConfigError(f"cannot use the catalogue database {self.engine.url.render_as_string(hide_password=True)}"
-                           f": {_short(getattr(exc, 'orig', None) or exc)}")
+        url = self.engine.url.render_as_string(hide_password=True)
+        return ConfigError(f"cannot use the catalogue database {url}: {_db_error(exc)}")
 
     def start(self) -> LoadLogger:
         self._writer.start()
@@ -2797,7 +2788,9 @@ class LoadLogger:
 
         def watch() -> None:
             while not ended.wait(self.call_timeout):
-                self._drop_connections(what)
+                log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
+                            "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
+                self._shut_connections()
 
         watcher = threading.Thread(target=watch, name="catalogue-deadline", daemon=True)
         watcher.start()
@@ -2806,11 +2799,6 @@ class LoadLogger:
         finally:
             ended.set()
             watcher.join(self.call_timeout)
-
-    def _drop_connections(self, what: str) -> None:
-        log.warning("a catalogue %s took more than %g s (a half-open connection?); %d rows wait; "
-                    "dropping its connections and reconnecting", what, self.call_timeout, len(self._pending))
-        self._shut_connections()
 
     def _shut_connections(self) -> None:
         """Shut the sockets of the engine's connections, so that a call blocked on one returns at once."""
@@ -2886,7 +2874,7 @@ class LoadLogger:
         with self._changed:
             self._uncertain_through = max(self._uncertain_through, last_id)
             self._outage_since = self._outage_since or time.monotonic()
-            self._last_error = _short(getattr(exc, "orig", None) or exc)
+            self._last_error = _db_error(exc)
             self._changed.notify_all()
         if failures == 1:
             log.warning("catalogue database write failed; %d rows wait and will be retried: %s",
@@ -2980,7 +2968,7 @@ class LoadLogger:
         except Exception as exc:  # noqa: BLE001
             if _connection_failure(exc):
                 raise
-            refusal, error = _short(getattr(exc, "orig", None) or exc), exc
+            refusal, error = _db_error(exc), exc
         clean, changed = sanitised_row(table, values, refusal)
         if not changed:
             raise error
@@ -3020,11 +3008,11 @@ class LoadLogger:
         tried five times counts once, and one re-queued and loaded is no longer failed. ``server``
         (as fn4_server_url gives it) keeps only the loaders of that fn4 server.
         """
-        queries = {**self._batch_queries(), **self._attempt_queries(since)}
+        batch_queries = self._batch_queries()
+        queries = {**batch_queries, **self._attempt_queries(since)}
         # The predecessor's rows name no bucket: its loaders are retired, so they are not reported.
-        b, a = self.batches.c, self.attempts.c
         for name, query in queries.items():
-            table = b if name in ("batches", "backlog", "abandoned") else a
+            table = self.batches.c if name in batch_queries else self.attempts.c
             query = query.where(table.bucket_name.is_not(None))
             if server:
                 query = query.where(table.findneighbour_server_url == server)
@@ -3086,29 +3074,28 @@ class LoadLogger:
 
     def reports(self, now: datetime, server: str | None = None) -> list[LoaderReport]:
         """Read each loader's latest cycle, pending files, last insert, recent outcomes and failed files."""
-        found: dict[tuple[str, str], dict[str, Any]] = {}
+        found: defaultdict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
         with self.engine.connect() as conn:
             rows = {name: conn.execute(query).all()
                     for name, query in self.status_queries(now - STATUS_WINDOW, server).items()}
         for host, url, check_time, reason in rows["batches"]:
-            found.setdefault((host, url), {}).update(last_batch=_aware(check_time), abandoned=reason)
+            found[host, url].update(last_batch=_aware(check_time), abandoned=reason)
         for host, url, backlog in rows["backlog"]:
-            found.setdefault((host, url), {})["backlog"] = None if backlog is None else max(backlog, 0)
+            found[host, url]["backlog"] = None if backlog is None else max(backlog, 0)
         for host, url, since, count in rows["abandoned"]:
-            found.setdefault((host, url), {}).update(abandoned_since=_aware(since), abandoned_cycles=count)
+            found[host, url].update(abandoned_since=_aware(since), abandoned_cycles=count)
         for host, url, active, success in rows["times"]:
-            found.setdefault((host, url), {}).update(last_activity=_aware(active), last_success=_aware(success))
+            found[host, url].update(last_activity=_aware(active), last_success=_aware(success))
         for host, url, outcome, started, error in rows["latest"]:
-            facts = found.setdefault((host, url), {})
+            facts = found[host, url]
             ran = facts.get("last_batch") if not facts.get("abandoned") else None
             if outcome == SERVER_UNAVAILABLE and ran and started and _aware(started) >= ran:
                 facts["paused"] = error or outcome  # the latest cycle that ran paused on it
-        for name in ("outcomes", "recent"):
+        for name, key in (("outcomes", "outcomes"), ("recent", "recent_files")):
             for host, url, outcome, count in rows[name]:
-                found.setdefault((host, url), {}).setdefault(name if name == "outcomes" else "recent_files", {})[
-                    outcome or "none"] = count
+                found[host, url].setdefault(key, {})[outcome or "none"] = count
         for host, url, name, outcome, parse_status, error, when in rows["failed"]:
-            found.setdefault((host, url), {}).setdefault("failed_files", []).append(
+            found[host, url].setdefault("failed_files", []).append(
                 {"file_name": name, "outcome": outcome, "parse_status": parse_status, "error_text": error,
                  "batch_start_time": _aware(when)})
         return [LoaderReport(host or "", url or "", **{k: tuple(v) if k == "failed_files" else v
@@ -3971,15 +3958,9 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
 
 def assess(status: LoaderReport, now: datetime, poll_interval: float, critical_share: float,
            server_heartbeat: datetime | None = None) -> LoaderReport:
-    """Return the status with its level and problems: critical, warning, or OK, for what is wrong now.
+    """Return the status with its level and problems, for what is wrong now (the rules: the status command's help).
 
-    Critical: no cycle nor attempt for STALE_POLLS poll intervals (unless another host's loader
-    has written for the same fn4 server since: ``server_heartbeat``); the latest cycles were
-    abandoned, or the latest cycle paused, because a service was unavailable; or more than
-    ``critical_share`` of the files tried in the last STATUS_WINDOW ended, so far, in a failure of
-    fn4, Object Storage or the loader (LOADER_FAILURES; bad files and a busy fn4 are not).
-    Warning: such a failure below the share, a retry in the window, or a file whose latest state
-    is failed. A recovery clears the critical at the next cycle; a re-queued file is no longer failed.
+    ``server_heartbeat``: the latest write of any loader of the same fn4 server, whose host may have taken over.
     """
     problems = _staleness(status.heartbeat, now, poll_interval, server_heartbeat)
     window = f"the last {STATUS_WINDOW.total_seconds() / 60:g} minutes"
