@@ -33,6 +33,7 @@ where they were measured when quoting them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import gzip
@@ -578,9 +579,9 @@ class MarkingFN4Client(osa.FN4Client):
         super().__init__(base_url)
         self.marks: list[float] = []
 
-    def post_insert(self, body: bytes) -> osa.InsertResult:
+    def send_insert(self, body: bytes) -> osa.InsertSent:
         self.marks.append(time.process_time())
-        return super().post_insert(body)
+        return super().send_insert(body)
 
 
 def steady_cpu(marks: list[float]) -> float:
@@ -606,8 +607,15 @@ class Setup:
     def settings(self, bucket: str) -> osa.Settings:
         return osa.Settings()
 
-    def catalogue(self) -> osa.LoadLogger:
-        return osa.LoadLogger.from_database_arg(self.database)
+    def catalogue(self, journaled_bucket: str | None = None) -> osa.LoadLogger:
+        """The catalogue; with a bucket, rows are journaled as run's are."""
+        return osa.LoadLogger.from_database_arg(self.database, bucket=journaled_bucket)
+
+    def log_as_run(self) -> None:
+        """Log as the run command does (one INFO line a sample, secrets redacted), into a file here."""
+        file = open(Path(self.params["tmp"]) / f"{self.params['tag']}.log", "a")  # open while the worker lives
+        with contextlib.redirect_stderr(file):
+            osa._configure_logging("INFO", [], "text")
 
     def loader(self, bucket: str, catalogue: osa.LoadLogger) -> osa.LoadLoop:
         return osa.LoadLoop(self.store(bucket), self.fn4_client, catalogue, self.settings(bucket),
@@ -651,8 +659,9 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
     bucket, mode = params["bucket"], params["mode"]
     fn4("reset")
     oci("clear_faults")
-    catalogue = setup.catalogue()
-    if mode == "loader":  # warm every code path on one small sample first
+    catalogue = setup.catalogue(bucket if mode == "loader" else None)
+    if mode == "loader":  # as run loads: journaled rows, INFO logs; every code path warmed on one sample first
+        setup.log_as_run()
         setup.loader(WARM_BUCKET, catalogue).run_cycle()
         catalogue.flush(30)
         runner: Any = setup.loader(bucket, catalogue)
