@@ -3865,6 +3865,9 @@ class LoadLoop:
         try:
             while (item := prepared.get()) is not _END:
                 number += 1
+                if answered is not None and self.catalogue.unwritten >= MAX_UNWRITTEN_ROWS:
+                    self._tally(self._finish(answered, started), counts, len(todo))  # journaled before a wait
+                    answered = None
                 self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
                 if self.stop.is_set() or not self._active():
                     break  # the sample was never sent: nothing to record, it stays pending
