@@ -33,6 +33,7 @@ where they were measured when quoting them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import gzip
@@ -577,10 +578,32 @@ class MarkingFN4Client(osa.FN4Client):
     def __init__(self, base_url: str) -> None:
         super().__init__(base_url)
         self.marks: list[float] = []
+        self.snapshot_at: tuple[int, ...] = ()          # marks at which each thread's CPU time is noted too
+        self.threads_at: dict[int, dict[str, float]] = {}
 
-    def post_insert(self, body: bytes) -> osa.InsertResult:
+    def send_insert(self, body: bytes) -> osa.InsertSent:
         self.marks.append(time.process_time())
-        return super().post_insert(body)
+        if len(self.marks) - 1 in self.snapshot_at:
+            self.threads_at[len(self.marks) - 1] = thread_cpu()
+        return super().send_insert(body)
+
+    def per_thread(self) -> dict[str, float]:
+        """CPU seconds per sample of each thread between the two snapshots (threads alive at both)."""
+        if len(self.threads_at) != 2:
+            return {}
+        (first, before), (last, after) = sorted(self.threads_at.items())
+        return {name: (after[name] - before[name]) / (last - first) for name in after if name in before}
+
+
+def thread_cpu() -> dict[str, float]:
+    """Return the CPU seconds each live thread of this process has run, by name (Linux; else nothing)."""
+    spent = {}
+    for thread in threading.enumerate():
+        try:
+            spent[thread.name] = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return spent
 
 
 def steady_cpu(marks: list[float]) -> float:
@@ -606,8 +629,15 @@ class Setup:
     def settings(self, bucket: str) -> osa.Settings:
         return osa.Settings()
 
-    def catalogue(self) -> osa.LoadLogger:
-        return osa.LoadLogger.from_database_arg(self.database)
+    def catalogue(self, journaled_bucket: str | None = None) -> osa.LoadLogger:
+        """The catalogue; with a bucket, rows are journaled as run's are."""
+        return osa.LoadLogger.from_database_arg(self.database, bucket=journaled_bucket)
+
+    def log_as_run(self) -> None:
+        """Log as the run command does (one INFO line a sample, secrets redacted), into a file here."""
+        file = open(Path(self.params["tmp"]) / f"{self.params['tag']}.log", "a")  # open while the worker lives
+        with contextlib.redirect_stderr(file):
+            osa._configure_logging("INFO", [], "text")
 
     def loader(self, bucket: str, catalogue: osa.LoadLogger) -> osa.LoadLoop:
         return osa.LoadLoop(self.store(bucket), self.fn4_client, catalogue, self.settings(bucket),
@@ -651,8 +681,9 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
     bucket, mode = params["bucket"], params["mode"]
     fn4("reset")
     oci("clear_faults")
-    catalogue = setup.catalogue()
-    if mode == "loader":  # warm every code path on one small sample first
+    catalogue = setup.catalogue(bucket if mode == "loader" else None)
+    if mode == "loader":  # as run loads: journaled rows, INFO logs; every code path warmed on one sample first
+        setup.log_as_run()
         setup.loader(WARM_BUCKET, catalogue).run_cycle()
         catalogue.flush(30)
         runner: Any = setup.loader(bucket, catalogue)
@@ -672,6 +703,8 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
     fn4("set_delay", params["L"])
     first = fn4("insert_count")
     setup.fn4_client.marks.clear()
+    if len(objects) >= 20:  # per thread from the steady state's start to a mark the prefetcher is alive at
+        setup.fn4_client.snapshot_at = (max(1, len(objects) // 10), len(objects) - 3)
     with Probe(fn4, oci) as probe:
         runner.run_cycle()
         steady = steady_cpu(setup.fn4_client.marks)
@@ -682,7 +715,7 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
     inserts = fn4("inserts", first)
     result: dict[str, Any] = {**probe.figures(), **_utilisation(inserts), "mode": mode, "samples": len(objects),
                               "inserted": sum(1 for r in inserts if r[1] == 200), "delay": delay, "base_d": min(base),
-                              "steady_cpu": steady}
+                              "steady_cpu": steady, "threads": setup.fn4_client.per_thread()}
     if mode == "loader":
         a = catalogue.attempts.c
         query = (sa.select(a.bucket_read_start_time, a.bucket_read_end_time, a.insert_start_time, a.insert_end_time)
@@ -698,6 +731,12 @@ def _backlog_worker(params: dict[str, Any]) -> dict[str, Any]:
     result["unwritten"] = len(catalogue.close(10))
     if mode == "loader":
         result["breakdown"] = _per_genome_breakdown(store, setup.fn4_client, objects[:5])
+        oci("add_fault", {"kind": "delay", "delay": delay, "times": -1, "method": "GET",
+                          "path_contains": f"/b/{bucket}/o/"})
+        fn4("set_delay", params["L"])  # the same steps, each after a network wait, as in the loader
+        result["breakdown_waiting"] = _per_genome_breakdown(store, setup.fn4_client, objects[:20])
+        oci("clear_faults")
+        fn4("set_delay", 0.0)
         count = min(len(objects), max(10, int(3.0 / (params["L"] + 0.01))))
         result["ceiling"] = _ceiling(fn4, setup.fn4_client, store, objects[:count], params["L"])
         if params.get("profile_run"):
@@ -1281,11 +1320,7 @@ def _report_national(runs: dict[str, dict[str, Any]], backlog: list[tuple[Profil
     if runs:
         out += _every_cycle(runs, waiting)
     if sars and sars.get("breakdown"):
-        out += ["", "Where one SARS-CoV-2-sized sample's CPU goes, each step alone in one thread (thread_time, "
-                    "median of 5); the rest of the per-sample figure is the prefetch hand-over, GIL switches and "
-                    "the catalogue writer:", ""]
-        out += _table(["step", "ms"], [[step, f"{value * 1000:.2f}"] for step, value in sars["breakdown"].items()]
-                      + [["sum", f"{sum(sars['breakdown'].values()) * 1000:.2f}"]])
+        out += _where_cpu_goes(sars)
     if "guid_set" in restart:
         out += ["", "fn4's guid list fetched alone (after the cycles above):", ""]
         rows = [[name, f"{restart[key]['count']:,}", f"{restart[key]['wall']:.2f}", f"{restart[key]['cpu']:.2f}",
@@ -1293,6 +1328,26 @@ def _report_national(runs: dict[str, dict[str, Any]], backlog: list[tuple[Profil
                 for key, name in (("guid_set", "FN4Client.guid_set(): parsed as it streams, 8-byte hashes"),
                                   ("guids", "FN4Client.guids(): whole text, then a set of strings"))]
         out += _table(["how", "guids", "wall s", "CPU s", "peak RSS growth MB"], rows)
+    return out
+
+
+def _where_cpu_goes(sars: dict[str, Any]) -> list[str]:
+    """The profile of a SARS-CoV-2-sized sample's CPU: by step in one thread, and by thread in the loader."""
+    out = ["", "Where one SARS-CoV-2-sized sample's CPU goes, each step in one thread (thread_time): back to "
+               "back (median of 5), and each after the network wait it follows in the loader (the emulator's D, "
+               "the stand-in's L; median of 20), when caches are cold:", ""]
+    waiting = sars.get("breakdown_waiting", {})
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.2f}"
+
+    rows = [[step, ms(value), ms(waiting.get(step))] for step, value in sars["breakdown"].items()]
+    rows.append(["sum", ms(sum(sars["breakdown"].values())), ms(sum(waiting.values()) if waiting else None)])
+    out += _table(["step", "back to back ms", "after a wait ms"], rows)
+    if threads := sars.get("threads"):
+        out += ["", "In the loader (the last run), steady state, CPU per sample by thread: "
+                + ", ".join(f"{name} {value * 1000:.2f} ms" for name, value in sorted(
+                    threads.items(), key=lambda item: -item[1]) if value >= 0.00001) + "."]
     return out
 
 
