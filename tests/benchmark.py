@@ -636,6 +636,7 @@ class Setup:
     def log_as_run(self) -> None:
         """Log as the run command does (one INFO line a sample, secrets redacted), into a file here."""
         file = open(Path(self.params["tmp"]) / f"{self.params['tag']}.log", "a")  # open while the worker lives
+        logging.getLogger().handlers.clear()  # the worker's own handler would write every line a second time
         with contextlib.redirect_stderr(file):
             osa._configure_logging("INFO", [], "text")
 
