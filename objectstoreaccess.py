@@ -121,6 +121,7 @@ DOWNLOAD_CHUNK = 1 << 20                 # bytes read from Object Storage at a t
 OCI_IDLE_REOPEN = 10.0                   # seconds idle after which the download connection is reopened
 _MAX_LINE = 65536                        # bytes in one line of an answer's head (KeptAlive): more is refused
 _MAX_HEADERS = 100                       # header lines in one answer's head (KeptAlive)
+SEND_JOINED_BYTES = 1 << 16              # a request body up to this size is sent in one write with its head
 OCI_RETRY_ATTEMPTS = 5                   # SDK-level tries for 429 and 5xx answers of Object Storage
 LIST_PAGE_SIZE = 1000                    # objects per ListObjects page, the service's largest
 DEFAULT_LIST_WORKERS = 16                # key ranges listed at once, each by its own OCI client
@@ -926,7 +927,11 @@ class KeptAlive:
     def send(self, head: bytes, body: bytes = b"") -> None:
         """Send a request without reading its answer (see ``answer``)."""
         self.awaiting = True
-        self._sock.sendall(head + body if body else head)
+        if len(body) > SEND_JOINED_BYTES:  # a genome's body: sent after its head, not copied to join them
+            self._sock.sendall(head)
+            self._sock.sendall(body)
+        else:  # one write: a small request is not split into two packets
+            self._sock.sendall(head + body)
 
     def answer(self, bodiless: bool = False) -> tuple[int, dict[str, str]]:
         """Return the status and headers of the answer to the request sent; ``bodiless``: it was a HEAD."""
@@ -3964,7 +3969,9 @@ class LoadLoop:
         if result.outcome == RETRY and not (self.fn4.database_answers(item.obj.guid) if result.status_code == 500
                                             else self.fn4.is_up()):
             result = dataclasses.replace(result, outcome=SERVER_UNAVAILABLE)
-        return InsertTry(item, number, size, insert_start, insert_end, result)
+        # The turn waits for its row while the next sample is prepared: it keeps no copy of the body sent.
+        sample = dataclasses.replace(item.sample, form=b"") if item.sample else None
+        return InsertTry(dataclasses.replace(item, sample=sample), number, size, insert_start, insert_end, result)
 
     def _finish(self, tried: InsertTry, started: datetime) -> str:
         """Record a file's turn (see _answer), archiving it if loaded; return the outcome."""
