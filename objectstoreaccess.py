@@ -3860,25 +3860,29 @@ class LoadLoop:
         number = 0
         paused = False
         answered: InsertTry | None = None
+
+        def finish() -> None:  # record the last sample answered, once
+            nonlocal answered
+            if answered is not None:
+                last, answered = answered, None
+                self._tally(self._finish(last, started), counts, len(todo))
+
         try:
             while (item := prepared.get()) is not _END:
                 number += 1
-                if answered is not None and self.catalogue.unwritten >= MAX_UNWRITTEN_ROWS:
-                    self._tally(self._finish(answered, started), counts, len(todo))  # journaled before a wait
-                    answered = None
+                if self.catalogue.unwritten >= MAX_UNWRITTEN_ROWS:
+                    finish()  # its row journaled before inserting waits for the catalogue
                 self.catalogue.wait_until_below(MAX_UNWRITTEN_ROWS, self.stop)
                 if self.stop.is_set() or not self._active():
                     break  # the sample was never sent: nothing to record, it stays pending
                 sending = self._send(item)
                 prepared.task_done()  # the prefetcher may start on the next sample: fn4 has this one
-                if answered is not None:
-                    self._tally(self._finish(answered, started), counts, len(todo))
+                finish()
                 answered = self._answer(item, sending, number, len(todo))
                 if paused := answered.pauses:
                     break
         finally:
-            if answered is not None:
-                self._tally(self._finish(answered, started), counts, len(todo))
+            finish()
         return counts["loaded"], counts["failed"], counts["retried"], paused
 
     def _tally(self, outcome: str, counts: dict[str, int], size: int) -> None:

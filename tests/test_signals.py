@@ -169,6 +169,29 @@ def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator
         client.close()
 
 
+def test_an_unexpected_error_in_the_insert_step_records_the_sample_before_it_once(emulator, store, fn4, tmp_path):
+    """The sample answered before the failing one is recorded once, though its row was written while the
+    failing insert was on its way."""
+    upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(3)])
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    catalogue = osa.LoadLogger(engine)
+    catalogue.create_tables()
+    catalogue.start()
+    client = osa.FN4Client(fn4.url)
+    try:
+        fn4.script(Scripted(status=200, guid="s1", body="[" * 100_000 + "]" * 100_000))  # json.loads: RecursionError
+        with pytest.raises(RecursionError):
+            osa.LoadLoop(store, client, catalogue, osa.Settings()).run(once=True)
+        assert catalogue.flush(30)
+        a = catalogue.attempts.c
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(a.file_name, a.outcome).order_by(a.gp_int_id)).all()
+        assert [tuple(r) for r in rows] == [("s0.fasta", osa.INSERTED)]
+    finally:
+        catalogue.close()
+        client.close()
+
+
 # ---- the metrics port --------------------------------------------------------------------------
 
 
