@@ -3255,9 +3255,10 @@ class LoadLogger:
 # main thread under the command line) and is the only one that inserts into fn4.
 # - prefetch (LoadLoop._load): downloads and parses the next sample while the loop inserts this one.
 #   It hands samples over through a one-slot queue and starts on the next only once the loop has
-#   taken (task_done) the last one, so memory holds at most PREFETCH_DEPTH samples ahead. Ends at the
-#   end of the batch's list, or when _end_prefetch sets ``abandon``; joined for PREFETCH_JOIN_TIMEOUT
-#   (a daemon: a download in flight ends it a little later).
+#   sent the last one to fn4 (task_done), so memory holds at most PREFETCH_DEPTH samples ahead and
+#   an insert is on its way before the prefetcher competes for the GIL; the loop then records the
+#   sample before (_insert_each). Ends at the end of the batch's list, or when _end_prefetch sets
+#   ``abandon``; joined for PREFETCH_JOIN_TIMEOUT (a daemon: a download in flight ends it a little later).
 # - list_N (ObjectStoreClient.list_ranges): a pool listing key ranges at once, each with its own
 #   client; a failed range sets ``failed`` so the others stop after their page; the ``with
 #   ThreadPoolExecutor`` block of one listing joins them.
