@@ -210,14 +210,15 @@ class Stopped(LoaderError):
 
 
 class OutageError(LoaderError):
-    """A service the whole cycle needs (fn4, Object Storage) is down; back off and retry.
+    """A service the whole cycle needs (fn4, Object Storage) is down; back off (as asked, if it did) and retry.
 
     ``service`` names it for the metrics and the catalogue: ``fn4`` or ``object_storage``.
     """
 
-    def __init__(self, reason: str, service: str = "fn4") -> None:
+    def __init__(self, reason: str, service: str = "fn4", retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.service = service
+        self.retry_after = retry_after  # seconds the service asked us to wait (Retry-After), capped
 
 
 # ---- Records ---------------------------------------------------------------------------------
@@ -1782,7 +1783,8 @@ class FN4Client:
         path = "/api/v2/guids"
         with self._get(path, self.timeout, stream=True) as response:
             if response.status_code != 200:
-                raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
+                raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}",
+                                  retry_after=_retry_after(response.headers))
             try:
                 return GuidSet(json_strings(response.iter_content(GUIDS_CHUNK), f"fn4 GET {path}"))
             except requests.RequestException as exc:
@@ -1922,7 +1924,8 @@ class FN4Client:
         """GET a route and return its JSON. Raises OutageError (see _get)."""
         response = self._get(path, timeout)
         if response.status_code != 200:
-            raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}")
+            raise OutageError(f"fn4 GET {path} answered {response.status_code}: {_answer_text(response.content)}",
+                              retry_after=_retry_after(response.headers))
         try:
             return response.json()
         except ValueError:
@@ -3482,7 +3485,8 @@ class LoadLoop:
                 break
             except Exception as exc:  # an outage, or a fault of ours: back off, never die
                 failures += 1
-                self._record_abandoned(exc, wait := backoff(failures))
+                wait = max(backoff(failures), getattr(exc, "retry_after", None) or 0.0)
+                self._record_abandoned(exc, wait)
                 if once:
                     raise
                 self.wait(wait)

@@ -202,6 +202,19 @@ def test_retry_after_is_honoured_and_capped(harness, emulator, fn4, retry_after,
     assert list(fn4.guids) == ["a"]
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_on_a_route_the_cycle_needs_is_honoured(harness, emulator, fn4, status):
+    """fn4, or a proxy before it, asking the loader to wait when it fetches the guid list: the abandoned
+    cycle is tried again after what was asked, not after the loop's own shorter backoff."""
+    files(emulator, "a")
+    fn4.script(Scripted(status=status, route="guids", headers={"Retry-After": "120"}))
+    h = harness(poll_interval=3600)
+    waits = recorded_waits(h, lambda waits: waits[-1] == 3600)
+    h.loader.run()
+    assert waits[0] == 120, waits
+    assert list(fn4.guids) == ["a"]
+
+
 def test_404_on_the_insert_route_is_an_outage_not_a_bad_sample(harness, emulator, fn4):
     files(emulator, "a", "b")
     fn4.script(Scripted(status=404, times=2))
