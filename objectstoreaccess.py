@@ -37,6 +37,7 @@ import hashlib
 import html
 import http.client
 import http.server
+import io
 import itertools
 import base64
 import heapq
@@ -4205,8 +4206,13 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
     timeout = METRICS_TIMEOUT
     server: MetricsServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_ReadBefore(self.connection, time.monotonic() + METRICS_TIMEOUT))
+
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        self.connection.settimeout(METRICS_TIMEOUT)  # the client has as long again to read the answer
         metrics = self.server.metrics
         path = self.path.split("?")[0]
         if path == "/metrics":
@@ -4224,6 +4230,25 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *_args: Any) -> None:
         pass
+
+
+class _ReadBefore(io.RawIOBase):
+    """A socket's reads, all of them before one deadline: a client that sends its request a byte at a
+    time cannot hold a metrics worker longer than one sending nothing (TimeoutError at the deadline)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client did not send its request in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 class MetricsServer(http.server.HTTPServer):

@@ -172,6 +172,42 @@ def test_status_queries_compile_for_oracle():
             assert "LIMIT" not in sql.upper() and " true" not in sql.lower() and " false" not in sql.lower(), sql
 
 
+def test_clients_dripping_their_request_cannot_hold_healthz():
+    """A client has METRICS_TIMEOUT seconds in all to send its request: clients sending a byte a second,
+    one per worker, are cut off then, and /healthz answers a monitor that came after them."""
+    server = osa.Metrics(max_age=60).serve("127.0.0.1", 0)
+    address = ("127.0.0.1", server.server_address[1])
+    done = threading.Event()
+
+    def drip(sock):
+        with sock:
+            try:
+                for byte in b"ET /metrics HTTP/1.1\r\nX-Slow: " + b"x" * 60:
+                    if done.wait(1.0):
+                        return
+                    sock.sendall(bytes([byte]))
+            except OSError:  # cut off by the server
+                return
+
+    # Connected, and their first byte sent, before the monitor connects: the server takes them first.
+    socks = [socket.create_connection(address, timeout=5) for _ in range(osa.METRICS_WORKERS)]
+    for sock in socks:
+        sock.sendall(b"G")
+    drippers = [threading.Thread(target=drip, args=(sock,)) for sock in socks]
+    try:
+        for thread in drippers:
+            thread.start()
+        began = time.monotonic()
+        health = requests.get(f"http://{address[0]}:{address[1]}/healthz", timeout=osa.METRICS_TIMEOUT + 10)
+        assert health.status_code in (200, 503)
+        assert time.monotonic() - began < osa.METRICS_TIMEOUT + 5
+    finally:
+        done.set()
+        for thread in drippers:
+            thread.join(15)
+        server.close()
+
+
 def test_metrics_and_healthz_in_process(loaders, emulator, tmp_path):
     """/metrics counts attempts, inserts, cycles and backlog; /healthz turns 503 once progress is max_age old."""
     upload_series(emulator, GOOD_AND_BAD[:2] + GOOD_AND_BAD[3:])
