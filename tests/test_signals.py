@@ -142,20 +142,30 @@ def test_a_signal_held_during_the_imports_still_stops_other_commands(tmp_path):
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
 
 
-def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator, store, fn4, tmp_path):
-    """An fn4 answer that raises where nothing expects it ends the batch; the prefetcher ends, the GIL
-    switch interval is back, and the loader loads everything in the next cycle."""
+#: An fn4 answer nested deeper than Python's recursion limit: json.loads raises RecursionError, not ValueError.
+TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture
+def three_samples(emulator, store, fn4, tmp_path):
+    """Three samples in the bucket; yields a LoadLoop on a fresh SQLite catalogue, closed after the test."""
     upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(3)])
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
-    catalogue = osa.LoadLogger(engine)
+    catalogue = osa.LoadLogger(sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}"))
     catalogue.create_tables()
     catalogue.start()
     client = osa.FN4Client(fn4.url)
-    loader = osa.LoadLoop(store, client, catalogue, osa.Settings())
+    yield osa.LoadLoop(store, client, catalogue, osa.Settings())
+    catalogue.close()
+    client.close()
+
+
+def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(three_samples, fn4):
+    """An fn4 answer that raises where nothing expects it ends the batch; the prefetcher ends, the GIL
+    switch interval is back, and the loader loads everything in the next cycle."""
+    loader = three_samples
     before = sys.getswitchinterval()
     try:
-        # JSON nested deeper than Python's recursion limit: json.loads raises RecursionError, not ValueError
-        fn4.script(Scripted(status=200, body="[" * 100_000 + "]" * 100_000))
+        fn4.script(Scripted(status=200, body=TOO_DEEP))
         with pytest.raises(RecursionError):
             loader.run(once=True)
         assert sys.getswitchinterval() == before
@@ -165,31 +175,20 @@ def test_an_unexpected_error_in_the_insert_step_leaves_no_thread_behind(emulator
         assert sys.getswitchinterval() == before
     finally:
         sys.setswitchinterval(before)  # do not let a failure here slow every later test
-        catalogue.close()
-        client.close()
 
 
-def test_an_unexpected_error_in_the_insert_step_records_the_sample_before_it_once(emulator, store, fn4, tmp_path):
+def test_an_unexpected_error_in_the_insert_step_records_the_sample_before_it_once(three_samples, fn4):
     """The sample answered before the failing one is recorded once, though its row was written while the
     failing insert was on its way."""
-    upload_series(emulator, [(f"s{i}.fasta", fasta(f"s{i}", seed=i)) for i in range(3)])
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
-    catalogue = osa.LoadLogger(engine)
-    catalogue.create_tables()
-    catalogue.start()
-    client = osa.FN4Client(fn4.url)
-    try:
-        fn4.script(Scripted(status=200, guid="s1", body="[" * 100_000 + "]" * 100_000))  # json.loads: RecursionError
-        with pytest.raises(RecursionError):
-            osa.LoadLoop(store, client, catalogue, osa.Settings()).run(once=True)
-        assert catalogue.flush(30)
-        a = catalogue.attempts.c
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(a.file_name, a.outcome).order_by(a.gp_int_id)).all()
-        assert [tuple(r) for r in rows] == [("s0.fasta", osa.INSERTED)]
-    finally:
-        catalogue.close()
-        client.close()
+    loader = three_samples
+    fn4.script(Scripted(status=200, guid="s1", body=TOO_DEEP))
+    with pytest.raises(RecursionError):
+        loader.run(once=True)
+    assert loader.catalogue.flush(30)
+    a = loader.catalogue.attempts.c
+    with loader.catalogue.engine.connect() as conn:
+        rows = conn.execute(sa.select(a.file_name, a.outcome).order_by(a.gp_int_id)).all()
+    assert [tuple(r) for r in rows] == [("s0.fasta", osa.INSERTED)]
 
 
 # ---- the metrics port --------------------------------------------------------------------------
