@@ -4616,9 +4616,9 @@ def _parameters(record: type, only: tuple[str, ...] = ()) -> list[Callable[..., 
     return made
 
 
-def _record(record: type, values: dict[str, Any], only: tuple[str, ...] = ()) -> Any:
+def _from_parsed(record: type, values: dict[str, Any], only: tuple[str, ...] = ()) -> Any:
     """Build ``record`` by name from a command's parsed values, each group its own record."""
-    return record(**{f.name: _record(f.metadata["group"], values, f.metadata["only"]) if "group" in f.metadata
+    return record(**{f.name: _from_parsed(f.metadata["group"], values, f.metadata["only"]) if "group" in f.metadata
                      else values[f.name] for f in _declared(record, only)})
 
 
@@ -4630,7 +4630,7 @@ def takes(record: type) -> Callable[..., Any]:
     def decorate(func: Callable[[Any], Any]) -> Callable[..., Any]:
         def command(**values: Any) -> Any:
             try:
-                given = _record(record, values)
+                given = _from_parsed(record, values)
             except ConfigError as exc:
                 error = click.ClickException(str(exc))
                 error.exit_code = 2
