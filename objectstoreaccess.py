@@ -1857,7 +1857,8 @@ class FN4Client:
             try:
                 if sent.error is not None:
                     raise sent.error
-                conn = self._insert_connection(sent=True)
+                if (conn := self._insert_conn) is None or not conn.awaiting:  # not sent, or dropped since
+                    raise http.client.ResponseNotReady("the insert is not on a connection")
                 status, headers = conn.answer()
                 answered = True
                 answer = conn.read()
@@ -1879,13 +1880,9 @@ class FN4Client:
         text = _answer_text(answer)
         return InsertResult(status, _insert_outcome(status, text), text, _retry_after(headers))
 
-    def _insert_connection(self, sent: bool = False) -> KeptAlive:
-        """Return the insert connection: with ``sent``, the one the insert went on; else one ready to send on."""
+    def _insert_connection(self) -> KeptAlive:
+        """Return the insert connection, ready to send on: reopened if it was spent or idle too long."""
         conn = self._insert_conn
-        if sent:
-            if conn is None or not conn.awaiting:
-                raise http.client.ResponseNotReady("no insert was sent on this connection")
-            return conn
         if conn is not None and (not conn.idle or time.monotonic() - conn.used > FN4_IDLE_REOPEN):
             self._drop_insert_connection()
         if self._insert_conn is None:
